@@ -1,0 +1,111 @@
+"""Run an evaluation (retrieval for stage-1 models) on one process or sharded over N ranks."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm import tqdm
+
+from blip2_train.eval import retrieval
+from blip2_train.models.distributed import gather_varlen, rank, world_size
+
+log = logging.getLogger(__name__)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def encode_images(model, loader, device):
+    """-> image tokens [n, N, Dv] (half precision on GPU: they are large) and ITC features [n, Q, D]."""
+    embeds, feats = [], []
+    keep_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for images, _ in tqdm(loader, desc="encode images", disable=rank() != 0, leave=False):
+        with _autocast(device):
+            e, f = model.retrieval_image_embeds(images.to(device, non_blocking=True))
+        embeds.append(e.to(keep_dtype))
+        feats.append(f.float())
+    if not embeds:
+        return None, None
+    return torch.cat(embeds), torch.cat(feats)
+
+
+@torch.no_grad()
+def encode_texts(model, input_ids, attention_mask, device, batch_size: int = 256):
+    out = []
+    for s in range(0, input_ids.shape[0], batch_size):
+        with _autocast(device):
+            out.append(model.retrieval_text_feat(input_ids[s : s + batch_size].to(device),
+                                                 attention_mask[s : s + batch_size].to(device)).float())
+    return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[int, int], k_test: int = 128,
+                       pair_batch_size: int = 256, max_txt_len: int = 35) -> dict[str, float]:
+    """The reference retrieval protocol over `data` (a CaptionedImages), this rank encoding `image_range`."""
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    tok = tokenizer(data.texts, padding="longest", truncation=True, max_length=max_txt_len, return_tensors="pt")
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+
+    image_embeds_local, image_feats_local = encode_images(model, image_loader, device)
+    lo, hi = image_range
+    if image_feats_local is None:  # a rank with no images still takes part in the gathers
+        image_feats_local = torch.zeros(0, model.num_query_tokens, model.config.image_text_hidden_size, device=device)
+    image_feats = gather_varlen(image_feats_local)
+    n_txt = ids.shape[0]
+    per = -(-n_txt // world_size())
+    t_lo, t_hi = rank() * per, min(n_txt, (rank() + 1) * per)
+    text_feat = gather_varlen(encode_texts(model, ids[t_lo:t_hi], mask[t_lo:t_hi], device))
+    sim = retrieval.itc_similarity(image_feats, text_feat).cpu()
+    t_itc = time.perf_counter() - t0
+
+    def score_pairs(pairs: torch.Tensor) -> torch.Tensor:
+        mine = pairs[(pairs[:, 0] >= lo) & (pairs[:, 0] < hi)]
+        scores = []
+        for s in tqdm(range(0, mine.shape[0], pair_batch_size), desc="ITM re-rank", disable=rank() != 0,
+                      leave=False):
+            p = mine[s : s + pair_batch_size]
+            with _autocast(device):
+                logits = model.itm_forward(image_embeds_local[p[:, 0] - lo].float(), ids[p[:, 1]].to(device),
+                                           mask[p[:, 1]].to(device))
+            scores.append(logits[:, 1].float())  # the match logit, no softmax (the reference's score)
+        local = torch.cat(scores) if scores else torch.zeros(0, device=device)
+        # Pairs are sorted by image and image ranges are contiguous in rank order: concatenation = pair order.
+        return gather_varlen(local)
+
+    i2t, t2i = retrieval.rerank(sim, k_test, score_pairs)
+    ranks_i2t, ranks_t2i = retrieval.ranks_from_candidates(i2t, t2i, data.txt2img, data.img2txt, k_test)
+    metrics = retrieval.recall_metrics(ranks_i2t, ranks_t2i)
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    metrics["eval_itc_seconds"] = t_itc
+    model.train(was_training)
+    if hasattr(model, "set_train_modes") and was_training:
+        model.set_train_modes(True)
+    log.info("retrieval: %s", {k: round(v, 2) for k, v in metrics.items()})
+    return metrics
+
+
+def run_evaluation(model, datamodule, cfg, strategy=None) -> dict[str, float]:
+    kind = cfg.get("kind", "retrieval")
+    if kind != "retrieval":
+        raise NotImplementedError(f"evaluation kind {kind!r} is not available yet")
+    r, w = rank(), world_size()
+    data = datamodule.eval_data()
+    loader = datamodule.eval_image_loader(r, w)
+    per = -(-len(data) // w)
+    image_range = (r * per, min(len(data), (r + 1) * per))
+    return evaluate_retrieval(model, data, loader, datamodule.tokenizer, image_range, int(cfg.get("k_test", 128)),
+                              int(cfg.get("pair_batch_size", 256)))

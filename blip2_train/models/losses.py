@@ -1,0 +1,124 @@
+"""The three stage-1 losses as functions of tensors, and the ITM hard-negative sampler.
+
+Each follows the reference computation (`../shared/docs/blip2-recipe.md`); the distributed parts go through
+`blip2_train.models.distributed` and reduce to the one-process computation when there is no process group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from blip2_train.models.distributed import gather_no_grad, rank
+
+MASKED = -10000.0  # the reference's fill value for positives before the hard-negative softmax
+
+
+@dataclass
+class ITCResult:
+    loss: torch.Tensor
+    sim_i2t: torch.Tensor  # [B, G] local images vs all gathered texts, divided by temp
+    sim_t2i: torch.Tensor  # [B, G] local texts vs all gathered images, divided by temp
+    pos_mask: torch.Tensor  # [B, G] bool: positives (same index, or same image_id)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+
+
+def itc_targets(pos_mask: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """(1 - eps) * pos / pos.sum + eps / G: with one positive per row this IS cross-entropy with label smoothing."""
+    pos = pos_mask.float()
+    return (1.0 - label_smoothing) * pos / pos.sum(dim=1, keepdim=True) + label_smoothing / pos.shape[1]
+
+
+def itc_loss(
+    image_feats: torch.Tensor,
+    text_feat: torch.Tensor,
+    temp: torch.Tensor,
+    image_ids: torch.Tensor | None = None,
+    label_smoothing: float = 0.1,
+) -> ITCResult:
+    """Image-text contrastive loss.
+
+    image_feats: [B, Q, D] L2-normalised projected query outputs; text_feat: [B, D] normalised CLS projection.
+    Similarity = max over the Q queries of the dot product, / temp. Features of all ranks are gathered WITHOUT
+    gradient; the gradient flows through the local rows, as in the reference.
+    """
+    b = image_feats.shape[0]
+    image_feats_all = gather_no_grad(image_feats)  # [G, Q, D]
+    text_feat_all = gather_no_grad(text_feat)  # [G, D]
+    sim_i2t = torch.einsum("bqd,gd->bqg", image_feats, text_feat_all).amax(dim=1) / temp
+    sim_t2i = torch.einsum("bd,gqd->bgq", text_feat, image_feats_all).amax(dim=2) / temp
+    g = sim_i2t.shape[1]
+    if image_ids is None:
+        pos_mask = torch.zeros(b, g, dtype=torch.bool, device=image_feats.device)
+        offset = rank() * b
+        pos_mask[torch.arange(b), offset + torch.arange(b)] = True
+    else:
+        ids_all = gather_no_grad(image_ids)
+        pos_mask = image_ids.view(-1, 1) == ids_all.view(1, -1)
+    targets = itc_targets(pos_mask, label_smoothing)
+    loss = (soft_cross_entropy(sim_i2t, targets) + soft_cross_entropy(sim_t2i, targets)) / 2
+    return ITCResult(loss, sim_i2t, sim_t2i, pos_mask)
+
+
+@torch.no_grad()
+def sample_hard_negatives(
+    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, pos_mask: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One negative image per local text and one negative text per local image, from the GLOBAL batch.
+
+    Drawn from softmax(similarity) with the positives masked to -10000, so harder negatives are likelier.
+    Returns (neg_image_idx [B], neg_text_idx [B]), indices into the gathered batch.
+    """
+    w_t2i = F.softmax(sim_t2i.float().masked_fill(pos_mask, MASKED), dim=1)
+    w_i2t = F.softmax(sim_i2t.float().masked_fill(pos_mask, MASKED), dim=1)
+    neg_image_idx = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
+    neg_text_idx = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
+    return neg_image_idx, neg_text_idx
+
+
+def itm_labels(batch_size: int, device=None) -> torch.Tensor:
+    """Pairs are ordered (positive, negative image, negative text): labels [1]*B + [0]*2B."""
+    return torch.cat([torch.ones(batch_size, dtype=torch.long, device=device),
+                      torch.zeros(2 * batch_size, dtype=torch.long, device=device)])
+
+
+def itm_loss(itm_logits: torch.Tensor) -> torch.Tensor:
+    """Plain cross-entropy on the 3B pair logits [3B, 2] (already averaged over the queries)."""
+    b = itm_logits.shape[0] // 3
+    return F.cross_entropy(itm_logits, itm_labels(b, itm_logits.device))
+
+
+def lm_labels(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+    return input_ids.masked_fill(input_ids == pad_token_id, -100)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Next-token cross-entropy over text positions: logits[:, t] predicts labels[:, t + 1]; -100 ignored."""
+    shifted = logits[:, :-1, :].contiguous()
+    target = labels[:, 1:].contiguous()
+    return F.cross_entropy(shifted.view(-1, shifted.shape[-1]).float(), target.view(-1),
+                           ignore_index=-100, label_smoothing=label_smoothing)
+
+
+def lm_attention_mask(num_queries: int, text_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B, 1, Q+T, Q+T] mask for the image-grounded generation pass.
+
+    Queries see queries only (not the text); text sees every query and the text before it (causal), never
+    padding. Additive (0 / finfo.min) because eager attention ADDS the mask: a boolean mask would be wrong.
+    """
+    b, t = text_mask.shape
+    n = num_queries + t
+    dev = text_mask.device
+    allowed = torch.zeros(b, n, n, dtype=torch.bool, device=dev)
+    allowed[:, :num_queries, :num_queries] = True
+    allowed[:, num_queries:, :num_queries] = True
+    allowed[:, num_queries:, num_queries:] = torch.tril(torch.ones(t, t, dtype=torch.bool, device=dev))
+    allowed[:, :, num_queries:] &= text_mask.bool()[:, None, :]
+    # Padding rows must still see something (queries) or softmax gives NaN; their outputs are ignored.
+    mask = torch.zeros(b, 1, n, n, dtype=dtype, device=dev)
+    return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)

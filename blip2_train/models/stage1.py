@@ -1,0 +1,226 @@
+"""Stage-1 BLIP-2: the Q-Former learns from a frozen image encoder with ITC, ITM and LM losses.
+
+Built on `transformers.Blip2ForImageTextRetrieval` (vision_model, query_tokens, embeddings, qformer,
+vision_projection, text_projection, itm_head) so an export is that class's checkpoint; the two stage-1
+pieces transformers lacks sit beside it: the Q-Former LM head (`lm_head`, BERT's MLM head tied to the word
+embeddings; the reference's `Qformer.cls`) and the ITC temperature `temp`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerConfig, Blip2VisionConfig
+from transformers.models.bert.modeling_bert import BertOnlyMLMHead
+
+from blip2_train.models import losses
+from blip2_train.models.distributed import gather_padded, gather_with_grad, pad_to
+
+TEMP_MIN, TEMP_MAX = 0.001, 0.5
+
+
+def build_stage1_config(vision: dict, qformer: dict, num_query_tokens: int = 32, embed_dim: int = 256,
+                        attn_implementation: str | None = None) -> Blip2Config:
+    """A Blip2Config for stage 1: text-capable Q-Former (`use_qformer_text_input`), no image token."""
+    vcfg = Blip2VisionConfig(**dict(vision))
+    qcfg = Blip2QFormerConfig(**{**dict(qformer), "use_qformer_text_input": True,
+                                 "encoder_hidden_size": vcfg.hidden_size})
+    cfg = Blip2Config(vision_config=vcfg.to_dict(), qformer_config=qcfg.to_dict(), num_query_tokens=num_query_tokens,
+                      image_text_hidden_size=embed_dim, image_token_index=None)
+    if attn_implementation:
+        for sub in (cfg.vision_config, cfg.qformer_config):
+            sub._attn_implementation = attn_implementation
+    return cfg
+
+
+@dataclass
+class Stage1Output:
+    loss: torch.Tensor
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    loss_lm: torch.Tensor
+    sim_i2t: torch.Tensor
+    itm_logits: torch.Tensor
+
+
+class Blip2Stage1(nn.Module):
+    """Image encoder (frozen but for `post_layernorm` = the reference's ln_vision) + Q-Former + heads."""
+
+    def __init__(self, config: Blip2Config, bos_token_id: int, pad_token_id: int = 0, temp: float = 0.07,
+                 freeze_vision: bool = True, vision_dtype: torch.dtype = torch.float32,
+                 ln_vision_eps: float | None = None, itc_label_smoothing: float = 0.1,
+                 lm_label_smoothing: float = 0.1):
+        super().__init__()
+        self.config = config
+        self.hf = Blip2ForImageTextRetrieval(config)
+        # The reference initialises the queries N(0, 0.02); transformers' init zeros them.
+        nn.init.normal_(self.hf.query_tokens, std=config.qformer_config.initializer_range)
+        if ln_vision_eps is not None:
+            self.hf.vision_model.post_layernorm.eps = ln_vision_eps
+        self.lm_head = BertOnlyMLMHead(config.qformer_config)
+        self.lm_head.apply(self.hf._init_weights)
+        self.tie_lm_head()
+        self.temp = nn.Parameter(torch.tensor(float(temp)))
+        self.bos_token_id, self.pad_token_id = bos_token_id, pad_token_id
+        self.itc_label_smoothing, self.lm_label_smoothing = itc_label_smoothing, lm_label_smoothing
+        self.freeze_vision = freeze_vision
+        self.vision_dtype = vision_dtype
+        if freeze_vision:
+            self.freeze_vision_tower()
+
+    # -- structure ------------------------------------------------------------------------------------
+
+    @property
+    def vision_model(self):
+        return self.hf.vision_model
+
+    @property
+    def qformer(self):
+        return self.hf.qformer
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.hf.query_tokens.shape[1]
+
+    def tie_lm_head(self) -> None:
+        """The MLM decoder shares the word embeddings; its bias is `predictions.bias` (BERT's layout)."""
+        self.lm_head.predictions.decoder.weight = self.hf.embeddings.word_embeddings.weight
+        self.lm_head.predictions.decoder.bias = self.lm_head.predictions.bias
+
+    def freeze_vision_tower(self) -> None:
+        vm = self.hf.vision_model
+        for p in vm.parameters():
+            p.requires_grad_(False)
+        for p in vm.post_layernorm.parameters():  # ln_vision stays trainable
+            p.requires_grad_(True)
+        vm.embeddings.to(self.vision_dtype)
+        vm.encoder.to(self.vision_dtype)
+
+    def set_train_modes(self, training: bool = True) -> None:
+        """Trainable parts follow `training`; the frozen ViT always stays in eval mode (no dropout)."""
+        self.train(training)
+        if self.freeze_vision:
+            self.hf.vision_model.embeddings.eval()
+            self.hf.vision_model.encoder.eval()
+
+    # -- encoders ---------------------------------------------------------------------------------------
+
+    def encode_image(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """[B, 3, H, W] -> image tokens [B, N, Dv] in fp32, after the trainable ln_vision."""
+        vm = self.hf.vision_model
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vision):
+            with torch.autocast(pixel_values.device.type, enabled=False):
+                x = vm.embeddings(pixel_values.to(vm.embeddings.patch_embedding.weight.dtype),
+                                  interpolate_pos_encoding=interpolate_pos_encoding)
+                x = vm.encoder(inputs_embeds=x).last_hidden_state
+        ln = vm.post_layernorm
+        with torch.autocast(pixel_values.device.type, enabled=False):  # ln_vision in fp32, as the reference
+            return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
+
+    def query_tokens(self, batch_size: int) -> torch.Tensor:
+        return self.hf.query_tokens.expand(batch_size, -1, -1)
+
+    def image_query_forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Query-only pass cross-attending the image: [B, Q, H]."""
+        q = self.query_tokens(image_embeds.shape[0])
+        return self.qformer(query_embeds=q, query_length=q.shape[1], encoder_hidden_states=image_embeds).last_hidden_state
+
+    def text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text-only pass (bidirectional, no image): [B, T, H]; its [CLS] row feeds ITC."""
+        emb = self.hf.embeddings(input_ids=input_ids)
+        return self.qformer(query_embeds=emb, query_length=0, attention_mask=attention_mask).last_hidden_state
+
+    def joint_lm_forward(self, image_embeds: torch.Tensor, dec_input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One [queries; text] pass with the generation mask -> (query outputs [B,Q,H], text logits [B,T,V]).
+
+        The query rows equal a query-only pass (queries never see text), so they also serve as the ITC
+        image features: the reference runs that query pass once and reuses its keys/values for the LM.
+        """
+        q = self.query_tokens(image_embeds.shape[0])
+        emb = self.hf.embeddings(input_ids=dec_input_ids, query_embeds=q)
+        nq = q.shape[1]
+        mask = losses.lm_attention_mask(nq, attention_mask, emb.dtype)
+        hidden = self.qformer(query_embeds=emb, query_length=nq, attention_mask=mask,
+                              encoder_hidden_states=image_embeds).last_hidden_state
+        return hidden[:, :nq], self.lm_head(hidden[:, nq:])
+
+    def itm_forward(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+        """Bidirectional [queries; text] pass over the image -> match logits [N, 2], averaged over queries."""
+        q = self.query_tokens(image_embeds.shape[0])
+        emb = self.hf.embeddings(input_ids=input_ids, query_embeds=q)
+        mask = torch.cat([torch.ones(q.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device),
+                          attention_mask], dim=1)
+        hidden = self.qformer(query_embeds=emb, query_length=q.shape[1], attention_mask=mask,
+                              encoder_hidden_states=image_embeds).last_hidden_state
+        return self.hf.itm_head(hidden[:, : q.shape[1]]).mean(dim=1)
+
+    def image_feats(self, query_hidden: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.hf.vision_projection(query_hidden), dim=-1)
+
+    def text_feat(self, text_hidden: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.hf.text_projection(text_hidden[:, 0, :]), dim=-1)
+
+    def clamped_temp(self) -> torch.Tensor:
+        """BLIP-1 clamps the temperature in place; the BLIP-2 reference forgot to (it can collapse)."""
+        with torch.no_grad():
+            self.temp.clamp_(TEMP_MIN, TEMP_MAX)
+        return self.temp
+
+    # -- the stage-1 objective -------------------------------------------------------------------------
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_ids: torch.Tensor | None = None, neg_idx: tuple[torch.Tensor, torch.Tensor] | None = None,
+                generator: torch.Generator | None = None) -> Stage1Output:
+        """ITC + ITM + LM on a batch. `neg_idx` fixes the hard negatives (tests); otherwise they are sampled."""
+        b = pixel_values.shape[0]
+        image_embeds = self.encode_image(pixel_values)
+
+        # ITC image side and LM in one pass; ITC text side in a text-only pass.
+        dec_ids = input_ids.clone()
+        dec_ids[:, 0] = self.bos_token_id
+        query_hidden, lm_logits = self.joint_lm_forward(image_embeds, dec_ids, attention_mask)
+        image_feats = self.image_feats(query_hidden)
+        text_feat = self.text_feat(self.text_forward(input_ids, attention_mask))
+        itc = losses.itc_loss(image_feats, text_feat, self.clamped_temp(), image_ids, self.itc_label_smoothing)
+
+        # ITM with hard negatives from the global batch.
+        if neg_idx is None:
+            neg_idx = losses.sample_hard_negatives(itc.sim_i2t.detach(), itc.sim_t2i.detach(), itc.pos_mask, generator)
+        neg_image_idx, neg_text_idx = neg_idx
+        image_embeds_all = gather_with_grad(image_embeds)
+        ids_all, t_max = gather_padded(input_ids, self.pad_token_id)
+        mask_all, _ = gather_padded(attention_mask, 0)
+        ids_local, mask_local = pad_to(input_ids, t_max, self.pad_token_id), pad_to(attention_mask, t_max, 0)
+        pair_ids = torch.cat([ids_local, ids_local, ids_all[neg_text_idx]], dim=0)
+        pair_mask = torch.cat([mask_local, mask_local, mask_all[neg_text_idx]], dim=0)
+        pair_images = torch.cat([image_embeds, image_embeds_all[neg_image_idx], image_embeds], dim=0)
+        itm_logits = self.itm_forward(pair_images, pair_ids, pair_mask)
+        loss_itm = losses.itm_loss(itm_logits)
+
+        loss_lm = losses.lm_loss(lm_logits, losses.lm_labels(dec_ids, self.pad_token_id), self.lm_label_smoothing)
+        loss = itc.loss + loss_itm + loss_lm
+        return Stage1Output(loss, itc.loss.detach(), loss_itm.detach(), loss_lm.detach(), itc.sim_i2t.detach(),
+                            itm_logits.detach())
+
+    # -- retrieval scoring (evaluation) -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def retrieval_image_embeds(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (image tokens for ITM [B, N, Dv], normalised query features for ITC [B, Q, D])."""
+        image_embeds = self.encode_image(pixel_values)
+        return image_embeds, self.image_feats(self.image_query_forward(image_embeds))
+
+    @torch.no_grad()
+    def retrieval_text_feat(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_feat(self.text_forward(input_ids, attention_mask))
+
+
+def trainable_parameter_names(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+

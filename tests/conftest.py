@@ -1,0 +1,72 @@
+"""Shared fixtures: a small synthetic dataset, its tokenizer and shards, built once per session with the same
+scripts a user runs; tiny real transformers models built from configs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> dict:
+    """Synthetic captioned shapes: annotations, images, a trained WordPiece tokenizer, train/test shards."""
+    from blip2_train.data.annotations import read_annotations
+    from blip2_train.data.shards import build_shards
+    from blip2_train.data.synthetic import make_synthetic
+    from blip2_train.models.tokenizer import train_wordpiece_tokenizer
+
+    root = tmp_path_factory.mktemp("synthetic")
+    ann = make_synthetic(root, num_train=120, num_val=10, num_test=24, seed=1, image_size=32)
+    texts = [c for r in read_annotations(ann["train"], "karpathy") for c in r.captions]
+    train_wordpiece_tokenizer(texts, root / "tokenizer", 300)
+    for split in ("train", "test"):
+        build_shards(read_annotations(ann[split], "karpathy"), root, root / "shards" / split, shard_size=15,
+                     progress=False)
+    return {"root": root, "ann": ann, "tokenizer": root / "tokenizer", "train_shards": root / "shards" / "train",
+            "test_shards": root / "shards" / "test"}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(synth):
+    from blip2_train.models.tokenizer import load_qformer_tokenizer
+
+    return load_qformer_tokenizer(synth["tokenizer"])
+
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                   patch_size=8, layer_norm_eps=1e-6, initializer_range=0.02)
+TINY_QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                    initializer_range=0.07)
+
+
+def tiny_stage1(tokenizer_dir, seed: int = 0, **kw):
+    from blip2_train.models.build import build_stage1_model
+
+    args = dict(tokenizer=str(tokenizer_dir), vision=TINY_VISION, qformer=TINY_QFORMER, num_query_tokens=4,
+                embed_dim=16, seed=seed, attn_implementation="eager")
+    args.update(kw)
+    return build_stage1_model(**args)
+
+
+@pytest.fixture
+def tiny_model(synth):
+    return tiny_stage1(synth["tokenizer"])
+
+
+def batch_of(tokenizer, captions, image_size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tok = tokenizer(captions, padding="longest", return_tensors="pt")
+    return torch.randn(len(captions), 3, image_size, image_size, generator=g), tok["input_ids"], tok["attention_mask"]
+
+
+def read_json(p):
+    return json.loads(Path(p).read_text())
