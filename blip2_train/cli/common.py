@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import os
 import sys
 import time
@@ -44,14 +45,24 @@ def describe_config_error(e: BaseException) -> str:
         cur = cur.__cause__ or cur.__context__
     for c in chain:
         key = getattr(c, "full_key", None)
-        if isinstance(c, MissingMandatoryValue):
+        m = re.search(r"Missing mandatory value: ([\w.\[\]]+)", str(c))
+        if m:
+            key = m.group(1)
+        if isinstance(c, MissingMandatoryValue) or m:
             return f"missing required config value '{key}' (set it on the command line: {key}=...)"
         if isinstance(c, ConfigKeyError):
             return f"unknown config key '{key}' (check the spelling; to add a new key use +{key}=...)"
         if isinstance(c, ValidationError):
             return f"invalid value for config key '{key}': {str(c).splitlines()[0]}"
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return first
+    text = str(e)
+    everything = " ".join(str(c) for c in chain)
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m and not re.search(r"could not be converted|Validation", everything):
+        return f"unknown config key '{m.group(1)}' (check the spelling; to add a new key use +{m.group(1)}=...)"
+    m = re.search(r"Could not (?:find|load) '([^']+)'", text) or re.search(r"In '[^']+': Could not find '([^']+)'", text)
+    if m:
+        return f"unknown config option '{m.group(1)}' ({text.strip().splitlines()[0]})"
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
 def compose(config_name: str, overrides: list[str]) -> DictConfig:

@@ -16,11 +16,14 @@ from blip2_train.cli.common import (instantiate_logged, is_rank_zero, resolve_ru
 log = logging.getLogger("blip2_train.train")
 
 
-def build_callbacks(cfg: DictConfig) -> list:
+def build_callbacks(cfg: DictConfig, has_logger: bool) -> list:
     out = []
     for name, node in (cfg.get("callbacks") or {}).items():
-        if node is not None and node.get("_target_"):
-            out.append(instantiate_logged(node))
+        if node is None or not node.get("_target_"):
+            continue
+        if not has_logger and node._target_.endswith("LearningRateMonitor"):
+            continue  # it refuses to run without a logger; lr is in the progress bar anyway
+        out.append(instantiate_logged(node))
     return out
 
 
@@ -53,8 +56,9 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate_logged(cfg.data)
     model = instantiate_logged(cfg.model)
     module = instantiate_logged(cfg.module, model=model)
-    callbacks = build_callbacks(cfg)
-    trainer = instantiate_logged(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False,
+    loggers = build_loggers(cfg)
+    callbacks = build_callbacks(cfg, has_logger=bool(loggers))
+    trainer = instantiate_logged(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                  strategy=build_strategy(cfg), default_root_dir=str(run_dir))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 

@@ -1,0 +1,99 @@
+"""The fast retrieval protocol equals the literal reference protocol, on random data and a tiny model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torchmetrics.retrieval import RetrievalHitRate
+
+from blip2_train.data.eval_sets import CaptionedImages
+from blip2_train.eval import retrieval
+from blip2_train.eval.runner import evaluate_retrieval
+
+
+def random_case(n_img, caps_per_img, seed):
+    rng = random.Random(seed)
+    txt2img, img2txt = [], []
+    for i in range(n_img):
+        img2txt.append([])
+        for _ in range(rng.randint(1, caps_per_img)):
+            img2txt[i].append(len(txt2img))
+            txt2img.append(i)
+    g = torch.Generator().manual_seed(seed)
+    sim = torch.randn(n_img, len(txt2img), generator=g)
+    itm = torch.randn(n_img, len(txt2img), generator=g) * 3
+    return sim, itm, txt2img, img2txt
+
+
+@pytest.mark.parametrize("seed,k", [(0, 3), (1, 8), (2, 100)])
+def test_fast_protocol_equals_naive(seed, k):
+    sim, itm, txt2img, img2txt = random_case(17, 5, seed)
+    calls = []
+
+    def score_pairs(pairs):
+        calls.append(pairs.shape[0])
+        return itm[pairs[:, 0], pairs[:, 1]]
+
+    i2t, t2i = retrieval.rerank(sim, k, score_pairs)
+    fast = retrieval.ranks_from_candidates(i2t, t2i, txt2img, img2txt, k)
+    dense = retrieval.naive_protocol(sim, k, lambda i, j: float(itm[i, j]))
+    naive = retrieval.ranks_from_dense(*dense, txt2img, img2txt, k)
+    assert torch.equal(fast[0], naive[0]) and torch.equal(fast[1], naive[1])
+    assert retrieval.recall_metrics(*fast) == retrieval.recall_metrics(*naive)
+    assert len(calls) == 1  # one batched call; each pair at most once
+    assert calls[0] <= min(k, sim.shape[1]) * sim.shape[0] + min(k, sim.shape[0]) * sim.shape[1]
+
+
+def test_recall_matches_torchmetrics_hit_rate():
+    sim, itm, txt2img, img2txt = random_case(12, 5, 7)
+    k_test = 1000  # re-rank everything: final scores = itm + sim everywhere
+    i2t, t2i = retrieval.rerank(sim, k_test, lambda p: itm[p[:, 0], p[:, 1]])
+    ranks = retrieval.ranks_from_candidates(i2t, t2i, txt2img, img2txt, k_test)
+    m = retrieval.recall_metrics(*ranks)
+    score = sim + itm
+    for k in (1, 5, 10):
+        hit = RetrievalHitRate(top_k=k)
+        target = torch.zeros_like(score, dtype=torch.bool)
+        for i, ts in enumerate(img2txt):
+            target[i, ts] = True
+        idx = torch.arange(score.shape[0]).unsqueeze(1).expand_as(score)
+        assert m[f"txt_r{k}"] == pytest.approx(100 * hit(score.flatten(), target.flatten(), indexes=idx.flatten()).item())
+        hit_t = RetrievalHitRate(top_k=k)
+        target_t = target.t().contiguous()
+        idx_t = torch.arange(score.shape[1]).unsqueeze(1).expand_as(score.t())
+        assert m[f"img_r{k}"] == pytest.approx(100 * hit_t(score.t().flatten(), target_t.flatten(), indexes=idx_t.flatten()).item())
+
+
+def test_tiny_model_eval_equals_naive_protocol(synth, tiny_model, tokenizer):
+    from blip2_train.data.eval_sets import EvalImageDataset, collate_eval_images
+    from torch.utils.data import DataLoader
+
+    data = CaptionedImages.from_karpathy(synth["ann"]["test"], synth["root"])
+    loader = DataLoader(EvalImageDataset(data, 32), batch_size=8, collate_fn=collate_eval_images)
+    k = 5
+    m = evaluate_retrieval(tiny_model, data, loader, tokenizer, (0, len(data)), k_test=k, pair_batch_size=7)
+    # naive: features again, ITM one pair at a time
+    tiny_model.eval()
+    tok = tokenizer(data.texts, padding="longest", truncation=True, max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        images = torch.stack([EvalImageDataset(data, 32)[i][0] for i in range(len(data))])
+        ie, feats = tiny_model.retrieval_image_embeds(images)
+        txt = tiny_model.retrieval_text_feat(tok["input_ids"], tok["attention_mask"])
+        sim = retrieval.itc_similarity(feats, txt)
+
+        def itm_one(i, j):
+            return float(tiny_model.itm_forward(ie[i : i + 1], tok["input_ids"][j : j + 1],
+                                                tok["attention_mask"][j : j + 1])[0, 1])
+
+        dense = retrieval.naive_protocol(sim, k, itm_one)
+    naive = retrieval.recall_metrics(*retrieval.ranks_from_dense(*dense, data.txt2img, data.img2txt, k))
+    for key, v in naive.items():
+        assert m[key] == pytest.approx(v, abs=1e-6), key
+
+
+def test_eval_set_from_shards_equals_from_annotations(synth):
+    a = CaptionedImages.from_karpathy(synth["ann"]["test"], synth["root"])
+    b = CaptionedImages.from_shards(sorted(str(p) for p in synth["test_shards"].glob("*.tar")))
+    assert sorted(zip(a.image_ids, a.raw_captions)) == sorted(zip(b.image_ids, b.raw_captions))
