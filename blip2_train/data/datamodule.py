@@ -1,0 +1,184 @@
+"""LightningDataModule: training stream over shards + map-style evaluation sets."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from blip2_train.data.collate import CaptionCollator
+from blip2_train.data.eval_sets import CaptionedImages, EvalImageDataset, collate_eval_images
+from blip2_train.data.shards import read_manifest
+from blip2_train.data.stream import SampleDecoder, ShardStream, Source
+from blip2_train.data.transforms import TrainTransform
+from blip2_train.utils.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def expand_urls(spec: str | list[str]) -> list[str]:
+    """A shard spec is a directory (all *.tar), a glob, a brace pattern ('a-{000..009}.tar') or a list."""
+    if isinstance(spec, (list, tuple)) or type(spec).__name__ == "ListConfig":
+        return [u for s in spec for u in expand_urls(s)]
+    spec = str(spec)
+    if os.path.isdir(spec):
+        urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
+    elif "{" in spec:
+        import braceexpand
+
+        urls = list(braceexpand.braceexpand(spec))
+    else:
+        urls = sorted(glob.glob(spec))
+    if not urls:
+        raise DataError(f"no shards found at {spec!r}")
+    return urls
+
+
+def count_samples(spec) -> int | None:
+    """Samples in a source from its manifest (directory specs only); None when unknown."""
+    if isinstance(spec, str) and os.path.isdir(spec):
+        try:
+            return int(read_manifest(spec)["num_samples"])
+        except (FileNotFoundError, KeyError, ValueError):
+            return None
+    return None
+
+
+class Blip2DataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer: Any,
+        train_sources: list[dict] | None = None,
+        eval_set: dict | None = None,
+        batch_size: int = 100,
+        eval_batch_size: int = 64,
+        num_workers: int = 4,
+        image_size: int = 224,
+        eval_image_size: int | None = None,
+        min_scale: float = 0.5,
+        hflip: bool = True,
+        max_words: int = 50,
+        max_txt_len: int = 32,
+        prompt: str = "",
+        resampled: bool = True,
+        shuffle_buffer: int = 1000,
+        samples_per_epoch: int | None = None,
+        max_skip_rate: float = 0.1,
+        jpeg_draft: bool = True,
+        seed: int = 0,
+        persistent_workers: bool = True,
+    ):
+        super().__init__()
+        self.tokenizer_spec = tokenizer
+        self.train_sources_cfg = list(train_sources or [])
+        self.eval_set_cfg = dict(eval_set) if eval_set else None
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.eval_image_size = eval_image_size or image_size
+        self.min_scale, self.hflip = min_scale, hflip
+        self.max_words, self.max_txt_len, self.prompt = max_words, max_txt_len, prompt
+        self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
+        self.samples_per_epoch = samples_per_epoch
+        self.max_skip_rate = max_skip_rate
+        self.jpeg_draft = jpeg_draft
+        self.seed = seed
+        self.persistent_workers = persistent_workers
+        self._tokenizer = None
+        self._eval_data: CaptionedImages | None = None
+        self.train_stream: ShardStream | None = None
+
+    # The tokenizer is loaded lazily: Hydra builds the data module before the model, and tests may
+    # instantiate it only to check its configuration.
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from blip2_train.models.tokenizer import load_qformer_tokenizer
+
+            self._tokenizer = (load_qformer_tokenizer(self.tokenizer_spec)
+                               if isinstance(self.tokenizer_spec, (str, os.PathLike)) else self.tokenizer_spec)
+        return self._tokenizer
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def sources(self) -> list[Source]:
+        out = []
+        for i, s in enumerate(self.train_sources_cfg):
+            if "urls" not in s:
+                raise ConfigError(f"data.train_sources[{i}] needs 'urls' (a shard directory, glob or brace pattern)")
+            out.append(Source(name=str(s.get("name", f"source{i}")), urls=expand_urls(s["urls"]),
+                              weight=float(s.get("weight", 1.0))))
+        return out
+
+    def batches_per_epoch(self, world_size: int) -> int:
+        n = self.samples_per_epoch
+        if n is None:
+            counts = [count_samples(s["urls"]) for s in self.train_sources_cfg]
+            if any(c is None for c in counts):
+                raise ConfigError("data.samples_per_epoch is required when a source has no manifest.json")
+            n = sum(counts)
+        return max(1, n // (self.batch_size * world_size))
+
+    def build_train_stream(self, rank: int, world_size: int, one_pass: bool = False) -> ShardStream:
+        transform = TrainTransform(self.image_size, self.min_scale, 1.0, self.hflip)
+        decoder = SampleDecoder(transform, self.max_words, self.prompt, jpeg_draft=self.jpeg_draft)
+        return ShardStream(
+            self.sources(), decoder, CaptionCollator(self.tokenizer, self.max_txt_len), self.batch_size,
+            rank=rank, world_size=world_size, seed=self.seed, resampled=self.resampled and not one_pass,
+            shuffle_buffer=self.shuffle_buffer,
+            batches_per_epoch=None if one_pass else self.batches_per_epoch(world_size),
+            max_skip_rate=self.max_skip_rate)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_sources_cfg:
+            rank, world = self._rank_world()
+            self.train_stream = self.build_train_stream(rank, world)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_stream is None:
+            self.setup("fit")
+        if self.train_stream is None:
+            raise ConfigError("data.train_sources is empty: nothing to train on")
+        if self.trainer is not None:
+            self.train_stream.set_epoch(self.trainer.current_epoch)
+        return DataLoader(self.train_stream, batch_size=None, num_workers=self.num_workers,
+                          persistent_workers=False, pin_memory=False,
+                          prefetch_factor=4 if self.num_workers > 0 else None)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+
+    def eval_data(self) -> CaptionedImages:
+        if self._eval_data is None:
+            cfg = self.eval_set_cfg
+            if not cfg:
+                raise ConfigError("data.eval_set is not configured")
+            limit = cfg.get("limit")
+            if cfg.get("shards"):
+                self._eval_data = CaptionedImages.from_shards(expand_urls(cfg["shards"]), self.max_words, limit)
+            elif cfg.get("annotation"):
+                if not cfg.get("image_root"):
+                    raise ConfigError("data.eval_set.image_root is required with data.eval_set.annotation")
+                self._eval_data = CaptionedImages.from_karpathy(cfg["annotation"], cfg["image_root"],
+                                                                self.max_words, limit)
+            else:
+                raise ConfigError("data.eval_set needs 'annotation' + 'image_root' or 'shards'")
+        return self._eval_data
+
+    def eval_image_loader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Images of the eval set, this rank's contiguous share (features are gathered afterwards)."""
+        from torch.utils.data import Subset
+
+        ds = EvalImageDataset(self.eval_data(), self.eval_image_size)
+        n = len(ds)
+        per = -(-n // world_size)
+        idx = list(range(rank * per, min(n, (rank + 1) * per)))
+        return DataLoader(Subset(ds, idx), batch_size=self.eval_batch_size, num_workers=min(self.num_workers, 2),
+                          collate_fn=collate_eval_images)

@@ -1,0 +1,261 @@
+"""The training stream over WebDataset shards.
+
+Design (why each piece is here)
+- Shards are assigned to (rank, worker) slots in this process, not through environment variables, so a
+  2-rank x 2-worker run is exactly reproducible and testable: slot = rank * workers + worker.
+- `resampled=True`: every slot draws shards with replacement from its own RNG seeded by (seed, epoch,
+  rank, worker), the open_clip recipe for large runs. `resampled=False`: a deterministic shard shuffle per
+  epoch shared by all ranks, shard i going to slot i mod (ranks x workers), so slots are disjoint and cover.
+- Batches are formed inside the workers and every worker yields the same number of them, so every rank
+  yields the same number of batches per epoch (DDP would otherwise hang on the last step).
+- Dataset mixing picks the source of global batch g from an RNG seeded by (seed, epoch, g), which every rank
+  computes identically: all ranks train on the same mixture within a step.
+- Corrupt samples are skipped and counted; each batch carries the counts since the previous batch, so the
+  Lightning module can log `data/skipped`, and the stream stops with a DataError past `max_skip_rate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+
+from blip2_train.data.captions import as_caption_list, clean_caption, pick_caption
+from blip2_train.data.transforms import ImageDecodeError, decode_image
+from blip2_train.utils.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+def stable_hash(*parts) -> int:
+    """A process-independent 63-bit hash (Python's hash() is salted per process)."""
+    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def image_id_to_int(image_id) -> int:
+    """Image ids may be strings ('coco_123'); ITC multi-positive targets need comparable integers."""
+    if isinstance(image_id, int):
+        return image_id
+    s = str(image_id)
+    return int(s) if s.isdigit() and len(s) < 18 else stable_hash("image_id", s)
+
+
+@dataclass
+class SkipCounter:
+    seen: int = 0
+    skipped: int = 0
+    reasons: dict = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+
+@dataclass
+class Source:
+    """One training source: a list of shard paths and its mixing weight."""
+
+    name: str
+    urls: list[str]
+    weight: float = 1.0
+
+
+def shards_for_slot(urls: Sequence[str], slot: int, num_slots: int, seed: int, epoch: int) -> list[str]:
+    order = list(urls)
+    random.Random(stable_hash("shards", seed, epoch)).shuffle(order)
+    return order[slot::num_slots]
+
+
+class SampleDecoder:
+    """Raw tar sample -> {image, caption, image_id} or None (skip, counted with its reason)."""
+
+    def __init__(self, transform, max_words: int = 50, prompt: str = "", max_pixels: int = 64_000_000,
+                 jpeg_draft: bool = True):
+        self.transform = transform
+        self.max_words = max_words
+        self.prompt = prompt
+        self.max_pixels = max_pixels
+        self.jpeg_draft = jpeg_draft
+
+    def captions_of(self, sample: dict) -> list[str]:
+        meta = {}
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                meta = {}
+        caps = as_caption_list(meta.get("caption")) if isinstance(meta, dict) else []
+        if not caps and "txt" in sample:
+            caps = [sample["txt"].decode("utf-8", errors="replace")]
+        return caps, (meta.get("image_id") if isinstance(meta, dict) else None)
+
+    def __call__(self, sample: dict, rng: random.Random, counter: SkipCounter) -> dict | None:
+        counter.seen += 1
+        key = sample.get("__key__", "?")
+        image_bytes = sample.get("jpg") or sample.get("jpeg") or sample.get("png") or sample.get("webp")
+        if image_bytes is None:
+            counter.skip("no image")
+            log.warning("skip %s in %s: sample has no image", key, sample.get("__url__"))
+            return None
+        caps, image_id = self.captions_of(sample)
+        cleaned = [c for c in (clean_caption(c, self.max_words) for c in caps) if c]
+        if not cleaned:
+            counter.skip("no caption")
+            log.warning("skip %s in %s: no non-empty caption", key, sample.get("__url__"))
+            return None
+        try:
+            draft = self.transform.draft_size if self.jpeg_draft else None
+            img = decode_image(image_bytes, self.max_pixels, draft_size=draft)
+        except ImageDecodeError as e:
+            counter.skip("bad image")
+            log.warning("skip %s in %s: %s", key, sample.get("__url__"), e)
+            return None
+        return {
+            "image": self.transform(img, rng),
+            "caption": self.prompt + pick_caption(cleaned, rng),
+            "image_id": image_id_to_int(image_id if image_id is not None else key),
+        }
+
+
+class ShardStream(IterableDataset):
+    """Batches from one or more sources of shards; see the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        decoder: SampleDecoder,
+        collate: Callable[[list[dict]], dict],
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        resampled: bool = True,
+        shuffle_buffer: int = 1000,
+        batches_per_epoch: int | None = None,
+        max_skip_rate: float = 0.1,
+        min_samples_for_skip_check: int = 200,
+    ):
+        if not sources or not all(s.urls for s in sources):
+            raise DataError("every training source needs at least one shard")
+        self.sources = list(sources)
+        self.decoder = decoder
+        self.collate = collate
+        self.batch_size = batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.resampled = resampled
+        self.shuffle_buffer = shuffle_buffer
+        self.batches_per_epoch = batches_per_epoch
+        self.max_skip_rate = max_skip_rate
+        self.min_samples_for_skip_check = min_samples_for_skip_check
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is None:
+            raise TypeError("one-pass stream has no fixed length")
+        return self.batches_per_epoch
+
+    # -- per-worker pieces -------------------------------------------------------------------------
+
+    def _shard_urls(self, source: Source, slot: int, num_slots: int, repeat: bool) -> Iterator[str]:
+        if self.resampled:
+            rng = random.Random(stable_hash("resample", source.name, self.seed, self.epoch, slot))
+            while True:
+                yield rng.choice(source.urls)
+        epoch = self.epoch
+        while True:
+            mine = shards_for_slot(source.urls, slot, num_slots, self.seed, epoch)
+            if not mine:
+                if repeat:
+                    raise DataError(
+                        f"source {source.name!r} has {len(source.urls)} shards for {num_slots} rank x worker slots: "
+                        "use more shards, fewer workers, or data.resampled=true")
+                return
+            yield from mine
+            if not repeat:
+                return
+            epoch += 1_000_003  # a fresh shard order for the wrap-around, still identical on every rank
+
+    def _raw_samples(self, source: Source, slot: int, num_slots: int, repeat: bool, counter: SkipCounter):
+        def on_error(exn: Exception) -> bool:
+            counter.skip("unreadable tar")
+            log.warning("source %s: %s: %s (rest of that shard skipped)", source.name, type(exn).__name__, exn)
+            return True
+
+        urls = ({"url": u} for u in self._shard_urls(source, slot, num_slots, repeat))
+        return tarfile_samples(urls, handler=on_error)
+
+    def _shuffled(self, samples, rng: random.Random):
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buf = []
+        for s in samples:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                continue
+            i = rng.randrange(len(buf))
+            buf[i], s = s, buf[i]
+            yield s
+        rng.shuffle(buf)
+        yield from buf
+
+    def _decoded(self, source, slot, num_slots, repeat, rng, counter):
+        for raw in self._shuffled(self._raw_samples(source, slot, num_slots, repeat, counter), rng):
+            out = self.decoder(raw, rng, counter)
+            self._check_skip_rate(counter, raw)
+            if out is not None:
+                yield out
+
+    def _check_skip_rate(self, counter: SkipCounter, raw: dict) -> None:
+        if counter.seen >= self.min_samples_for_skip_check and counter.skipped > self.max_skip_rate * counter.seen:
+            raise DataError(
+                f"{counter.skipped} of {counter.seen} samples skipped ({dict(counter.reasons)}), above "
+                f"data.max_skip_rate={self.max_skip_rate}; last shard {raw.get('__url__')}, sample {raw.get('__key__')}")
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
+        rng = random.Random(stable_hash("samples", self.seed, self.epoch, slot))
+        counter = SkipCounter()
+        repeat = self.batches_per_epoch is not None
+        streams = [iter(self._decoded(s, slot, num_slots, repeat, rng, counter)) for s in self.sources]
+        weights = [s.weight for s in self.sources]
+        reported = (0, 0)
+
+        n_local = None
+        if repeat:  # ceil: each worker yields the same count, so every rank yields the same total
+            n_local = -(-self.batches_per_epoch // num_workers)
+        i = 0
+        while n_local is None or i < n_local:
+            global_batch = i * num_workers + worker
+            k = 0 if len(streams) == 1 else random.Random(
+                stable_hash("mix", self.seed, self.epoch, global_batch)).choices(range(len(streams)), weights)[0]
+            samples = []
+            for s in streams[k]:
+                samples.append(s)
+                if len(samples) == self.batch_size:
+                    break
+            if not samples:
+                return
+            if len(samples) < self.batch_size and repeat:
+                raise DataError(f"source {self.sources[k].name!r} ran dry inside a repeating stream")
+            batch = self.collate(samples)
+            batch["source"] = k
+            batch["data_seen"] = counter.seen - reported[0]
+            batch["data_skipped"] = counter.skipped - reported[1]
+            reported = (counter.seen, counter.skipped)
+            yield batch
+            i += 1
