@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -59,7 +59,7 @@ def describe_config_error(e: BaseException) -> str:
     m = re.search(r"Could not override '([^']+)'", text)
     if m and not re.search(r"could not be converted|Validation", everything):
         return f"unknown config key '{m.group(1)}' (check the spelling; to add a new key use +{m.group(1)}=...)"
-    m = re.search(r"Could not (?:find|load) '([^']+)'", text) or re.search(r"In '[^']+': Could not find '([^']+)'", text)
+    m = re.search(r"Could not (?:find|load) '([^']+)'", text)
     if m:
         return f"unknown config option '{m.group(1)}' ({text.strip().splitlines()[0]})"
     return text.strip().splitlines()[0] if text.strip() else type(e).__name__

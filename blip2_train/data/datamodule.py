@@ -70,7 +70,6 @@ class Blip2DataModule(L.LightningDataModule):
         max_skip_rate: float = 0.1,
         jpeg_draft: bool = True,
         seed: int = 0,
-        persistent_workers: bool = True,
     ):
         super().__init__()
         self.tokenizer_spec = tokenizer
@@ -88,7 +87,6 @@ class Blip2DataModule(L.LightningDataModule):
         self.max_skip_rate = max_skip_rate
         self.jpeg_draft = jpeg_draft
         self.seed = seed
-        self.persistent_workers = persistent_workers
         self._tokenizer = None
         self._eval_data: CaptionedImages | None = None
         self.train_stream: ShardStream | None = None
@@ -176,9 +174,9 @@ class Blip2DataModule(L.LightningDataModule):
         """Images of the eval set, this rank's contiguous share (features are gathered afterwards)."""
         from torch.utils.data import Subset
 
+        from blip2_train.models.distributed import shard_range
+
         ds = EvalImageDataset(self.eval_data(), self.eval_image_size)
-        n = len(ds)
-        per = -(-n // world_size)
-        idx = list(range(rank * per, min(n, (rank + 1) * per)))
-        return DataLoader(Subset(ds, idx), batch_size=self.eval_batch_size, num_workers=min(self.num_workers, 2),
+        lo, hi = shard_range(len(ds), rank, world_size)
+        return DataLoader(Subset(ds, range(lo, hi)), batch_size=self.eval_batch_size, num_workers=min(self.num_workers, 2),
                           collate_fn=collate_eval_images)

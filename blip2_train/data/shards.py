@@ -135,13 +135,12 @@ def build_shards(
         "prefix": prefix,
         "num_images_in": len(records),
         "num_samples": sum(s["num_samples"] for s in shards),
-        "num_captions": None,
+        "num_captions": sum(len([c for c in r.captions if c and c.strip()]) for r in records),
         "num_rejected": len(rejects),
         "num_shards": len(shards),
         "total_bytes": sum(s["bytes"] for s in shards),
         "shards": [{k: s[k] for k in ("name", "num_samples", "bytes")} for s in shards],
     }
-    manifest["num_captions"] = sum(len([c for c in r.captions if c and c.strip()]) for r in records)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 

@@ -85,7 +85,8 @@ class SampleDecoder:
         self.max_pixels = max_pixels
         self.jpeg_draft = jpeg_draft
 
-    def captions_of(self, sample: dict) -> list[str]:
+    def captions_of(self, sample: dict) -> tuple[list[str], object]:
+        """-> (captions from .json `caption` or else .txt, the json's image_id or None)."""
         meta = {}
         if "json" in sample:
             try:

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from blip2_train.eval import retrieval
-from blip2_train.models.distributed import gather_varlen, rank, world_size
+from blip2_train.models.distributed import gather_varlen, rank, shard_range, world_size
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,7 @@ def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[
     if image_feats_local is None:  # a rank with no images still takes part in the gathers
         image_feats_local = torch.zeros(0, model.num_query_tokens, model.config.image_text_hidden_size, device=device)
     image_feats = gather_varlen(image_feats_local)
-    n_txt = ids.shape[0]
-    per = -(-n_txt // world_size())
-    t_lo, t_hi = rank() * per, min(n_txt, (rank() + 1) * per)
+    t_lo, t_hi = shard_range(ids.shape[0], rank(), world_size())
     text_feat = gather_varlen(encode_texts(model, ids[t_lo:t_hi], mask[t_lo:t_hi], device))
     sim = retrieval.itc_similarity(image_feats, text_feat).cpu()
     t_itc = time.perf_counter() - t0
@@ -105,7 +103,6 @@ def run_evaluation(model, datamodule, cfg, strategy=None) -> dict[str, float]:
     r, w = rank(), world_size()
     data = datamodule.eval_data()
     loader = datamodule.eval_image_loader(r, w)
-    per = -(-len(data) // w)
-    image_range = (r * per, min(len(data), (r + 1) * per))
+    image_range = shard_range(len(data), r, w)
     return evaluate_retrieval(model, data, loader, datamodule.tokenizer, image_range, int(cfg.get("k_test", 128)),
                               int(cfg.get("pair_batch_size", 256)))

@@ -68,6 +68,12 @@ def pad_to(t: torch.Tensor, length: int, value: int = 0) -> torch.Tensor:
     return t if t.shape[1] == length else F.pad(t, (0, length - t.shape[1]), value=value)
 
 
+def shard_range(n: int, rank_: int, world: int) -> tuple[int, int]:
+    """Contiguous share [lo, hi) of n items for a rank; gather_varlen restores the order of such shares."""
+    per = -(-n // world)
+    return min(n, rank_ * per), min(n, (rank_ + 1) * per)
+
+
 def gather_varlen(t: torch.Tensor) -> torch.Tensor:
     """Concatenate tensors whose dim 0 differs per rank (uneven shards), in rank order."""
     if not is_dist():
