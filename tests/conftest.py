@@ -70,3 +70,41 @@ def batch_of(tokenizer, captions, image_size=32, seed=0):
 
 def read_json(p):
     return json.loads(Path(p).read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_llms(synth, tmp_path_factory) -> dict:
+    """Tiny OPT / LLaMA / GPT-2 / T5 models with tokenizers trained on the synthetic captions, saved to disk."""
+    from blip2_train.data.annotations import read_annotations
+    from blip2_train.models.tiny_llm import make_tiny_llm, train_llm_tokenizer
+
+    root = tmp_path_factory.mktemp("llms")
+    texts = [c for r in read_annotations(synth["ann"]["train"], "karpathy") for c in r.captions]
+    out = {}
+    for i, fam in enumerate(("opt", "llama", "gpt2", "t5")):
+        train_llm_tokenizer(texts, root / f"{fam}_tok", fam, vocab_size=200)
+        make_tiny_llm(fam, root / f"{fam}_tok", root / fam, seed=i, hidden=32, layers=2)
+        out[fam] = root / fam
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage1_export(synth, tmp_path_factory):
+    """A tiny stage-1 model exported in the transformers format (the usual start of stage 2)."""
+    from blip2_train.models.export import export_stage1
+    from blip2_train.models.tokenizer import load_qformer_tokenizer
+
+    model = tiny_stage1(synth["tokenizer"], seed=3)
+    out = tmp_path_factory.mktemp("stage1_export")
+    export_stage1(model, load_qformer_tokenizer(synth["tokenizer"]), out, image_size=32)
+    return out
+
+
+def tiny_stage2(llm_dir, stage1=None, **kw):
+    from blip2_train.models.build_stage2 import build_stage2_model
+
+    args = dict(llm=str(llm_dir), vision=TINY_VISION, qformer=TINY_QFORMER, num_query_tokens=4, llm_dtype="float32",
+                stage1_checkpoint=str(stage1) if stage1 else None, attn_implementation="eager",
+                llm_attn_implementation="eager", seed=0)
+    args.update(kw)
+    return build_stage2_model(**args)

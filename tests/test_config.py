@@ -23,14 +23,20 @@ def root_of(experiment: str) -> str:
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_builds_its_data_module(experiment, synth):
+def test_every_experiment_composes_and_builds_its_data_module(experiment, synth, tiny_llms):
     cfg = compose(root_of(experiment), [f"experiment={experiment}", f"paths.bert_dir={synth['tokenizer']}",
-                                        "paths.vision_checkpoint=null"])
+                                        "paths.vision_checkpoint=null", f"paths.llm_dir={tiny_llms['opt']}",
+                                        "paths.stage1_checkpoint=null", "paths.stage2_checkpoint=null"])
     with open_dict(cfg):
         cfg.paths.output_dir = "/tmp/unused"
     dm = instantiate(cfg.data)
     assert dm.batch_size > 0 and dm.image_size == cfg.data.image_size
-    assert dm.tokenizer.bos_token == "[DEC]"
+    if dm.text.get("kind") == "llm":  # stage 2: the LLM's tokenizer with <image>, and a collator that agrees
+        assert "<image>" in dm.tokenizer.get_vocab()
+        col = dm.make_collator()
+        assert col.nq == cfg.model.num_query_tokens and col.prompt == (cfg.model.prompt or "")
+    else:
+        assert dm.tokenizer.bos_token == "[DEC]"
 
 
 @pytest.mark.parametrize("group", ["strategy", "logger", "trainer", "model"])

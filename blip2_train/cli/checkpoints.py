@@ -23,10 +23,14 @@ def load_lightning_checkpoint(model, path: str | Path) -> dict:
     if not sd:
         raise CheckpointError(f"{p}: no model weights (is this a Lightning checkpoint of blip2-train?)")
     own = model.state_dict()
+    want = 2 if any(k.startswith("hf.language_model.") for k in own) else 1
+    got = ckpt.get("blip2_stage") or (2 if any(k.startswith("hf.language_projection.") for k in sd) else 1)
+    if got != want:
+        raise CheckpointError(f"{p} is a stage-{got} checkpoint but the model configured here is stage {want} "
+                              f"(stage 2 starts from stage 1 through model.stage1_checkpoint)")
     unexpected = [k for k in sd if k not in own]
     if unexpected:
-        kind = "stage-2" if any(k.startswith("hf.language_model.") for k in unexpected) else "another model's"
-        raise CheckpointError(f"{p} is a {kind} checkpoint: {len(unexpected)} key(s) do not fit, e.g. {unexpected[:3]}")
+        raise CheckpointError(f"{p} does not fit this model: {len(unexpected)} key(s) have no place, e.g. {unexpected[:3]}")
     with torch.no_grad():
         for k, v in sd.items():
             if own[k].shape != v.shape:

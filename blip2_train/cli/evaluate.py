@@ -34,7 +34,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.get("checkpoint"):
         load_lightning_checkpoint(model, cfg.checkpoint)
     model.to(pick_device(cfg.get("device", "auto")))
-    metrics = run_evaluation(model, datamodule, cfg.eval)
+    metrics = run_evaluation(model, datamodule, cfg.eval, out_dir=run_dir)
     if is_rank_zero():
         write_json_atomic(run_dir / "metrics.json", metrics)
         print("  ".join(f"{k}={v:.2f}" for k, v in metrics.items()))

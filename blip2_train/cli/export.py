@@ -1,7 +1,8 @@
 """`blip2-export`: a training checkpoint -> a transformers directory.
 
     blip2-export outputs/stage1_pretrain/<run>/checkpoints/last.ckpt --out exports/stage1
-    Blip2ForImageTextRetrieval.from_pretrained("exports/stage1")   # then works
+    Blip2ForImageTextRetrieval.from_pretrained("exports/stage1")   # then works (stage-1 runs)
+    Blip2ForConditionalGeneration.from_pretrained("exports/stage2") + Blip2Processor (stage-2 runs)
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="Lightning .ckpt written by blip2-train")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", help="the run's config.yaml (default: found beside the checkpoint)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast the export (default: stage 1 float32; stage 2 as trained: frozen LLM in its dtype)")
     a = p.parse_args(argv)
     setup_logging()
     try:
@@ -32,12 +34,24 @@ def main(argv: list[str] | None = None) -> int:
         from blip2_train.models.tokenizer import load_qformer_tokenizer
 
         cfg = OmegaConf.load(a.config) if a.config else run_config_of(a.checkpoint)
-        if "Stage1" not in str(cfg.module.get("_target_", "")):
-            raise Blip2TrainError(f"only stage-1 runs can be exported so far (module {cfg.module._target_})")
+        target = str(cfg.module.get("_target_", ""))
         model = instantiate(cfg.model)
         load_lightning_checkpoint(model, a.checkpoint)
-        out = export_stage1(model, load_qformer_tokenizer(cfg.model.tokenizer), a.out, int(cfg.data.image_size),
-                            parse_dtype(a.dtype))
+        if "Stage1" in target:
+            out = export_stage1(model, load_qformer_tokenizer(cfg.model.tokenizer), a.out, int(cfg.data.image_size),
+                                parse_dtype(a.dtype or "float32"))
+        elif "Stage2" in target:
+            from blip2_train.eval.captioning import CAPTION_GENERATION
+            from blip2_train.models.export import export_stage2
+            from blip2_train.models.llm import load_llm_tokenizer
+
+            gen = (cfg.get("final_eval") or {}).get("generate")
+            gen = {**CAPTION_GENERATION, **(OmegaConf.to_container(gen) if gen else {})}
+            out = export_stage2(model, load_llm_tokenizer(cfg.model.llm), a.out, int(cfg.data.image_size),
+                                prompt=cfg.model.get("prompt") or "", generate_kwargs=gen,
+                                dtype=parse_dtype(a.dtype) if a.dtype else None)
+        else:
+            raise Blip2TrainError(f"{a.checkpoint}: unknown module {target!r} in the run's config")
     except Blip2TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

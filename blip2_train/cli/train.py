@@ -47,6 +47,10 @@ def train(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
 
+    import warnings
+
+    # Our data module restores the exact data position itself (state_dict / load_state_dict).
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     run_dir = resolve_run_dir(cfg)
     if is_rank_zero():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -68,7 +72,7 @@ def train(cfg: DictConfig) -> dict:
     if final_eval and final_eval.get("enabled", False):
         from blip2_train.eval.runner import run_evaluation
 
-        metrics.update(run_evaluation(module.model, datamodule, final_eval, trainer.strategy))
+        metrics.update(run_evaluation(module.model, datamodule, final_eval, trainer.strategy, out_dir=run_dir))
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)
         log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})

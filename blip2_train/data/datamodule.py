@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from blip2_train.data.collate import CaptionCollator
+from blip2_train.data.collate import CaptionCollator, Stage2Collator
 from blip2_train.data.eval_sets import CaptionedImages, EvalImageDataset, collate_eval_images
 from blip2_train.data.shards import read_manifest
 from blip2_train.data.stream import SampleDecoder, ShardStream, Source
@@ -70,6 +70,7 @@ class Blip2DataModule(L.LightningDataModule):
         max_skip_rate: float = 0.1,
         jpeg_draft: bool = True,
         seed: int = 0,
+        text: dict | None = None,
     ):
         super().__init__()
         self.tokenizer_spec = tokenizer
@@ -87,7 +88,14 @@ class Blip2DataModule(L.LightningDataModule):
         self.max_skip_rate = max_skip_rate
         self.jpeg_draft = jpeg_draft
         self.seed = seed
+        # How captions become model inputs. kind=qformer (stage 1): BERT tokens. kind=llm (stage 2): LLM tokens
+        # with image tokens and labels; its keys mirror the model config (num_query_tokens, prompt, end_text,
+        # prefix_lm, encoder_decoder) so both sides agree.
+        self.text = dict(text or {"kind": "qformer"})
+        if self.text.get("kind", "qformer") not in ("qformer", "llm"):
+            raise ConfigError(f"data.text.kind must be 'qformer' or 'llm', not {self.text.get('kind')!r}")
         self._tokenizer = None
+        self._resume: dict | None = None
         self._eval_data: CaptionedImages | None = None
         self.train_stream: ShardStream | None = None
 
@@ -96,11 +104,37 @@ class Blip2DataModule(L.LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from blip2_train.models.tokenizer import load_qformer_tokenizer
+            if not isinstance(self.tokenizer_spec, (str, os.PathLike)):
+                self._tokenizer = self.tokenizer_spec
+            elif self.text.get("kind", "qformer") == "llm":
+                from blip2_train.models.llm import load_llm_tokenizer
 
-            self._tokenizer = (load_qformer_tokenizer(self.tokenizer_spec)
-                               if isinstance(self.tokenizer_spec, (str, os.PathLike)) else self.tokenizer_spec)
+                self._tokenizer = load_llm_tokenizer(self.tokenizer_spec)
+            else:
+                from blip2_train.models.tokenizer import load_qformer_tokenizer
+
+                self._tokenizer = load_qformer_tokenizer(self.tokenizer_spec)
         return self._tokenizer
+
+    def _llm_is_encoder_decoder(self) -> bool:
+        if self.text.get("encoder_decoder") is not None:
+            return bool(self.text["encoder_decoder"])
+        from transformers import AutoConfig
+
+        return bool(AutoConfig.from_pretrained(str(self.tokenizer_spec)).is_encoder_decoder)
+
+    def make_collator(self):
+        if self.text.get("kind", "qformer") == "qformer":
+            return CaptionCollator(self.tokenizer, self.max_txt_len)
+        from blip2_train.models.llm import end_token_id, image_token_id
+
+        t = self.text
+        if "num_query_tokens" not in t:
+            raise ConfigError("data.text.num_query_tokens is required with data.text.kind=llm")
+        return Stage2Collator(self.tokenizer, int(t["num_query_tokens"]), image_token_id(self.tokenizer),
+                              end_token_id(self.tokenizer, t.get("end_text")), prompt=t.get("prompt") or "",
+                              max_txt_len=self.max_txt_len, encoder_decoder=self._llm_is_encoder_decoder(),
+                              prefix_lm=bool(t.get("prefix_lm", False)), seed=self.seed)
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -129,7 +163,7 @@ class Blip2DataModule(L.LightningDataModule):
         transform = TrainTransform(self.image_size, self.min_scale, 1.0, self.hflip)
         decoder = SampleDecoder(transform, self.max_words, self.prompt, jpeg_draft=self.jpeg_draft)
         return ShardStream(
-            self.sources(), decoder, CaptionCollator(self.tokenizer, self.max_txt_len), self.batch_size,
+            self.sources(), decoder, self.make_collator(), self.batch_size,
             rank=rank, world_size=world_size, seed=self.seed, resampled=self.resampled and not one_pass,
             shuffle_buffer=self.shuffle_buffer,
             batches_per_epoch=None if one_pass else self.batches_per_epoch(world_size),
@@ -145,11 +179,30 @@ class Blip2DataModule(L.LightningDataModule):
             self.setup("fit")
         if self.train_stream is None:
             raise ConfigError("data.train_sources is empty: nothing to train on")
+        self.train_stream.skip_batches = 0
         if self.trainer is not None:
-            self.train_stream.set_epoch(self.trainer.current_epoch)
+            epoch = self.trainer.current_epoch
+            self.train_stream.set_epoch(epoch)
+            if self._resume and self._resume["epoch"] == epoch:
+                self.train_stream.skip_batches = int(self._resume["batches_done"])
+                log.info("resuming epoch %d after %d batches: rebuilding and skipping them (exact data position)",
+                         epoch, self.train_stream.skip_batches)
+            self._resume = None
         return DataLoader(self.train_stream, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=False, pin_memory=False,
                           prefetch_factor=4 if self.num_workers > 0 else None)
+
+    # -- exact resume: Lightning stores this in every checkpoint and hands it back before train_dataloader() --
+
+    def state_dict(self) -> dict:
+        if self.trainer is None:
+            return {}
+        # `processed`: a checkpoint written in on_train_batch_end counts the batch just trained (completed does not yet)
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self.trainer.current_epoch, "batches_done": int(done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state) if state else None
 
     # -- evaluation ---------------------------------------------------------------------------------
 

@@ -158,6 +158,9 @@ class ShardStream(IterableDataset):
         self.max_skip_rate = max_skip_rate
         self.min_samples_for_skip_check = min_samples_for_skip_check
         self.epoch = 0
+        # Exact mid-epoch resume: this rank's first `skip_batches` batches of the epoch are rebuilt (same RNG
+        # draws, same skips) and dropped, so the stream continues where the interrupted run stopped.
+        self.skip_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -228,6 +231,10 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # The DataLoader polls workers round-robin from worker 0. After skipping k batches the next one is
+        # global batch k, which worker k % num_workers made in the uninterrupted run: each worker takes over
+        # the role (shards, RNG) of the worker k positions further on.
+        worker = (worker + self.skip_batches) % num_workers
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
         rng = random.Random(stable_hash("samples", self.seed, self.epoch, slot))
         counter = SkipCounter()
@@ -239,6 +246,8 @@ class ShardStream(IterableDataset):
         n_local = None
         if repeat:  # ceil: each worker yields the same count, so every rank yields the same total
             n_local = -(-self.batches_per_epoch // num_workers)
+        # batches of this rank are dealt round-robin over workers: batch g comes from worker g % num_workers
+        skip_local = max(0, -(-(self.skip_batches - worker) // num_workers))
         i = 0
         while n_local is None or i < n_local:
             global_batch = i * num_workers + worker
@@ -254,6 +263,9 @@ class ShardStream(IterableDataset):
             if len(samples) < self.batch_size and repeat:
                 raise DataError(f"source {self.sources[k].name!r} ran dry inside a repeating stream")
             batch = self.collate(samples)
+            if i < skip_local:
+                i += 1
+                continue
             batch["source"] = k
             batch["data_seen"] = counter.seen - reported[0]
             batch["data_skipped"] = counter.skipped - reported[1]

@@ -96,13 +96,31 @@ def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[
     return metrics
 
 
-def run_evaluation(model, datamodule, cfg, strategy=None) -> dict[str, float]:
+def run_evaluation(model, datamodule, cfg, strategy=None, out_dir=None) -> dict[str, float]:
+    """`cfg.kind`: retrieval (stage 1) or caption (stage 2). Every rank calls this; metrics are complete on
+    rank 0 (retrieval: on every rank)."""
+    from blip2_train.utils.errors import ConfigError
+
     kind = cfg.get("kind", "retrieval")
-    if kind != "retrieval":
-        raise NotImplementedError(f"evaluation kind {kind!r} is not available yet")
     r, w = rank(), world_size()
     data = datamodule.eval_data()
     loader = datamodule.eval_image_loader(r, w)
     image_range = shard_range(len(data), r, w)
+    if kind == "caption":
+        from blip2_train.eval.captioning import evaluate_captioning
+
+        prompt = cfg.get("prompt")
+        if prompt is None:
+            prompt = (getattr(datamodule, "text", None) or {}).get("prompt") or ""
+        gen = cfg.get("generate")
+        metrics = evaluate_captioning(model, data, loader, datamodule.tokenizer, prompt,
+                                      dict(gen) if gen else None, out_dir, cfg.get("spice", "auto"))
+        if cfg.get("image_blind_baseline", False):  # same model, same decoding, every image blank
+            blind = evaluate_captioning(model, data, datamodule.eval_image_loader(r, w), datamodule.tokenizer, prompt,
+                                        dict(gen) if gen else None, out_dir, cfg.get("spice", "auto"), image_blind=True)
+            metrics.update({f"blind/{k}": v for k, v in blind.items() if k not in ("num_images", "eval_seconds")})
+        return metrics
+    if kind != "retrieval":
+        raise ConfigError(f"eval kind must be 'retrieval' or 'caption', not {kind!r}")
     return evaluate_retrieval(model, data, loader, datamodule.tokenizer, image_range, int(cfg.get("k_test", 128)),
                               int(cfg.get("pair_batch_size", 256)))

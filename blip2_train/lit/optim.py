@@ -58,3 +58,11 @@ def build_scheduler(optimizer, max_steps: int, base_lr: float, min_lr: float, wa
         return warmup_cosine(step, max_steps, base_lr, min_lr, warmup_steps, warmup_start_lr) / base_lr
 
     return LambdaLR(optimizer, factor)
+
+
+def layer_decay_scales(prefix: str, num_layers: int, decay: float) -> dict[str, float]:
+    """Layer-wise lr decay for a fine-tuned ViT (BEiT/EVA style): block i gets decay^(L - i), the embeddings
+    decay^(L + 1), ln_vision (post_layernorm) the full lr. Keys are name prefixes for `param_groups`."""
+    scales = {f"{prefix}encoder.layers.{i}.": decay ** (num_layers - i) for i in range(num_layers)}
+    scales[f"{prefix}embeddings."] = decay ** (num_layers + 1)
+    return scales

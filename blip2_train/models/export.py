@@ -71,3 +71,36 @@ def read_stage1_export_weights(directory: str | Path) -> dict[str, torch.Tensor]
         for k, v in load_file(str(d / EXTRAS)).items():
             sd[k] = v.reshape(()) if k == "temp" else v
     return sd
+
+
+def export_stage2(model, tokenizer, out_dir: str | Path, image_size: int, prompt: str = "",
+                  generate_kwargs: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """A stage-2 model -> a directory `Blip2ForConditionalGeneration` + `Blip2Processor` load and generate from.
+
+    The tokenizer is saved with `<image>` and left padding (batched generation of decoder-only LLMs);
+    the processor carries `num_query_tokens`, so `processor(images, text=prompt)` yields exactly the inputs
+    the training module generates from. `blip2_train.json` records the prompt and the decoding settings.
+    """
+    from transformers import Blip2Processor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = model.hf
+    if dtype is not None:
+        hf = copy.deepcopy(hf).to(dtype)
+    hf.save_pretrained(str(out))
+    tok = copy.deepcopy(tokenizer)
+    tok.padding_side = "right" if model.is_encoder_decoder else "left"
+    tok.init_kwargs["padding_side"] = tok.padding_side  # what save_pretrained writes
+    Blip2Processor(image_processor(image_size), tok, num_query_tokens=model.num_query_tokens).save_pretrained(str(out))
+    meta = {"stage": 2, "exporter": f"blip2-train {__version__}", "image_size": image_size, "prompt": prompt,
+            "image_token_id": model.image_token_id, "end_token_id": model.end_token_id,
+            "pad_token_id": model.pad_token_id, "encoder_decoder": model.is_encoder_decoder,
+            "generate_kwargs": dict(generate_kwargs or {})}
+    (out / META).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def export_meta(directory: str | Path) -> dict:
+    p = Path(directory) / META
+    return json.loads(p.read_text()) if p.exists() else {}

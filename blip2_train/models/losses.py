@@ -122,3 +122,14 @@ def lm_attention_mask(num_queries: int, text_mask: torch.Tensor, dtype: torch.dt
     # Padding rows must still see something (queries) or softmax gives NaN; their outputs are ignored.
     mask = torch.zeros(b, 1, n, n, dtype=dtype, device=dev)
     return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def token_ce(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Mean cross-entropy over the labelled tokens (-100 = ignored), computed in fp32.
+
+    `shift=True` for decoder-only LMs (position t predicts token t+1). `labels` must be full length: the
+    stage-2 collator builds them aligned with `input_ids`, image tokens included (as -100).
+    """
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerConfig, Blip2VisionConfig
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
-from blip2_train.models import losses
+from blip2_train.models import losses, vision
 from blip2_train.models.distributed import gather_padded, gather_with_grad, pad_to
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
@@ -91,13 +91,7 @@ class Blip2Stage1(nn.Module):
         self.lm_head.predictions.decoder.bias = self.lm_head.predictions.bias
 
     def freeze_vision_tower(self) -> None:
-        vm = self.hf.vision_model
-        for p in vm.parameters():
-            p.requires_grad_(False)
-        for p in vm.post_layernorm.parameters():  # ln_vision stays trainable
-            p.requires_grad_(True)
-        vm.embeddings.to(self.vision_dtype)
-        vm.encoder.to(self.vision_dtype)
+        vision.freeze_vision_tower(self.hf.vision_model, self.vision_dtype)
 
     def set_train_modes(self, training: bool = True) -> None:
         """Trainable parts follow `training`; the frozen ViT always stays in eval mode (no dropout)."""
@@ -110,15 +104,7 @@ class Blip2Stage1(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """[B, 3, H, W] -> image tokens [B, N, Dv] in fp32, after the trainable ln_vision."""
-        vm = self.hf.vision_model
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_vision):
-            with torch.autocast(pixel_values.device.type, enabled=False):
-                x = vm.embeddings(pixel_values.to(vm.embeddings.patch_embedding.weight.dtype),
-                                  interpolate_pos_encoding=interpolate_pos_encoding)
-                x = vm.encoder(inputs_embeds=x).last_hidden_state
-        ln = vm.post_layernorm
-        with torch.autocast(pixel_values.device.type, enabled=False):  # ln_vision in fp32, as the reference
-            return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
+        return vision.encode_image(self.hf.vision_model, pixel_values, self.freeze_vision, interpolate_pos_encoding)
 
     def query_tokens(self, batch_size: int) -> torch.Tensor:
         return self.hf.query_tokens.expand(batch_size, -1, -1)

@@ -1,0 +1,169 @@
+"""Captioning evaluation: batched beam search sharded over ranks, merged by image id, scored with pycocoevalcap.
+
+pycocoevalcap's `COCOEvalCap.evaluate()` builds SPICE unconditionally; SPICE downloads Stanford CoreNLP on
+first use, so offline the stock call returns nothing. We run the scorers ourselves (same tokenizer, same
+scorers, same x100 reporting as the papers) and add SPICE only when its jars are already installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from blip2_train.models.distributed import is_dist, rank
+
+log = logging.getLogger(__name__)
+
+CAPTION_GENERATION = {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8, "repetition_penalty": 1.0,
+                      "length_penalty": 1.0}
+
+
+def spice_available() -> bool:
+    import pycocoevalcap.spice as spice_pkg
+
+    lib = Path(spice_pkg.__file__).parent / "lib"
+    return (lib / "stanford-corenlp-3.6.0.jar").exists() and (lib / "stanford-corenlp-3.6.0-models.jar").exists()
+
+
+def score_captions(gts: dict, res: dict, spice: str | bool = "auto") -> tuple[dict[str, float], list[str]]:
+    """gts {image_id: [reference captions]}, res {image_id: caption} -> (metrics x100, notes).
+
+    Every image with a prediction must have references and vice versa: a silently partial score is worse
+    than an error.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    missing = set(gts) ^ set(res)
+    if missing:
+        raise ValueError(f"{len(missing)} image(s) have references but no prediction or the reverse, e.g. "
+                         f"{sorted(map(str, missing))[:3]}")
+    tok = PTBTokenizer()
+    g = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
+    r = tok.tokenize({k: [{"caption": v}] for k, v in res.items()})
+    scorers = [(Bleu(4), ["bleu1", "bleu2", "bleu3", "bleu4"]), (Meteor(), ["meteor"]), (Rouge(), ["rouge_l"]),
+               (Cider(), ["cider"])]
+    notes = []
+    want_spice = spice is True or (spice == "auto" and spice_available())
+    if want_spice:
+        from pycocoevalcap.spice.spice import Spice
+
+        scorers.append((Spice(), ["spice"]))
+    elif spice == "auto":
+        notes.append("SPICE skipped: Stanford CoreNLP jars not installed in pycocoevalcap/spice/lib "
+                      "(run pycocoevalcap's get_stanford_models once with network access)")
+    out = {}
+    for scorer, names in scorers:
+        score, _ = scorer.compute_score(g, r)
+        for n, s in zip(names, score if isinstance(score, list) else [score]):
+            out[n] = float(s) * 100.0
+    for n in notes:
+        log.warning(n)
+    return out, notes
+
+
+def prediction_image_id(image_id: str):
+    return int(image_id) if str(image_id).isdigit() else image_id
+
+
+@torch.no_grad()
+def generate_captions(model, loader, tokenizer, prompt: str, generate_kwargs: dict, device,
+                      image_blind: bool = False) -> list[tuple[int, str]]:
+    """-> [(eval-set index, caption)] for this rank's images. `image_blind`: every image replaced by the same
+    blank (mean-colour) image, the baseline that shows how much of a score comes from the language alone."""
+    from blip2_train.models.stage2 import Blip2Stage2
+
+    if not isinstance(model, Blip2Stage2):
+        raise TypeError("captioning evaluation needs a stage-2 model (an LLM to generate with)")
+    prompt_ids = tokenizer(prompt.strip())["input_ids"]
+    out = []
+    for images, idx in tqdm(loader, desc="caption", disable=rank() != 0, leave=False):
+        b = images.shape[0]
+        if image_blind:
+            images = torch.zeros_like(images)
+        ids = torch.tensor([[model.image_token_id] * model.num_query_tokens + prompt_ids] * b, device=device)
+        ac = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+        with ac:
+            gen = model.generate(images.to(device), ids, torch.ones_like(ids), **generate_kwargs)
+        texts = tokenizer.batch_decode(model.new_tokens(gen, ids), skip_special_tokens=True)
+        out.extend((int(i), t.strip()) for i, t in zip(idx.tolist(), texts))
+    return out
+
+
+def gather_objects(local: list) -> list:
+    if not is_dist():
+        return list(local)
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return [x for p in parts for x in p]
+
+
+def evaluate_captioning(model, data, loader, tokenizer, prompt: str = "", generate_kwargs: dict | None = None,
+                        out_dir: str | Path | None = None, spice: str | bool = "auto",
+                        image_blind: bool = False) -> dict[str, float]:
+    """Generate for this rank's share of `data` (a CaptionedImages), merge on all ranks, score on rank 0.
+
+    Writes `captions_predictions.json` ([{image_id, caption}]) and the COCO-format references beside the
+    metrics. With `data.domains` (NoCaps), also scores each domain.
+    """
+    device = next(model.parameters()).device
+    kw = {**CAPTION_GENERATION, **dict(generate_kwargs or {})}
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    merged = {}
+    for i, cap in gather_objects(generate_captions(model, loader, tokenizer, prompt, kw, device, image_blind)):
+        merged.setdefault(i, cap)  # de-duplicate (padded shards repeat images)
+    if was_training and hasattr(model, "set_train_modes"):
+        model.set_train_modes(True)
+    metrics: dict[str, float] = {}
+    if rank() == 0:
+        ids = [data.image_ids[i] for i in sorted(merged)]
+        res = {data.image_ids[i]: merged[i] for i in sorted(merged)}
+        gts = {data.image_ids[i]: data.raw_captions[i] for i in sorted(merged)}
+        metrics, notes = score_captions(gts, res, spice)
+        domains = getattr(data, "domains", None)
+        if domains:
+            for d in sorted(set(domains)):
+                keep = [data.image_ids[i] for i in sorted(merged) if domains[i] == d]
+                sub, _ = score_captions({k: gts[k] for k in keep}, {k: res[k] for k in keep}, spice)
+                metrics.update({f"{d}/{k}": v for k, v in sub.items()})
+        metrics["num_images"] = float(len(ids))
+        if out_dir is not None:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            preds = [{"image_id": prediction_image_id(k), "caption": res[k]} for k in ids]
+            _write_json(out / ("captions_predictions_blind.json" if image_blind else "captions_predictions.json"), preds)
+            _write_json(out / "captions_references.json", coco_format(gts))
+            if notes:
+                (out / "captions_notes.txt").write_text("\n".join(notes) + "\n")
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    log.info("captioning: %s", {k: round(v, 2) for k, v in metrics.items()})
+    return metrics
+
+
+def coco_format(gts: dict) -> dict:
+    """References as a COCO caption annotation file (what pycocotools' COCO() reads)."""
+    images, anns = [], []
+    for k, caps in gts.items():
+        iid = prediction_image_id(k)
+        images.append({"id": iid})
+        anns.extend({"image_id": iid, "id": len(anns), "caption": c} for c in caps)
+    return {"images": images, "annotations": anns, "type": "captions", "info": {}, "licenses": []}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)

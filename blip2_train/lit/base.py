@@ -1,0 +1,136 @@
+"""What every blip2-train LightningModule shares: train/eval modes of frozen parts, non-finite-loss skipping,
+AdamW + warmup/cosine by step, trainable-only checkpoints, throughput logging. Subclasses supply `compute`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import lightning as L
+import torch
+
+from blip2_train.lit.optim import build_adamw, build_scheduler, layer_decay_scales
+from blip2_train.utils.errors import Blip2TrainError
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(Blip2TrainError):
+    pass
+
+
+class Blip2LitModule(L.LightningModule):
+    def __init__(
+        self,
+        model,
+        lr: float = 1e-4,
+        min_lr: float = 1e-5,
+        warmup_steps: int = 5000,
+        warmup_start_lr: float = 1e-6,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        no_decay_names: tuple[str, ...] = ("temp", "query_tokens"),
+        max_steps: int | None = None,
+        max_consecutive_nonfinite: int = 5,
+        save_frozen_weights: bool = False,
+        vision_layer_decay: float = 1.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.model = model
+        # plain Python types in the checkpoint (Hydra hands over ListConfig), so torch.load(weights_only) reads it
+        betas = tuple(float(b) for b in betas)
+        no_decay_names = tuple(str(n) for n in no_decay_names)
+        self.save_hyperparameters(ignore=["model"])
+        self._nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self._t_last = None
+
+    def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> (loss to backpropagate, extra scalars to log under train/)."""
+        raise NotImplementedError
+
+    # Modes are set here because Lightning calls .train() on the whole module at fit start: frozen parts
+    # (ViT, LLM) must go back to eval mode (no dropout), every time.
+    def on_train_start(self) -> None:
+        self.model.set_train_modes(True)
+
+    def on_train_epoch_start(self) -> None:
+        self.model.set_train_modes(True)
+
+    def on_validation_model_train(self) -> None:
+        self.model.set_train_modes(True)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Every step draws its randomness (dropout, hard negatives) from a seed of (seed, step, rank), so a
+        # resumed run repeats the uninterrupted one exactly without saving RNG states.
+        from blip2_train.data.stream import stable_hash
+
+        torch.manual_seed(stable_hash("step", self.hparams.seed, self.global_step, self.global_rank))
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss, extras = self.compute(batch)
+        bs = batch["image"].shape[0]
+        if not torch.isfinite(loss):
+            self._nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            self.log("train/nonfinite_skipped", float(self.nonfinite_total), batch_size=bs)
+            log.warning("non-finite loss at step %d (%d in a row): step skipped", self.global_step,
+                        self._nonfinite_in_a_row)
+            if self._nonfinite_in_a_row >= self.hparams.max_consecutive_nonfinite:
+                raise NonFiniteLossError(f"{self._nonfinite_in_a_row} non-finite losses in a row at step "
+                                         f"{self.global_step}: stopping (module.max_consecutive_nonfinite)")
+            return None  # Lightning skips backward and the optimizer step
+        self._nonfinite_in_a_row = 0
+        now = time.perf_counter()
+        kw = dict(batch_size=bs, sync_dist=False)
+        self.log("train/loss", loss.detach(), prog_bar=True, **kw)
+        for k, v in extras.items():
+            self.log(f"train/{k}", v, **kw)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, **kw)
+        if "data_skipped" in batch:
+            self.log("data/skipped", float(batch["data_skipped"]), reduce_fx="sum", **kw)
+        if self._t_last is not None:
+            self.log("train/samples_per_s", bs * self.trainer.world_size / (now - self._t_last), prog_bar=True, **kw)
+        self._t_last = now
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        scales = None
+        if hp.vision_layer_decay != 1.0:
+            if getattr(self.model, "freeze_vision", True):
+                raise Blip2TrainError("module.vision_layer_decay < 1 needs an unfrozen ViT (model.freeze_vision=false)")
+            scales = layer_decay_scales("hf.vision_model.", self.model.hf.vision_model.config.num_hidden_layers,
+                                        hp.vision_layer_decay)
+        opt = build_adamw(self.model, hp.lr, hp.weight_decay, hp.betas, no_decay_names=hp.no_decay_names,
+                          lr_scales=scales)
+        max_steps = hp.max_steps if hp.max_steps and hp.max_steps > 0 else self.trainer.estimated_stepping_batches
+        if not max_steps or math.isinf(max_steps):
+            raise Blip2TrainError("set trainer.max_steps (or max_epochs with a sized data stream)")
+        sched = build_scheduler(opt, int(max_steps), hp.lr, hp.min_lr, hp.warmup_steps, hp.warmup_start_lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # Checkpoints hold the trainable weights only (plus optimizer state): a frozen ViT-g or LLM is GBs that
+    # never change. `save_frozen_weights=True` keeps everything.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["blip2_stage"] = self.stage
+        if self.hparams.save_frozen_weights:
+            return
+        keep = {"model." + n for n, p in self.model.named_parameters() if p.requires_grad}
+        sd = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in sd.items() if k in keep}
+        checkpoint["frozen_weights_omitted"] = True
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        stage = checkpoint.get("blip2_stage")
+        if stage is not None and stage != self.stage:
+            raise Blip2TrainError(f"this checkpoint is from a stage-{stage} run; this is a stage-{self.stage} run "
+                                  "(to start stage 2 from stage 1, use model.stage1_checkpoint, not ckpt_path)")
+        if checkpoint.get("frozen_weights_omitted"):
+            full = self.state_dict()
+            full.update(checkpoint["state_dict"])
+            checkpoint["state_dict"] = full
+
+    stage = 0

@@ -1,0 +1,208 @@
+"""Assemble a stage-2 model: stage-1 weights (vision, ln_vision, queries, Q-Former) + any local LLM.
+
+    stage-1 source  : a stage-1 export directory, a stage-1 Lightning checkpoint (its run's config.yaml is
+                      read to rebuild the model), or an official reference `.pth` (blip2_pretrained.pth)
+    LLM             : a local transformers directory (OPT, LLaMA-family, GPT-2, T5/FlanT5, ...)
+
+The Q-Former's text-only parts (text FFNs, word/position embeddings, ITM/ITC heads, LM head, temp) are
+dropped, as in the reference; `language_projection` starts fresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from blip2_train.models import convert, llm as llm_lib, vision
+from blip2_train.models.build import parse_dtype
+from blip2_train.models.stage2 import Blip2Stage2
+from blip2_train.utils.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+STAGE1_PARTS = ("vision_model.", "query_tokens", "qformer.")
+
+
+def read_stage1_source(source: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """-> transformers-named stage-1 weights (`vision_model.*`, `query_tokens`, `qformer.*`, ...)."""
+    src = Path(str(source))
+    if src.is_dir():
+        from blip2_train.models.export import read_stage1_export_weights
+
+        sd = read_stage1_export_weights(src)
+    elif src.suffix == ".ckpt" and src.is_file():
+        from hydra.utils import instantiate
+
+        from blip2_train.cli.checkpoints import load_lightning_checkpoint, run_config_of
+
+        cfg = run_config_of(src)
+        if "Stage1" not in str(cfg.module.get("_target_", "")):
+            raise CheckpointError(f"{src} is a checkpoint of {cfg.module.get('_target_')}, not a stage-1 run")
+        model = instantiate(cfg.model)
+        load_lightning_checkpoint(model, src)
+        sd = model.state_dict()
+    elif src.is_file():
+        sd, unmatched = convert.reference_to_ours(convert.load_reference_pth(src))
+        if unmatched:
+            stage2 = [k for k in unmatched if k.startswith(("opt_", "t5_", "llm_"))]
+            if stage2:
+                raise CheckpointError(f"{src} is a stage-2 reference checkpoint ({stage2[0]}); stage 2 starts "
+                                      "from a stage-1 checkpoint")
+            raise CheckpointError(f"{src}: {len(unmatched)} key(s) match nothing in BLIP-2 stage 1: {unmatched[:8]}")
+    else:
+        raise CheckpointError(f"stage-1 checkpoint not found: {src}")
+    return {k[len("hf."):]: v for k, v in sd.items() if k.startswith("hf.")}
+
+
+def stage1_weights_for_stage2(sd: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """Keep what stage 2 uses; a stage-1 Q-Former's text FFNs have no place in stage 2 (dropped)."""
+    own = model.hf.state_dict()
+    keep = {k: v for k, v in sd.items() if k.startswith(STAGE1_PARTS) and k in own}
+    dropped = [k for k in sd if k.startswith(STAGE1_PARTS) and k not in own]
+    if dropped and not all(".intermediate." in k or ".output." in k for k in dropped):
+        raise CheckpointError(f"stage-1 weights that fit nothing in stage 2: {dropped[:5]}")
+    vision.fit_position_embedding(keep, "vision_model.embeddings.position_embedding",
+                                  own["vision_model.embeddings.position_embedding"])
+    return keep
+
+
+def build_stage2_hf(vision_cfg: dict, qformer_cfg: dict, llm_model, num_query_tokens: int, image_token_id: int,
+                    end_token_id: int, pad_token_id: int, attn_implementation: str | None):
+    """A `Blip2ForConditionalGeneration` around an already-loaded LLM (the LLM is not re-initialised)."""
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig, Blip2VisionConfig)
+    from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
+
+    vcfg = Blip2VisionConfig(**dict(vision_cfg))
+    # No text input in stage 2: the unused text FFNs would otherwise break DDP (parameters without gradient).
+    qcfg = Blip2QFormerConfig(**{**dict(qformer_cfg), "use_qformer_text_input": False,
+                                 "encoder_hidden_size": vcfg.hidden_size})
+    text = llm_model.config.to_dict()
+    # Generation from the export must stop where training put the end of a caption (OPT: "\n").
+    text.update(eos_token_id=end_token_id, pad_token_id=pad_token_id)
+    cfg = Blip2Config(vision_config=vcfg.to_dict(), qformer_config=qcfg.to_dict(), text_config=text,
+                      num_query_tokens=num_query_tokens, image_token_index=image_token_id)
+    if attn_implementation:
+        for sub in (cfg.vision_config, cfg.qformer_config):
+            sub._attn_implementation = attn_implementation
+    # Build the shell on the meta device (no throwaway init of a multi-billion-parameter LLM), then put real
+    # modules in: the small parts freshly initialised, the LLM as loaded.
+    with torch.device("meta"):
+        hf = Blip2ForConditionalGeneration(cfg)
+    hf.vision_model = Blip2VisionModel._from_config(cfg.vision_config)
+    hf.qformer = Blip2QFormerModel._from_config(cfg.qformer_config)
+    hf.query_tokens = torch.nn.Parameter(
+        torch.randn(1, num_query_tokens, qcfg.hidden_size) * qcfg.initializer_range)
+    hf.language_projection = torch.nn.Linear(qcfg.hidden_size, llm_model.config.get_text_config().hidden_size
+                                             if hasattr(llm_model.config, "get_text_config")
+                                             else llm_model.config.hidden_size)
+    hf.language_model = llm_model
+    still_meta = [n for n, p in hf.named_parameters() if p.is_meta]
+    if still_meta:
+        raise RuntimeError(f"uninitialised parameters after assembly: {still_meta[:5]}")
+    hf.language_model.config.eos_token_id = end_token_id
+    hf.language_model.generation_config.eos_token_id = end_token_id
+    hf.language_model.generation_config.pad_token_id = pad_token_id
+    return hf
+
+
+def load_stage2_weights(model: Blip2Stage2, source: str | os.PathLike) -> None:
+    """Vision, Q-Former, queries and projection of a stage-2 result (export directory, e.g. a saved
+    Salesforce/blip2-opt-2.7b, or a stage-2 .ckpt). The LLM stays the one loaded from model.llm."""
+    src = Path(str(source))
+    if src.is_dir():
+        from blip2_train.models.export import export_meta
+
+        if export_meta(src).get("stage") == 1:
+            raise CheckpointError(f"{src} is a stage-1 export: pass it as model.stage1_checkpoint")
+        sd = {k: v for k, v in convert.load_hf_weights(src).items() if not k.startswith("language_model.")}
+        if "language_projection.weight" not in sd:
+            raise CheckpointError(f"{src} has no language_projection: not a stage-2 (Blip2ForConditionalGeneration) "
+                                  "checkpoint")
+    elif src.is_file():
+        ckpt = torch.load(src, map_location="cpu", weights_only=False)
+        if ckpt.get("blip2_stage") == 1:
+            raise CheckpointError(f"{src} is a stage-1 checkpoint: pass it as model.stage1_checkpoint")
+        sd = {k[len("model.hf."):]: v for k, v in ckpt.get("state_dict", {}).items()
+              if k.startswith("model.hf.") and not k.startswith("model.hf.language_model.")}
+        if not sd:
+            raise CheckpointError(f"{src}: no stage-2 weights (model.hf.*) in this checkpoint")
+    else:
+        raise CheckpointError(f"stage-2 checkpoint not found: {src}")
+    own = model.hf.state_dict()
+    vision.fit_position_embedding(sd, "vision_model.embeddings.position_embedding",
+                                  own["vision_model.embeddings.position_embedding"])
+    convert.load_into(model.hf, sd, f"stage-2 weights from {src}", allow_missing=("language_model.",))
+    log.info("loaded %d stage-2 tensors from %s", len(sd), src)
+
+
+def enable_activation_checkpointing(model: Blip2Stage2, parts: dict | None) -> None:
+    """`parts`: {vision, qformer, llm: bool}. Recompute activations in the backward to save memory."""
+    parts = dict(parts or {})
+    unknown = set(parts) - {"vision", "qformer", "llm"}
+    if unknown:
+        raise ConfigError(f"model.activation_checkpointing: unknown part(s) {sorted(unknown)}")
+    modules = {"vision": model.hf.vision_model, "qformer": model.hf.qformer, "llm": model.llm}
+    for name, on in parts.items():
+        if on:
+            m = modules[name]
+            if hasattr(m, "activation_checkpointing_enable"):
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def build_stage2_model(
+    llm: str,
+    vision: dict,
+    qformer: dict,
+    num_query_tokens: int = 32,
+    llm_dtype: str = "bfloat16",
+    freeze_vision: bool = True,
+    vision_dtype: str = "float32",
+    end_text: str | None = None,
+    stage1_checkpoint: str | None = None,
+    vision_checkpoint: str | None = None,
+    stage2_checkpoint: str | None = None,
+    activation_checkpointing: dict | None = None,
+    attn_implementation: str | None = "sdpa",
+    llm_attn_implementation: str | None = "sdpa",
+    seed: int | None = None,
+    **unused,
+) -> Blip2Stage2:
+    """The `_target_` of `conf/model/stage2_*.yaml`. Extra keys (prompt, prefix_lm) belong to the data side."""
+    unknown = set(unused) - {"prompt", "prefix_lm", "max_txt_len", "tokenizer"}
+    if unknown:
+        raise ConfigError(f"unknown model option(s) {sorted(unknown)}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    tok = llm_lib.load_llm_tokenizer(llm)
+    lm = llm_lib.load_llm(llm, parse_dtype(llm_dtype), llm_attn_implementation)
+    if len(tok) > lm.get_input_embeddings().weight.shape[0]:
+        lm.resize_token_embeddings(len(tok), mean_resizing=False)  # room for <image>; its row is never read
+    image_id = llm_lib.image_token_id(tok)
+    end_id = llm_lib.end_token_id(tok, end_text)
+    hf = build_stage2_hf(vision, qformer, lm, num_query_tokens, image_id, end_id, tok.pad_token_id,
+                         attn_implementation)
+    model = Blip2Stage2(hf, image_id, end_id, tok.pad_token_id, freeze_vision=False)
+    if stage1_checkpoint:
+        sd = stage1_weights_for_stage2(read_stage1_source(stage1_checkpoint), model)
+        missing = convert.load_into(model.hf, sd, f"stage-1 weights from {stage1_checkpoint}",
+                                    allow_missing=("language_projection.", "language_model."))
+        if missing:
+            raise CheckpointError(f"{stage1_checkpoint} lacks stage-1 weights for {missing[:5]}")
+        log.info("stage 1 -> stage 2: %d tensors from %s", len(sd), stage1_checkpoint)
+    else:
+        log.warning("model.stage1_checkpoint is null: the Q-Former starts from random init (smoke tests only)")
+    if vision_checkpoint:
+        from blip2_train.models.build import init_vision_from
+
+        init_vision_from(model, vision_checkpoint)
+    if stage2_checkpoint:
+        load_stage2_weights(model, stage2_checkpoint)
+    model.freeze_vision, model.vision_dtype = freeze_vision, parse_dtype(vision_dtype)
+    model.freeze()
+    enable_activation_checkpointing(model, activation_checkpointing)
+    return model

@@ -1,0 +1,85 @@
+"""The frozen language model of stage 2: any local transformers LLM and its tokenizer with `<image>` added.
+
+Decoder-only models load through `AutoModelForCausalLM` (OPT, LLaMA-family, GPT-2, ...), encoder-decoder
+models through `AutoModelForSeq2SeqLM` (T5 / FlanT5). No hub: the path must be a local directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from blip2_train.utils.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+# T5-family models overflow in fp16 (the reference and the paper run FlanT5 in bf16).
+NO_FP16 = ("t5", "mt5", "umt5", "longt5")
+
+
+def _require_dir(path, what: str) -> Path:
+    p = Path(str(path))
+    if not p.is_dir():
+        raise CheckpointError(
+            f"{what} not found: {p} (no model hub here: save the model with save_pretrained and point at that "
+            "local directory, e.g. model.llm=/ckpt/opt-2.7b)")
+    if not (p / "config.json").exists() and what.startswith("LLM"):
+        raise CheckpointError(f"{p} has no config.json: not a transformers model directory")
+    return p
+
+
+def load_llm_tokenizer(path: str | os.PathLike, padding_side: str = "right"):
+    """The LLM's tokenizer with `<image>` as a special token and a pad token (LLaMA-family tokenizers have none:
+    we reuse unk, else eos; label masks come from the attention mask, so pad == eos is harmless)."""
+    from transformers import AddedToken, AutoTokenizer
+
+    p = _require_dir(path, "LLM tokenizer directory")
+    tok = AutoTokenizer.from_pretrained(str(p))
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+        if tok.pad_token is None:
+            raise CheckpointError(f"{p}: the tokenizer has no pad, unk or eos token to pad with")
+    tok.padding_side = padding_side
+    return tok
+
+
+def image_token_id(tokenizer) -> int:
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def end_token_id(tokenizer, end_text: str | None) -> int:
+    """The id that ends a caption: the tokenizer's eos, or one token spelled `end_text` (OPT: "\\n")."""
+    if end_text is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError("the LLM tokenizer has no eos token: set model.end_text")
+        return tokenizer.eos_token_id
+    ids = tokenizer(end_text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ConfigError(f"model.end_text {end_text!r} is {len(ids)} tokens for this tokenizer; it must be one")
+    return ids[0]
+
+
+def load_llm(path: str | os.PathLike, dtype: torch.dtype, attn_implementation: str | None = "sdpa"):
+    """-> the pretrained LLM (decoder-only or encoder-decoder) in `dtype`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    p = _require_dir(path, "LLM directory")
+    cfg = AutoConfig.from_pretrained(str(p))
+    if dtype == torch.float16 and cfg.model_type in NO_FP16:
+        raise ConfigError(f"{p} is a {cfg.model_type} model: it overflows in float16; use model.llm_dtype=bfloat16")
+    cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        model = cls.from_pretrained(str(p), dtype=dtype, **kw)
+    except (ValueError, ImportError) as e:  # e.g. an attention implementation this model lacks
+        if not kw:
+            raise
+        log.warning("%s: %s; falling back to the model's default attention", p, str(e).splitlines()[0])
+        model = cls.from_pretrained(str(p), dtype=dtype)
+    return model

@@ -1,0 +1,64 @@
+"""The image-encoder side shared by both stages: a frozen (or fine-tuned) ViT and its trainable ln_vision.
+
+`transformers.Blip2VisionModel` applies `post_layernorm` (the reference's `ln_vision`) inside its forward in
+the tower's dtype. The reference runs the frozen ViT in half precision but ln_vision in fp32, and keeps
+ln_vision trainable while the tower is frozen; `encode_image` reproduces exactly that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def encode_image(vision_model, pixel_values: torch.Tensor, frozen: bool,
+                 interpolate_pos_encoding: bool = False) -> torch.Tensor:
+    """[B, 3, H, W] -> image tokens [B, N, Dv] in fp32, after ln_vision.
+
+    A frozen tower runs without autograd (no activations kept), in its own dtype (bf16/fp16/fp32).
+    """
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+        with torch.autocast(pixel_values.device.type, enabled=False):
+            x = vision_model.embeddings(pixel_values.to(vision_model.embeddings.patch_embedding.weight.dtype),
+                                        interpolate_pos_encoding=interpolate_pos_encoding)
+            x = vision_model.encoder(inputs_embeds=x).last_hidden_state
+    ln = vision_model.post_layernorm
+    with torch.autocast(pixel_values.device.type, enabled=False):
+        return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
+
+
+def freeze_vision_tower(vision_model, dtype: torch.dtype) -> None:
+    """No gradient and `dtype` for the blocks; ln_vision (post_layernorm) stays trainable in fp32."""
+    for p in vision_model.parameters():
+        p.requires_grad_(False)
+    for p in vision_model.post_layernorm.parameters():
+        p.requires_grad_(True)
+    vision_model.embeddings.to(dtype)
+    vision_model.encoder.to(dtype)
+
+
+def interpolate_position_embedding(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """[1, 1 + g*g, D] -> [1, 1 + n, D] with n = num_patches: bicubic on the patch grid, class token kept.
+
+    Fine-tuning at 364 px from a 224 px tower (the reference's `interpolate_pos_embed`), done once at load
+    time so the export's config says 364 and plain transformers needs no `interpolate_pos_encoding` flag.
+    """
+    old = pos.shape[1] - 1
+    if old == num_patches:
+        return pos
+    g_old, g_new = math.isqrt(old), math.isqrt(num_patches)
+    if g_old * g_old != old or g_new * g_new != num_patches:
+        raise ValueError(f"position embeddings must form square grids: {old} -> {num_patches} patches")
+    cls_tok, grid = pos[:, :1], pos[:, 1:]
+    grid = grid.reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, g_new * g_new, -1).to(pos.dtype)
+    return torch.cat([cls_tok, grid], dim=1)
+
+
+def fit_position_embedding(sd: dict, key: str, target: torch.Tensor) -> None:
+    """In place: resize `sd[key]` to `target`'s patch count when a checkpoint was trained at another size."""
+    if key in sd and sd[key].shape != target.shape:
+        sd[key] = interpolate_position_embedding(sd[key], target.shape[1] - 1)

@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""DEMO STAND-IN for a pretrained LLM: a tiny OPT-architecture model trained on the captions' language only.
+
+BLIP-2 freezes an LLM that already knows language. No LLM can be downloaded here, so the demo trains a tiny
+one on the training captions (text only, no images) and then freezes it in stage 2, exactly as a real run
+freezes OPT-2.7B. It knows how captions are worded, not what any image shows.
+
+    python data_scripts/train_demo_llm.py --annotations data/synthetic/annotations/coco_karpathy_train.json \
+        --out data/synthetic/llm
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--format", default="karpathy")
+    p.add_argument("--out", required=True)
+    p.add_argument("--family", default="opt", choices=["opt", "llama", "gpt2", "t5"])
+    p.add_argument("--vocab-size", type=int, default=300)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from blip2_train.data.annotations import read_annotations
+    from blip2_train.models.tiny_llm import make_tiny_llm, pretrain_on_captions, train_llm_tokenizer
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(a.out)
+    texts = [c for r in read_annotations(a.annotations, a.format) for c in r.captions]
+    train_llm_tokenizer(texts, out / "tokenizer", a.family, a.vocab_size)
+    make_tiny_llm(a.family, out / "tokenizer", out, seed=a.seed, hidden=a.hidden, layers=a.layers)
+    if a.family == "t5":
+        print(f"tiny {a.family} saved to {out} (not pretrained: caption pretraining is for decoder-only models)")
+        return
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    losses = pretrain_on_captions(model, tok, texts, steps=a.steps, seed=a.seed)
+    model.save_pretrained(str(out))
+    (out / "demo_llm_losses.json").write_text(json.dumps(losses))
+    print(f"demo LLM ({a.family}, text-only) saved to {out}: loss {losses[0]:.2f} -> {sum(losses[-20:]) / 20:.2f}")
+
+
+if __name__ == "__main__":
+    main()

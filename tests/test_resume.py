@@ -1,0 +1,63 @@
+"""Kill-and-resume: a run killed mid-way and resumed from its last checkpoint repeats the uninterrupted run's
+loss sequence (data position, schedule, optimizer and per-step randomness all restored)."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_ddp import REPO, clean_env
+
+STEPS = 120
+
+
+def cli(out: Path, synth, llm, *extra) -> list[str]:
+    return [sys.executable, "-m", "blip2_train.cli.train", "experiment=demo_stage2", f"paths.llm_dir={llm}",
+            "paths.stage1_checkpoint=null", f"data.train_sources.0.urls={synth['train_shards']}",
+            "model.vision.hidden_size=32", "model.qformer.hidden_size=32", "model.num_query_tokens=4",
+            "data.batch_size=8", "data.num_workers=2", "data.samples_per_epoch=240", "logger=csv",
+            "trainer.log_every_n_steps=1", "callbacks.progress=null", "callbacks.model_checkpoint.every_n_train_steps=5",
+            f"trainer.max_steps={STEPS}", f"module.max_steps={STEPS}", "module.warmup_steps=10",
+            "final_eval.enabled=false", f"paths.output_dir={out}", *extra]
+
+
+def losses(run: Path) -> dict[int, float]:
+    (f,) = run.glob("csv/**/metrics.csv")
+    return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f.open()) if r.get("train/loss")}
+
+
+@pytest.mark.timeout(600)
+def test_killed_run_resumes_with_the_same_loss_sequence(synth, tiny_llms, tmp_path):
+    full = tmp_path / "full"
+    r = subprocess.run(cli(full, synth, tiny_llms["opt"]), cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                       timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reference = losses(full)
+    assert len(reference) == STEPS
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli(killed, synth, tiny_llms["opt"]), cwd=REPO, env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step0000010.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists()  # it really was interrupted
+
+    resumed = tmp_path / "resumed"
+    r = subprocess.run(cli(resumed, synth, tiny_llms["opt"], f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}"),
+                       cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = losses(resumed)
+    first = min(after)
+    assert 5 <= first < STEPS - 20 and max(after) == STEPS - 1  # last.ckpt: step 5 or 10
+    for step, value in after.items():
+        assert value == pytest.approx(reference[step], rel=1e-4, abs=1e-5), f"step {step}"
