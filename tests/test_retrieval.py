@@ -97,3 +97,31 @@ def test_eval_set_from_shards_equals_from_annotations(synth):
     a = CaptionedImages.from_karpathy(synth["ann"]["test"], synth["root"])
     b = CaptionedImages.from_shards(sorted(str(p) for p in synth["test_shards"].glob("*.tar")))
     assert sorted(zip(a.image_ids, a.raw_captions)) == sorted(zip(b.image_ids, b.raw_captions))
+
+
+def test_fast_protocol_equals_reference_style_baseline_with_duplicate_captions(synth, tmp_path):
+    """The reference-style baseline of `blip2-bench eval` (one ITM call per image, then per text, texts
+    padded to 35, dense matrices, stable argsort) and the fast path agree exactly, also when identical
+    caption texts on several images produce exact score ties."""
+    import json
+
+    from conftest import tiny_stage1
+
+    from blip2_train.data.datamodule import Blip2DataModule
+    from blip2_train.eval.retrieval_baseline import evaluate_retrieval_one_at_a_time
+    from blip2_train.eval.runner import evaluate_retrieval
+
+    ann = json.loads(open(synth["ann"]["test"]).read())
+    for i, entry in enumerate(ann):  # every third image shares a caption with the first image
+        if i % 3 == 0:
+            entry["caption"] = list(entry["caption"]) + [ann[0]["caption"][0]]
+    path = tmp_path / "dups.json"
+    path.write_text(json.dumps(ann))
+    model = tiny_stage1(synth["tokenizer"], seed=2).eval()
+    dm = Blip2DataModule(str(synth["tokenizer"]), eval_set={"annotation": str(path), "image_root": str(synth["root"])},
+                         eval_batch_size=7, num_workers=0, image_size=32)
+    data = dm.eval_data()
+    fast = evaluate_retrieval(model, data, dm.eval_image_loader(), dm.tokenizer, (0, len(data)), 8, 13)
+    base = evaluate_retrieval_one_at_a_time(model, data, dm.eval_image_loader(), dm.tokenizer, 8)
+    for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"):
+        assert fast[k] == base[k], k

@@ -302,3 +302,21 @@ def test_training_moves_only_the_trainable_parts(tiny_llms, stage1_export, synth
     for k in trained:
         assert not torch.equal(before[k], after[k]), f"trainable {k} did not move"
     assert not model.llm.training  # frozen LLM kept in eval mode (no dropout) during training
+
+
+def test_stage2_result_feeds_finetuning_and_evaluation(tiny_llms, stage1_export, tmp_path):
+    """A stage-2 export is both the LLM source (model.llm) and the stage-2 weights (model.stage2_checkpoint)
+    of caption fine-tuning or evaluation, as an official Salesforce/blip2-* directory would be."""
+    from blip2_train.models.export import export_stage2
+    from blip2_train.models.llm import load_llm_tokenizer
+
+    src = tiny_stage2(tiny_llms["llama"], stage1_export)
+    with torch.no_grad():
+        src.hf.language_projection.weight.normal_()
+    export_stage2(src, load_llm_tokenizer(tiny_llms["llama"]), tmp_path / "s2", 32, prompt="a photo of")
+    ft = tiny_stage2(tmp_path / "s2", stage2_checkpoint=str(tmp_path / "s2"), freeze_vision=False, seed=99)
+    a, b = src.state_dict(), ft.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert any(p.requires_grad for p in ft.hf.vision_model.encoder.parameters())  # fine-tuning unfreezes the ViT

@@ -43,6 +43,30 @@ def build_strategy(cfg: DictConfig):
     return node.get("name", "auto")
 
 
+def resolve_ckpt_path(cfg: DictConfig, run_dir) -> str | None:
+    """`ckpt_path`: null (fresh run), a file, or `auto` (the run directory's last.ckpt if there is one: what a
+    requeued SLURM job uses). A fresh run refuses a directory that already holds checkpoints: Lightning would
+    write `last-v1.ckpt` beside the old `last.ckpt` and a later export would silently take the old one."""
+    from blip2_train.utils.errors import ConfigError
+
+    want = cfg.get("ckpt_path")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if want == "auto":
+        if last.exists():
+            log.info("resuming from %s", last)
+            return str(last)
+        return None
+    if want:
+        if not os.path.isfile(str(want)):
+            raise ConfigError(f"ckpt_path: checkpoint not found: {want}")
+        return str(want)
+    ckpts = list((run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
+    if ckpts and is_rank_zero():
+        raise ConfigError(f"{run_dir} already holds checkpoints ({len(ckpts)}): resume with ckpt_path=auto, or choose "
+                          "another paths.output_dir")
+    return None
+
+
 def train(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
@@ -52,6 +76,7 @@ def train(cfg: DictConfig) -> dict:
     # Our data module restores the exact data position itself (state_dict / load_state_dict).
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     run_dir = resolve_run_dir(cfg)
+    ckpt_path = resolve_ckpt_path(cfg, run_dir)
     if is_rank_zero():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
@@ -64,7 +89,7 @@ def train(cfg: DictConfig) -> dict:
     callbacks = build_callbacks(cfg, has_logger=bool(loggers))
     trainer = instantiate_logged(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                  strategy=build_strategy(cfg), default_root_dir=str(run_dir))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     metrics = to_floats(trainer.callback_metrics)
     metrics["global_step"] = trainer.global_step

@@ -6,6 +6,8 @@ Formats
 - `vg`: Visual Genome, either the reference's `vg_caption.json` (Karpathy-like) or the raw
   `region_descriptions.json` (`[{id, regions: [{image_id, phrase}]}]`; images at `<image_id>.jpg`).
 - `jsonl` / `csv`: generic files with `image` and `caption` columns (`image_id` optional).
+- `coco`: a COCO caption annotation file (`{images: [{id, file_name, domain?}], annotations: [{image_id,
+  caption}]}`), e.g. NoCaps val (`nocaps_val_4500_captions.json`, whose images carry in/near/out `domain`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from blip2_train.data.captions import as_caption_list
 from blip2_train.utils.errors import DataError
 
-FORMATS = ("karpathy", "vg", "jsonl", "csv")
+FORMATS = ("karpathy", "vg", "jsonl", "csv", "coco")
 
 
 @dataclass
@@ -27,6 +29,7 @@ class ImageRecord:
     image: str  # path relative to the image root
     image_id: str
     captions: list[str] = field(default_factory=list)
+    domain: str | None = None  # NoCaps: in-domain / near-domain / out-domain
 
 
 def _group(entries, path: Path) -> list[ImageRecord]:
@@ -116,9 +119,28 @@ def read_csv(path: Path) -> list[ImageRecord]:
         return _group(list(reader), path)
 
 
+def read_coco_captions(path: Path) -> list[ImageRecord]:
+    data = _load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{path}: expected a COCO caption file, an object with an 'images' list and an 'annotations' list")
+    records: "OrderedDict[str, ImageRecord]" = OrderedDict()
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+            raise DataError(f"{path}: images[{i}] needs 'id' and 'file_name'")
+        records[str(img["id"])] = ImageRecord(image=img["file_name"], image_id=str(img["id"]), domain=img.get("domain"))
+    for j, ann in enumerate(data.get("annotations") or []):
+        rec = records.get(str(ann.get("image_id"))) if isinstance(ann, dict) else None
+        if rec is None:
+            raise DataError(f"{path}: annotations[{j}] refers to image_id {ann.get('image_id') if isinstance(ann, dict) else ann!r}, "
+                            "which is not in 'images'")
+        rec.captions.extend(as_caption_list(ann.get("caption")))
+    return list(records.values())
+
+
 def read_annotations(path: str | Path, fmt: str) -> list[ImageRecord]:
     path = Path(path)
-    readers = {"karpathy": read_karpathy, "vg": read_visual_genome, "jsonl": read_jsonl, "csv": read_csv}
+    readers = {"karpathy": read_karpathy, "vg": read_visual_genome, "jsonl": read_jsonl, "csv": read_csv,
+               "coco": read_coco_captions}
     if fmt not in readers:
         raise DataError(f"unknown annotation format {fmt!r}; expected one of {FORMATS}")
     return readers[fmt](path)

@@ -218,7 +218,7 @@ class Blip2DataModule(L.LightningDataModule):
                 if not cfg.get("image_root"):
                     raise ConfigError("data.eval_set.image_root is required with data.eval_set.annotation")
                 self._eval_data = CaptionedImages.from_karpathy(cfg["annotation"], cfg["image_root"],
-                                                                self.max_words, limit)
+                                                                self.max_words, limit, cfg.get("format", "karpathy"))
             else:
                 raise ConfigError("data.eval_set needs 'annotation' + 'image_root' or 'shards'")
         return self._eval_data

@@ -30,6 +30,7 @@ class CaptionedImages:
     txt2img: list[int] = field(default_factory=list)
     img2txt: list[list[int]] = field(default_factory=list)
     raw_captions: list[list[str]] = field(default_factory=list)  # uncleaned, for COCO-format ground truth
+    domains: list[str] | None = None  # NoCaps: per-image domain, scored separately
 
     def add(self, image_id: str, image, captions: list[str], max_words: int) -> None:
         i = len(self.images)
@@ -44,13 +45,15 @@ class CaptionedImages:
 
     @classmethod
     def from_karpathy(cls, annotation: str | Path, image_root: str | Path, max_words: int = 50,
-                      limit: int | None = None) -> "CaptionedImages":
-        records = read_annotations(annotation, "karpathy")[:limit]
+                      limit: int | None = None, fmt: str = "karpathy") -> "CaptionedImages":
+        records = read_annotations(annotation, fmt)[:limit]
         out = cls(image_ids=[], images=[])
         for rec in records:
             if not rec.captions:
                 raise DataError(f"{annotation}: image {rec.image} has no caption")
             out.add(rec.image_id, os.path.join(image_root, rec.image), rec.captions, max_words)
+        if any(r.domain for r in records):
+            out.domains = [str(r.domain) for r in records]
         return out
 
     @classmethod

@@ -31,44 +31,66 @@ def spice_available() -> bool:
     return (lib / "stanford-corenlp-3.6.0.jar").exists() and (lib / "stanford-corenlp-3.6.0-models.jar").exists()
 
 
-def score_captions(gts: dict, res: dict, spice: str | bool = "auto") -> tuple[dict[str, float], list[str]]:
-    """gts {image_id: [reference captions]}, res {image_id: caption} -> (metrics x100, notes).
+_METEOR = None
 
-    Every image with a prediction must have references and vice versa: a silently partial score is worse
-    than an error.
-    """
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
+
+def _meteor():
+    """One METEOR JVM per process (starting it costs ~5 s; pycocoevalcap would start one per call)."""
+    global _METEOR
+    if _METEOR is None:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        _METEOR = Meteor()
+    return _METEOR
+
+
+def tokenize(gts: dict, res: dict) -> tuple[dict, dict]:
+    """PTB-tokenize references and predictions (one Java call for both)."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     missing = set(gts) ^ set(res)
     if missing:
         raise ValueError(f"{len(missing)} image(s) have references but no prediction or the reverse, e.g. "
                          f"{sorted(map(str, missing))[:3]}")
-    tok = PTBTokenizer()
-    g = tok.tokenize({k: [{"caption": c} for c in v] for k, v in gts.items()})
-    r = tok.tokenize({k: [{"caption": v}] for k, v in res.items()})
-    scorers = [(Bleu(4), ["bleu1", "bleu2", "bleu3", "bleu4"]), (Meteor(), ["meteor"]), (Rouge(), ["rouge_l"]),
+    both = {("g", k): [{"caption": c} for c in v] for k, v in gts.items()}
+    both.update({("r", k): [{"caption": v}] for k, v in res.items()})
+    tok = PTBTokenizer().tokenize(both)
+    return {k: tok[("g", k)] for k in gts}, {k: tok[("r", k)] for k in res}
+
+
+def score_tokenized(g: dict, r: dict, spice: bool = False) -> dict[str, float]:
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    scorers = [(Bleu(4), ["bleu1", "bleu2", "bleu3", "bleu4"]), (_meteor(), ["meteor"]), (Rouge(), ["rouge_l"]),
                (Cider(), ["cider"])]
-    notes = []
-    want_spice = spice is True or (spice == "auto" and spice_available())
-    if want_spice:
+    if spice:
         from pycocoevalcap.spice.spice import Spice
 
         scorers.append((Spice(), ["spice"]))
-    elif spice == "auto":
-        notes.append("SPICE skipped: Stanford CoreNLP jars not installed in pycocoevalcap/spice/lib "
-                      "(run pycocoevalcap's get_stanford_models once with network access)")
     out = {}
     for scorer, names in scorers:
         score, _ = scorer.compute_score(g, r)
-        for n, s in zip(names, score if isinstance(score, list) else [score]):
-            out[n] = float(s) * 100.0
-    for n in notes:
-        log.warning(n)
-    return out, notes
+        for n, v in zip(names, score if isinstance(score, list) else [score]):
+            out[n] = float(v) * 100.0
+    return out
+
+
+def score_captions(gts: dict, res: dict, spice: str | bool = "auto") -> tuple[dict[str, float], list[str]]:
+    """gts {image_id: [reference captions]}, res {image_id: caption} -> (metrics x100, notes).
+
+    Every image with a prediction must have references and vice versa: a silently partial score is worse
+    than an error.
+    """
+    notes = []
+    want_spice = spice is True or (spice == "auto" and spice_available())
+    if spice == "auto" and not want_spice:
+        notes.append("SPICE skipped: Stanford CoreNLP jars not installed in pycocoevalcap/spice/lib "
+                     "(run pycocoevalcap's get_stanford_models once with network access)")
+        log.warning(notes[-1])
+    g, r = tokenize(gts, res)
+    return score_tokenized(g, r, want_spice), notes
 
 
 def prediction_image_id(image_id: str):
@@ -132,12 +154,19 @@ def evaluate_captioning(model, data, loader, tokenizer, prompt: str = "", genera
         ids = [data.image_ids[i] for i in sorted(merged)]
         res = {data.image_ids[i]: merged[i] for i in sorted(merged)}
         gts = {data.image_ids[i]: data.raw_captions[i] for i in sorted(merged)}
-        metrics, notes = score_captions(gts, res, spice)
+        notes = []
+        want_spice = spice is True or (spice == "auto" and spice_available())
+        if spice == "auto" and not want_spice:
+            notes.append("SPICE skipped: Stanford CoreNLP jars not installed in pycocoevalcap/spice/lib "
+                         "(run pycocoevalcap's get_stanford_models once with network access)")
+            log.warning(notes[-1])
+        g, r = tokenize(gts, res)
+        metrics = score_tokenized(g, r, want_spice)
         domains = getattr(data, "domains", None)
-        if domains:
+        if domains:  # NoCaps: the same scorers on each domain's images
             for d in sorted(set(domains)):
                 keep = [data.image_ids[i] for i in sorted(merged) if domains[i] == d]
-                sub, _ = score_captions({k: gts[k] for k in keep}, {k: res[k] for k in keep}, spice)
+                sub = score_tokenized({k: g[k] for k in keep}, {k: r[k] for k in keep}, want_spice)
                 metrics.update({f"{d}/{k}": v for k, v in sub.items()})
         metrics["num_images"] = float(len(ids))
         if out_dir is not None:

@@ -73,13 +73,20 @@ def fill_scores(i2t: Candidates, t2i: Candidates, pairs: torch.Tensor, itm: torc
 
 
 def candidate_rank(c: Candidates, row: int, targets: list[int], k: int) -> int:
-    """Best rank of any target column in this row: # candidates scoring strictly higher; k if none is a candidate."""
+    """Best rank of any target column in this row; k if none is a candidate.
+
+    Rank = candidates scoring higher + candidates scoring the same with a smaller column index: the order
+    of a stable descending sort. Exact ties are common (the same caption text on several images) and the
+    reference's `np.argsort(score)[::-1]` breaks them by accident of its sort; here they are broken the
+    same way on any number of ranks and batch sizes.
+    """
     best = k
+    scores, index = c.score[row], c.index[row]
     for t in targets:
-        hit = (c.index[row] == t).nonzero()
+        hit = (index == t).nonzero()
         if hit.numel():
-            s = c.score[row, hit[0, 0]]
-            best = min(best, int((c.score[row] > s).sum()))
+            s = scores[hit[0, 0]]
+            best = min(best, int((scores > s).sum() + ((scores == s) & (index < t)).sum()))
     return best
 
 

@@ -70,17 +70,22 @@ def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[
     sim = retrieval.itc_similarity(image_feats, text_feat).cpu()
     t_itc = time.perf_counter() - t0
 
+    text_len = mask.sum(dim=1)
+
     def score_pairs(pairs: torch.Tensor) -> torch.Tensor:
         mine = pairs[(pairs[:, 0] >= lo) & (pairs[:, 0] < hi)]
-        scores = []
+        # Batches of pairs with similar text length, each cut to its longest text: no compute on padding.
+        order = torch.argsort(text_len[mine[:, 1]], stable=True)
+        local = torch.zeros(mine.shape[0], device=device)
         for s in tqdm(range(0, mine.shape[0], pair_batch_size), desc="ITM re-rank", disable=rank() != 0,
                       leave=False):
-            p = mine[s : s + pair_batch_size]
+            sel = order[s : s + pair_batch_size]
+            p = mine[sel]
+            width = int(text_len[p[:, 1]].max())
             with _autocast(device):
-                logits = model.itm_forward(image_embeds_local[p[:, 0] - lo].float(), ids[p[:, 1]].to(device),
-                                           mask[p[:, 1]].to(device))
-            scores.append(logits[:, 1].float())  # the match logit, no softmax (the reference's score)
-        local = torch.cat(scores) if scores else torch.zeros(0, device=device)
+                logits = model.itm_forward(image_embeds_local[p[:, 0] - lo].float(), ids[p[:, 1], :width].to(device),
+                                           mask[p[:, 1], :width].to(device))
+            local[sel.to(device)] = logits[:, 1].float()  # the match logit, no softmax (the reference's score)
         # Pairs are sorted by image and image ranges are contiguous in rank order: concatenation = pair order.
         return gather_varlen(local)
 

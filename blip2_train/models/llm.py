@@ -71,6 +71,8 @@ def load_llm(path: str | os.PathLike, dtype: torch.dtype, attn_implementation: s
 
     p = _require_dir(path, "LLM directory")
     cfg = AutoConfig.from_pretrained(str(p))
+    if cfg.model_type == "blip-2":  # a whole BLIP-2 checkpoint (e.g. a saved Salesforce/blip2-opt-2.7b)
+        return load_llm_from_blip2(p, cfg, dtype, attn_implementation)
     if dtype == torch.float16 and cfg.model_type in NO_FP16:
         raise ConfigError(f"{p} is a {cfg.model_type} model: it overflows in float16; use model.llm_dtype=bfloat16")
     cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
@@ -82,4 +84,31 @@ def load_llm(path: str | os.PathLike, dtype: torch.dtype, attn_implementation: s
             raise
         log.warning("%s: %s; falling back to the model's default attention", p, str(e).splitlines()[0])
         model = cls.from_pretrained(str(p), dtype=dtype)
+    return model
+
+
+def load_llm_from_blip2(path: Path, cfg, dtype: torch.dtype, attn_implementation: str | None):
+    """The `language_model.*` part of a BLIP-2 directory, so `model.llm` may point at a stage-2 export or an
+    official BLIP-2 checkpoint directly (evaluation, fine-tuning) without a separate copy of the LLM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    text = cfg.text_config
+    if dtype == torch.float16 and text.model_type in NO_FP16:
+        raise ConfigError(f"{path} holds a {text.model_type} LLM: it overflows in float16; use model.llm_dtype=bfloat16")
+    if attn_implementation:
+        text._attn_implementation = attn_implementation
+    cls = AutoModelForCausalLM if cfg.use_decoder_only_language_model else AutoModelForSeq2SeqLM
+    # transformers' own loader (meta init, buffers, tied weights), reading language_model.* as the root
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the vision/Q-Former keys are "unexpected" here, by design
+    try:
+        model, info = cls.from_pretrained(str(path), config=text, dtype=dtype,
+                                          key_mapping={r"^language_model\.": ""}, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+    if info["missing_keys"]:
+        raise CheckpointError(f"{path}: language_model.* weights missing for {sorted(info['missing_keys'])[:3]} "
+                              "(a BLIP-2 directory without its LLM?)")
     return model

@@ -112,7 +112,7 @@ def pretrain_on_captions(model, tokenizer, texts: list[str], steps: int = 300, b
     """Teach a tiny causal LM the captions' language (bos + caption + eos): the demo's stand-in for an LLM's
     pretraining. Plain next-token loss; returns the loss per step.
 
-    Each caption follows a context of some of its own words, shuffled (not predicted). A real LLM reads its
+    Each caption follows a context of some of its own words, in order (not predicted). A real LLM reads its
     context: it continues a prompt. Trained on bare captions, a tiny LM would learn to ignore whatever precedes
     them, and stage 2 could not teach it to read the visual prompt (the LLM is frozen there). The context
     makes it a reader of context, and the Q-Former then learns to write what it reads.
@@ -132,8 +132,7 @@ def pretrain_on_captions(model, tokenizer, texts: list[str], steps: int = 300, b
         rows = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in batch]
         prefixes = []
         for t in batch:
-            words = [w for w in t.split() if rng.random() < 0.5]
-            rng.shuffle(words)
+            words = [w for w in t.split() if rng.random() < 0.5]  # a subsequence: the words, in order
             prefixes.append(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"][:max_prefix]
                             if words else [])
         n = max(len(p) + len(r) for p, r in zip(prefixes, rows))

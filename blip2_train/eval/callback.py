@@ -1,0 +1,88 @@
+"""Evaluation during training: retrieval (stage 1) or captioning (stage 2 / fine-tuning) every N steps.
+
+Metrics go to the active logger as `val/<metric>` (so `ModelCheckpoint(monitor="val/cider")` can keep the
+best checkpoint), predictions and a sample table under `<run>/eval/step<N>/`, and to W&B as a table when
+W&B is the logger.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def broadcast_from_rank_zero(obj):
+    import torch.distributed as dist
+
+    from blip2_train.models.distributed import is_dist
+
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class PeriodicEvaluation(L.Callback):
+    def __init__(self, kind: str = "retrieval", every_n_steps: int = 5000, k_test: int = 128,
+                 pair_batch_size: int = 256, generate: dict | None = None, prompt: str | None = None,
+                 image_blind_baseline: bool = False, samples_in_table: int = 8, prefix: str = "val/"):
+        self.cfg = {"kind": kind, "k_test": k_test, "pair_batch_size": pair_batch_size, "prompt": prompt,
+                    "generate": dict(generate) if generate else None, "image_blind_baseline": image_blind_baseline}
+        self.every_n_steps = every_n_steps
+        self.samples_in_table = samples_in_table
+        self.prefix = prefix
+        self._last_step = -1
+        self.history: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not self.every_n_steps or step == 0 or step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        self.evaluate(trainer, pl_module, step)
+
+    def evaluate(self, trainer, pl_module, step: int) -> dict:
+        from blip2_train.eval.runner import run_evaluation
+
+        out_dir = Path(trainer.default_root_dir) / "eval" / f"step{step:07d}"
+        metrics = run_evaluation(pl_module.model, trainer.datamodule, self.cfg, trainer.strategy, out_dir=out_dir)
+        metrics = broadcast_from_rank_zero(metrics)  # caption metrics exist on rank 0 only
+        named = {self.prefix + k: float(v) for k, v in metrics.items()}
+        # Straight to the loggers at this step (self.log would repeat the value at later logging steps), and
+        # into callback_metrics, where ModelCheckpoint(monitor=...) reads it, on every rank.
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in named.items()})
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics(named, step=step)
+        self.history.append({"step": step, **metrics})
+        if trainer.is_global_zero and self.cfg["kind"] == "caption":
+            self.sample_table(trainer, out_dir, step)
+        return metrics
+
+    def sample_table(self, trainer, out_dir: Path, step: int) -> None:
+        import json
+
+        preds_path = out_dir / "captions_predictions.json"
+        if not preds_path.exists():
+            return
+        preds = json.loads(preds_path.read_text())[: self.samples_in_table]
+        data = trainer.datamodule.eval_data()
+        index = {str(i): n for n, i in enumerate(data.image_ids)}
+        rows = []
+        for p in preds:
+            n = index.get(str(p["image_id"]))
+            refs = data.raw_captions[n] if n is not None else []
+            rows.append((str(p["image_id"]), p["caption"], refs[0] if refs else ""))
+        lines = ["| image | generated | a reference |", "| --- | --- | --- |"]
+        lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+        (out_dir / "samples.md").write_text("\n".join(lines) + "\n")
+        for lg in trainer.loggers:
+            if type(lg).__name__ == "WandbLogger":
+                lg.log_table(key=f"{self.prefix}samples", columns=["image", "generated", "reference"],
+                             data=[list(r) for r in rows], step=step)
