@@ -16,9 +16,12 @@ log = logging.getLogger(__name__)
 def load_lightning_checkpoint(model, path: str | Path) -> dict:
     """Copy the `model.*` weights of a Lightning checkpoint into `model`; returns the raw checkpoint."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        ckpt = consolidate_sharded_checkpoint(p)
+    elif not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    else:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
     sd = {k[len("model."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
     if not sd:
         raise CheckpointError(f"{p}: no model weights (is this a Lightning checkpoint of blip2-train?)")
@@ -39,6 +42,34 @@ def load_lightning_checkpoint(model, path: str | Path) -> dict:
     if ckpt.get("frozen_weights_omitted"):
         log.info("%s holds trainable weights only; frozen weights come from the model config", p)
     return ckpt
+
+
+def consolidate_sharded_checkpoint(p: Path) -> dict:
+    """A DeepSpeed (ZeRO 1-3) or FSDP sharded checkpoint directory -> one Lightning-style checkpoint dict."""
+    import tempfile
+
+    if (p / "latest").exists() or any(p.glob("*/mp_rank_*_model_states.pt")):
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "consolidated.ckpt"
+            convert_zero_checkpoint_to_fp32_state_dict(str(p), str(out))
+            return torch.load(out, map_location="cpu", weights_only=False)
+    if (p / "meta.pt").exists() or any(p.glob("*.distcp")):
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as d:
+            out = Path(d) / "consolidated.ckpt"
+            dcp_to_torch_save(str(p), str(out))
+            ckpt = torch.load(out, map_location="cpu", weights_only=False)
+        meta = p / "meta.pt"
+        if meta.exists():  # Lightning keeps the non-tensor state (step, our stage tag) beside the shards
+            ckpt.update({k: v for k, v in torch.load(meta, map_location="cpu", weights_only=False).items()
+                         if k not in ckpt})
+        if "state_dict" not in ckpt and "model" in ckpt:
+            ckpt["state_dict"] = {f"model.{k}" if not k.startswith("model.") else k: v for k, v in ckpt["model"].items()}
+        return ckpt
+    raise CheckpointError(f"{p} is a directory but neither a DeepSpeed nor an FSDP sharded checkpoint")
 
 
 def run_config_of(checkpoint: str | Path):

@@ -94,7 +94,10 @@ def run_cli(config_name: str, body: Callable[[DictConfig], dict], argv: list[str
 
         if isinstance(e, (HydraException, OmegaConfBaseException, Blip2TrainError, FileNotFoundError)) or \
                 any(isinstance(c, (OmegaConfBaseException, Blip2TrainError)) for c in _causes(e)):
-            print(f"error: {describe_config_error(e) if not isinstance(e, Blip2TrainError) else e}", file=sys.stderr)
+            ours = e if isinstance(e, Blip2TrainError) else next(
+                (c for c in _causes(e) if isinstance(c, Blip2TrainError)), None)  # e.g. wrapped by instantiate
+            msg = str(ours).splitlines()[0] if ours is not None else describe_config_error(e)
+            print(f"error: {msg}", file=sys.stderr)
             return 2
         raise
     if result is not None and result.get("output_dir") and is_rank_zero():
@@ -177,4 +180,48 @@ def instantiate_logged(node, **kwargs):
     target = node.get("_target_") if isinstance(node, DictConfig) else None
     if target:
         log.info("instantiating <%s>", target)
+        check_types(node, target)
     return instantiate(node, **kwargs)
+
+
+_SIMPLE = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+
+
+def check_types(node: DictConfig, target: str) -> None:
+    """Values given for parameters annotated int/float/bool/str (optionally `| None`) must have that type, so
+    `data.batch_size=abc` is one line naming the key instead of a traceback deep inside training."""
+    import inspect
+    import typing
+
+    from hydra.utils import get_object
+
+    from blip2_train.utils.errors import ConfigError
+
+    try:
+        obj = get_object(target)
+        sig = inspect.signature(obj)
+        hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    except Exception:  # noqa: BLE001 - third-party targets without usable hints are not checked
+        return
+    prefix = node._get_full_key("") if hasattr(node, "_get_full_key") else ""
+    for name in sig.parameters:
+        if name not in node or name not in hints:
+            continue
+        value = node._get_node(name)._value() if hasattr(node, "_get_node") else node[name]
+        if value is None or OmegaConf.is_config(value) or (isinstance(value, str) and "${" in value):
+            continue
+        try:
+            value = node[name]
+        except Exception:  # noqa: BLE001 - an unresolvable interpolation is reported elsewhere
+            continue
+        hint = hints[name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
+            typing.Union, getattr(__import__("types"), "UnionType", typing.Union)) else [hint]
+        allowed = tuple(t for a in args for t in _SIMPLE.get(a, ()))
+        if len(allowed) != sum(len(_SIMPLE.get(a, ())) for a in args) or not allowed:
+            continue  # a hint we do not check (lists, dicts, objects)
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if not ok:
+            key = f"{prefix}.{name}" if prefix else name
+            want = " or ".join(sorted({a.__name__ for a in args}))
+            raise ConfigError(f"config value {key}={value!r} must be {want} ({type(value).__name__} given)")

@@ -27,11 +27,23 @@ def build_callbacks(cfg: DictConfig, has_logger: bool) -> list:
     return out
 
 
-def build_loggers(cfg: DictConfig) -> list:
+def build_loggers(cfg: DictConfig, run_id: str | None = None) -> list:
+    """`run_id` keeps one W&B run across resumes: it is derived from the run directory that owns the
+    checkpoint, so a requeued or resumed job appends to the same run instead of starting a new one."""
+    from omegaconf import open_dict
+
     node = cfg.get("logger")
     if not node:
         return []
-    return [instantiate_logged(n) for n in node.values() if n is not None and n.get("_target_")]
+    out = []
+    for n in node.values():
+        if n is None or not n.get("_target_"):
+            continue
+        if n._target_.endswith("WandbLogger") and run_id and not n.get("id"):
+            with open_dict(n):
+                n.id, n.resume = run_id, "allow"
+        out.append(instantiate_logged(n))
+    return out
 
 
 def build_strategy(cfg: DictConfig):
@@ -50,11 +62,14 @@ def resolve_ckpt_path(cfg: DictConfig, run_dir) -> str | None:
     from blip2_train.utils.errors import ConfigError
 
     want = cfg.get("ckpt_path")
-    last = run_dir / "checkpoints" / "last.ckpt"
     if want == "auto":
-        if last.exists():
-            log.info("resuming from %s", last)
-            return str(last)
+        # last.ckpt, or the checkpoint Lightning writes when SLURM signals a preemption (hpc_ckpt_N.ckpt):
+        # whichever is newer
+        found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+        if found:
+            newest = max(found, key=lambda p: p.stat().st_mtime)
+            log.info("resuming from %s", newest)
+            return str(newest)
         return None
     if want:
         if not os.path.isfile(str(want)):
@@ -75,6 +90,11 @@ def train(cfg: DictConfig) -> dict:
 
     # Our data module restores the exact data position itself (state_dict / load_state_dict).
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+    from blip2_train.cli.common import check_types
+
+    for group in ("data", "model", "module"):  # wrong value types fail here, before any work
+        if cfg.get(group) is not None and cfg[group].get("_target_"):
+            check_types(cfg[group], cfg[group]._target_)
     run_dir = resolve_run_dir(cfg)
     ckpt_path = resolve_ckpt_path(cfg, run_dir)
     if is_rank_zero():
@@ -85,10 +105,22 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate_logged(cfg.data)
     model = instantiate_logged(cfg.model)
     module = instantiate_logged(cfg.module, model=model)
-    loggers = build_loggers(cfg)
+    from pathlib import Path
+
+    from blip2_train.data.stream import stable_hash
+
+    owner = Path(ckpt_path).resolve().parents[1] if ckpt_path and Path(ckpt_path).parent.name == "checkpoints" \
+        else (Path(ckpt_path).resolve().parent if ckpt_path else run_dir)
+    loggers = build_loggers(cfg, run_id=f"blip2-{stable_hash('wandb', str(owner)):016x}"[:22])
     callbacks = build_callbacks(cfg, has_logger=bool(loggers))
-    trainer = instantiate_logged(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                 strategy=build_strategy(cfg), default_root_dir=str(run_dir))
+    strategy = build_strategy(cfg)
+    plugins = []
+    if "DeepSpeed" not in type(strategy).__name__ and "deepspeed" not in str(strategy):
+        from blip2_train.utils.checkpoint_io import AtomicCheckpointIO
+
+        plugins.append(AtomicCheckpointIO())  # DeepSpeed writes its own sharded checkpoint directories
+    trainer = instantiate_logged(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy,
+                                 plugins=plugins, default_root_dir=str(run_dir))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     metrics = to_floats(trainer.callback_metrics)

@@ -11,4 +11,4 @@ class Stage1Module(Blip2LitModule):
     def compute(self, batch: dict):
         out = self.model(batch["image"], batch["input_ids"], batch["attention_mask"], batch.get("image_id"))
         return out.loss, {"loss_itc": out.loss_itc, "loss_itm": out.loss_itm, "loss_lm": out.loss_lm,
-                          "temp": self.model.temp.detach()}
+                          "temp": self.model.temp.detach().reshape(())}

@@ -93,7 +93,7 @@ def reference_to_ours(ref: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
         elif key.startswith("itm_head."):
             out["hf." + key] = value
         elif key == "temp":
-            out["temp"] = value.reshape(())
+            out["temp"] = value.reshape(1)
         else:
             unmatched.append(key)
     for i, qv in qv_bias.items():
@@ -147,7 +147,7 @@ def ours_to_reference(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif key.startswith("hf.itm_head."):
             out[key[3:]] = value
         elif key == "temp":
-            out["temp"] = value
+            out["temp"] = value.reshape(())  # the reference's 0-d scalar
     return out
 
 

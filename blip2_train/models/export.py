@@ -69,7 +69,7 @@ def read_stage1_export_weights(directory: str | Path) -> dict[str, torch.Tensor]
         raise CheckpointError(f"{d} holds a language model: it is a stage-2 checkpoint, not stage 1")
     if (d / EXTRAS).exists():
         for k, v in load_file(str(d / EXTRAS)).items():
-            sd[k] = v.reshape(()) if k == "temp" else v
+            sd[k] = v.reshape(1) if k == "temp" else v
     return sd
 
 

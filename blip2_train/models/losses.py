@@ -74,8 +74,15 @@ def sample_hard_negatives(
     Drawn from softmax(similarity) with the positives masked to -10000, so harder negatives are likelier.
     Returns (neg_image_idx [B], neg_text_idx [B]), indices into the gathered batch.
     """
-    w_t2i = F.softmax(sim_t2i.float().masked_fill(pos_mask, MASKED), dim=1)
-    w_i2t = F.softmax(sim_i2t.float().masked_fill(pos_mask, MASKED), dim=1)
+    def weights(sim):
+        w = F.softmax(sim.float().masked_fill(pos_mask, MASKED), dim=1)
+        # Non-finite similarities (a diverging step, fp16 overflow) must not crash the sampler: such rows
+        # draw uniformly among the non-positives; the non-finite loss then skips the step anyway.
+        bad = ~torch.isfinite(w).all(dim=1, keepdim=True)
+        uniform = (~pos_mask).float()
+        return torch.where(bad, uniform / uniform.sum(1, keepdim=True).clamp_min(1), w)
+
+    w_t2i, w_i2t = weights(sim_t2i), weights(sim_i2t)
     neg_image_idx = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     neg_text_idx = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
     return neg_image_idx, neg_text_idx

@@ -63,7 +63,8 @@ class Blip2Stage1(nn.Module):
         self.lm_head = BertOnlyMLMHead(config.qformer_config)
         self.lm_head.apply(self.hf._init_weights)
         self.tie_lm_head()
-        self.temp = nn.Parameter(torch.tensor(float(temp)))
+        # shape [1], not a 0-d scalar: DeepSpeed broadcasts parameters as bytes and cannot view a 0-d tensor
+        self.temp = nn.Parameter(torch.tensor([float(temp)]))
         self.bos_token_id, self.pad_token_id = bos_token_id, pad_token_id
         self.itc_label_smoothing, self.lm_label_smoothing = itc_label_smoothing, lm_label_smoothing
         self.freeze_vision = freeze_vision

@@ -9,6 +9,7 @@ _MODULES = (
     "transformers.models.opt.modeling_opt",
     "transformers.models.llama.modeling_llama",
     "transformers.models.t5.modeling_t5",
+    "transformers.models.gpt2.modeling_gpt2",
 )
 
 
@@ -24,3 +25,14 @@ def wrap_policy(layer_class_names: list[str]) -> set[type]:
     if missing:
         raise ValueError(f"FSDP wrap classes not found in transformers: {sorted(missing)}")
     return set(found.values())
+
+
+def mixed_precision(param_dtype: str = "bfloat16", reduce_dtype: str = "float32", buffer_dtype: str = "bfloat16"):
+    """FSDP MixedPrecision from dtype names (compute in bf16, all-reduce gradients in fp32)."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecision
+
+    def dt(name):
+        return getattr(torch, name)
+
+    return MixedPrecision(param_dtype=dt(param_dtype), reduce_dtype=dt(reduce_dtype), buffer_dtype=dt(buffer_dtype))

@@ -1,0 +1,98 @@
+"""Scaling configuration on CPU: strategy configs compose, the generated DeepSpeed config passes DeepSpeed's
+validator (and bad combinations fail before any GPU work), W&B run ids survive a resume."""
+
+from __future__ import annotations
+
+import pytest
+
+from blip2_train.cli.common import compose, config_dir
+
+STRATEGIES = sorted(p.stem for p in (config_dir() / "strategy").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_composes_with_every_stage(strategy):
+    for exp in ("stage1_pretrain", "stage2_pretrain", "caption_coco_ft"):
+        cfg = compose("train", [f"experiment={exp}", f"strategy={strategy}", "trainer.devices=8", "trainer.num_nodes=2"])
+        assert cfg.strategy is not None
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_generated_deepspeed_config_passes_deepspeeds_validator(stage):
+    from hydra.utils import instantiate
+
+    from blip2_train.utils.deepspeed_config import build_deepspeed_config, validate_deepspeed_config
+
+    cfg = compose("train", ["experiment=stage2_pretrain", f"strategy=deepspeed_zero{stage}", "trainer.devices=8",
+                            "trainer.num_nodes=2", "trainer.accumulate_grad_batches=4", "trainer.gradient_clip_val=1.0"])
+    strategy = instantiate(cfg.strategy)  # builds, validates, hands to Lightning
+    assert strategy.config["zero_optimization"]["stage"] == stage
+    assert strategy.config["train_micro_batch_size_per_gpu"] == 64 and strategy.config["gradient_clipping"] == 1.0
+    assert "gradient_accumulation_steps" not in strategy.config  # Lightning sets it from the Trainer
+    full = build_deepspeed_config(stage, 64, 4, 16, "bf16-mixed", 1.0)
+    assert full["train_batch_size"] == 64 * 4 * 16 and full["bf16"] == {"enabled": True}
+    validate_deepspeed_config(full, 16)
+
+
+def test_bad_deepspeed_combinations_fail_early():
+    from blip2_train.utils.deepspeed_config import build_deepspeed_config, validate_deepspeed_config
+    from blip2_train.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="offload_parameters needs ZeRO stage 3"):
+        build_deepspeed_config(2, 8, offload_parameters=True)
+    with pytest.raises(ConfigError, match="precision"):
+        build_deepspeed_config(2, 8, precision="64-true")
+    with pytest.raises(ConfigError, match="data.batch_size must be a positive integer"):
+        build_deepspeed_config(2, 0)
+    bad = build_deepspeed_config(2, 8, 2, 4)
+    bad["train_batch_size"] = 100
+    with pytest.raises(ConfigError, match="batch sizes disagree"):
+        validate_deepspeed_config(bad, 4)
+    bad = build_deepspeed_config(2, 8)
+    bad["zero_optimization"]["stage"] = 7
+    with pytest.raises(ConfigError, match="invalid DeepSpeed config"):
+        validate_deepspeed_config(bad, 1)
+
+
+def test_fsdp_wraps_vit_qformer_and_llm_layers():
+    from hydra.utils import instantiate
+
+    cfg = compose("train", ["experiment=stage2_pretrain", "strategy=fsdp"])
+    policy = instantiate(cfg.strategy.auto_wrap_policy)
+    names = {c.__name__ for c in policy}
+    assert {"Blip2EncoderLayer", "Blip2QFormerLayer", "OPTDecoderLayer", "LlamaDecoderLayer", "T5Block"} <= names
+
+
+def test_wandb_run_id_is_kept_on_resume(tmp_path):
+    from blip2_train.cli.train import build_loggers
+
+    cfg = compose("train", ["logger=wandb", f"paths.output_dir={tmp_path}"])
+    (a,) = build_loggers(cfg, run_id="blip2-abc")
+    assert a._wandb_init["id"] == "blip2-abc" and a._wandb_init["resume"] == "allow"
+
+
+def test_deepspeed_sharded_checkpoint_exports_consolidated(synth, tmp_path):
+    """ZeRO-2 on CPU (deepspeed.initialize, gloo), a sharded checkpoint directory -> blip2-export -> a
+    transformers directory holding the trained weights."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from test_ddp import REPO, clean_env
+
+    run = tmp_path / "ds_run"
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "deepspeed_worker.py"), str(synth["tokenizer"]), str(run)],
+                       cwd=REPO, env=clean_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir() and (ckpt / "checkpoint").is_dir()
+    r = subprocess.run([sys.executable, "-m", "blip2_train.cli.export", str(ckpt), "--out", str(tmp_path / "export")],
+                       cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from blip2_train.models.export import read_stage1_export_weights
+
+    exported = read_stage1_export_weights(tmp_path / "export")
+    trained = torch.load(run / "trained_state.pt")
+    for k in ("hf.query_tokens", "hf.qformer.encoder.layer.0.crossattention.attention.query.weight", "temp"):
+        torch.testing.assert_close(exported[k].float(), trained[k].float().reshape(exported[k].shape), msg=k)
