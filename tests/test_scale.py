@@ -96,3 +96,23 @@ def test_deepspeed_sharded_checkpoint_exports_consolidated(synth, tmp_path):
     trained = torch.load(run / "trained_state.pt")
     for k in ("hf.query_tokens", "hf.qformer.encoder.layer.0.crossattention.attention.query.weight", "temp"):
         torch.testing.assert_close(exported[k].float(), trained[k].float().reshape(exported[k].shape), msg=k)
+
+
+@pytest.mark.parametrize("stage,model,extra", [(1, "stage1_tiny", []), (2, "stage2_tiny", ["--llm", "tiny"])])
+def test_bench_train_runs_on_cpu(tmp_path, capsys, stage, model, extra):
+    from blip2_train.cli.bench import main
+
+    doc = tmp_path / "bench.md"
+    assert main(["train", "--stage", str(stage), "--model", model, "--batch-size", "4", "--image-size", "32",
+                 "--steps", "2", "--warmup", "1", "--doc", str(doc), *extra]) == 0
+    text = doc.read_text()
+    assert "MFU" in text and "samples/s" in text and "Q-Former" in text
+    out = capsys.readouterr().out
+    import json
+    import re
+
+    r = json.loads(out[out.index("{"):])
+    assert r["flops_per_sample"] > 0 and 0 < r["mfu"] < 1.5 and r["samples_per_s"] > 0
+    assert r["breakdown_per_sample"]["Q-Former"] > 0
+    if stage == 2:
+        assert r["breakdown_per_sample"]["frozen LLM"] > 0

@@ -1,6 +1,9 @@
 """`blip2-bench`: measured figures, printed and written to docs/benchmarks.md.
 
     blip2-bench data --shards data/bench/shards --batches 40 --batch-size 32 --image-size 224
+    blip2-bench eval --model stage1_tiny --tokenizer ... --annotation ... --image-root ...
+    blip2-bench train --stage 1 --model stage1_vitg --batch-size 100          (GPU)
+    blip2-bench train --stage 2 --model stage2_tiny --llm tiny --batch-size 8 (CPU, CI-sized)
 """
 
 from __future__ import annotations
@@ -169,13 +172,39 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--device", default="auto")
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("override", nargs="*", help="extra Hydra overrides for the model config (model.qformer.hidden_size=...)")
-    sub.add_parser("train", help="not yet available (issue #6)")
+    t = sub.add_parser("train", help="training-step throughput, MFU and peak memory (random-init models)")
+    t.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    t.add_argument("--model", default=None, help="conf/model config (default: stage1_vitg / stage2_opt)")
+    t.add_argument("--llm", default="opt-2.7b", choices=["opt-2.7b", "opt-6.7b", "llama-7b", "tiny"])
+    t.add_argument("--batch-size", type=int, default=None, help="default: 100 (stage 1) / 64 (stage 2) as the paper")
+    t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--image-size", type=int, default=224)
+    t.add_argument("--text-len", type=int, default=32)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--peak-tflops", type=float, default=None)
+    t.add_argument("--doc", default=str(BENCH_DOC), help="markdown file to update")
     a = p.parse_args(argv)
     if a.what == "data":
         bench_data(a)
         return 0
     if a.what == "eval":
         bench_eval(a)
+        return 0
+    if a.what == "train":
+        import json
+        import sys
+
+        from blip2_train.bench_train import markdown, run
+
+        model = a.model or ("stage1_vitg" if a.stage == 1 else "stage2_opt")
+        bs = a.batch_size or (100 if a.stage == 1 else 64)
+        r = run(a.stage, model, bs, a.steps, a.warmup, a.image_size, a.llm, a.text_len, a.device, a.peak_tflops)
+        text = markdown(r, "blip2-bench " + " ".join(sys.argv[1:] if argv is None else argv))
+        print(text)
+        print(json.dumps(r, indent=1))
+        write_section(f"train-stage{a.stage}-{model}-{r['device'].split(':')[0]}" + (f"-{a.llm}" if a.stage == 2 else ""),
+                      text, Path(a.doc))
         return 0
     print(f"blip2-bench {a.what}: not yet available (see the open issue for it)")
     return 2

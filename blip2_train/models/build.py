@@ -127,6 +127,7 @@ def build_stage1_model(
     vision_checkpoint: str | None = None,
     stage1_checkpoint: str | None = None,
     seed: int | None = None,
+    compile_qformer: bool = False,
 ) -> Blip2Stage1:
     """The `_target_` of `conf/model/stage1_*.yaml`."""
     tok = load_qformer_tokenizer(tokenizer)
@@ -147,4 +148,6 @@ def build_stage1_model(
     model.vision_dtype = parse_dtype(vision_dtype)
     if freeze_vision:
         model.freeze_vision_tower()
+    if compile_qformer:
+        model.hf.qformer.compile()  # in place: parameter names (and checkpoints) unchanged
     return model

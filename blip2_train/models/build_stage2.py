@@ -170,6 +170,7 @@ def build_stage2_model(
     attn_implementation: str | None = "sdpa",
     llm_attn_implementation: str | None = "sdpa",
     seed: int | None = None,
+    compile_qformer: bool = False,
     **unused,
 ) -> Blip2Stage2:
     """The `_target_` of `conf/model/stage2_*.yaml`. Extra keys (prompt, prefix_lm) belong to the data side."""
@@ -194,8 +195,9 @@ def build_stage2_model(
         if missing:
             raise CheckpointError(f"{stage1_checkpoint} lacks stage-1 weights for {missing[:5]}")
         log.info("stage 1 -> stage 2: %d tensors from %s", len(sd), stage1_checkpoint)
-    else:
-        log.warning("model.stage1_checkpoint is null: the Q-Former starts from random init (smoke tests only)")
+    elif not stage2_checkpoint:
+        log.warning("model.stage1_checkpoint and model.stage2_checkpoint are null: the Q-Former starts from random "
+                    "init (smoke tests only)")
     if vision_checkpoint:
         from blip2_train.models.build import init_vision_from
 
@@ -205,4 +207,6 @@ def build_stage2_model(
     model.freeze_vision, model.vision_dtype = freeze_vision, parse_dtype(vision_dtype)
     model.freeze()
     enable_activation_checkpointing(model, activation_checkpointing)
+    if compile_qformer:
+        model.hf.qformer.compile()  # in place: parameter names (and checkpoints) unchanged
     return model
