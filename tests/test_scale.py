@@ -116,3 +116,31 @@ def test_bench_train_runs_on_cpu(tmp_path, capsys, stage, model, extra):
     assert r["breakdown_per_sample"]["Q-Former"] > 0
     if stage == 2:
         assert r["breakdown_per_sample"]["frozen LLM"] > 0
+
+
+def test_fsdp_style_sharded_checkpoint_exports_consolidated(synth, tmp_path):
+    """A torch.distributed.checkpoint directory as Lightning's FSDP strategy writes it (tensor shards +
+    `meta.pt` with the rest) -> blip2-export -> the trained weights in a transformers directory."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from omegaconf import OmegaConf
+
+    from blip2_train.cli.export import main as export_main
+    from blip2_train.lit.stage1 import Stage1Module
+    from blip2_train.models.export import read_stage1_export_weights
+
+    cfg = compose("train", ["experiment=demo_stage1", f"paths.bert_dir={synth['tokenizer']}",
+                            f"paths.output_dir={tmp_path / 'run'}"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    from hydra.utils import instantiate
+
+    module = Stage1Module(instantiate(cfg.model))
+    with torch.no_grad():
+        module.model.hf.query_tokens.add_(1.0)  # "trained"
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    dcp.save({"model": module.state_dict()}, checkpoint_id=str(ckpt), no_dist=True)
+    torch.save({"blip2_stage": 1, "global_step": 3}, ckpt / "meta.pt")
+    assert export_main([str(ckpt), "--out", str(tmp_path / "export")]) == 0
+    exported = read_stage1_export_weights(tmp_path / "export")
+    torch.testing.assert_close(exported["hf.query_tokens"], module.model.hf.query_tokens.detach())
