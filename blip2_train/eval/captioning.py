@@ -83,14 +83,20 @@ def score_captions(gts: dict, res: dict, spice: str | bool = "auto") -> tuple[di
     Every image with a prediction must have references and vice versa: a silently partial score is worse
     than an error.
     """
+    want_spice, notes = spice_plan(spice)
+    g, r = tokenize(gts, res)
+    return score_tokenized(g, r, want_spice), notes
+
+
+def spice_plan(spice: str | bool) -> tuple[bool, list[str]]:
+    """-> (run SPICE?, notes). `auto` runs it only when its jars are installed, and says so when not."""
+    want = spice is True or (spice == "auto" and spice_available())
     notes = []
-    want_spice = spice is True or (spice == "auto" and spice_available())
-    if spice == "auto" and not want_spice:
+    if spice == "auto" and not want:
         notes.append("SPICE skipped: Stanford CoreNLP jars not installed in pycocoevalcap/spice/lib "
                      "(run pycocoevalcap's get_stanford_models once with network access)")
         log.warning(notes[-1])
-    g, r = tokenize(gts, res)
-    return score_tokenized(g, r, want_spice), notes
+    return want, notes
 
 
 def prediction_image_id(image_id: str):
@@ -154,12 +160,7 @@ def evaluate_captioning(model, data, loader, tokenizer, prompt: str = "", genera
         ids = [data.image_ids[i] for i in sorted(merged)]
         res = {data.image_ids[i]: merged[i] for i in sorted(merged)}
         gts = {data.image_ids[i]: data.raw_captions[i] for i in sorted(merged)}
-        notes = []
-        want_spice = spice is True or (spice == "auto" and spice_available())
-        if spice == "auto" and not want_spice:
-            notes.append("SPICE skipped: Stanford CoreNLP jars not installed in pycocoevalcap/spice/lib "
-                         "(run pycocoevalcap's get_stanford_models once with network access)")
-            log.warning(notes[-1])
+        want_spice, notes = spice_plan(spice)
         g, r = tokenize(gts, res)
         metrics = score_tokenized(g, r, want_spice)
         domains = getattr(data, "domains", None)

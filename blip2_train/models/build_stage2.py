@@ -85,8 +85,9 @@ def build_stage2_hf(vision_cfg: dict, qformer_cfg: dict, llm_model, num_query_to
     cfg = Blip2Config(vision_config=vcfg.to_dict(), qformer_config=qcfg.to_dict(), text_config=text,
                       num_query_tokens=num_query_tokens, image_token_index=image_token_id)
     if attn_implementation:
-        for sub in (cfg.vision_config, cfg.qformer_config):
-            sub._attn_implementation = attn_implementation
+        from blip2_train.models.vision import set_attention
+
+        set_attention(cfg, attn_implementation)
     # Build the shell on the meta device (no throwaway init of a multi-billion-parameter LLM), then put real
     # modules in: the small parts freshly initialised, the LLM as loaded.
     with torch.device("meta"):

@@ -31,8 +31,9 @@ def build_stage1_config(vision: dict, qformer: dict, num_query_tokens: int = 32,
     cfg = Blip2Config(vision_config=vcfg.to_dict(), qformer_config=qcfg.to_dict(), num_query_tokens=num_query_tokens,
                       image_text_hidden_size=embed_dim, image_token_index=None)
     if attn_implementation:
-        for sub in (cfg.vision_config, cfg.qformer_config):
-            sub._attn_implementation = attn_implementation
+        from blip2_train.models.vision import set_attention
+
+        set_attention(cfg, attn_implementation)
     return cfg
 
 

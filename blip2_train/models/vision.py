@@ -62,3 +62,10 @@ def fit_position_embedding(sd: dict, key: str, target: torch.Tensor) -> None:
     """In place: resize `sd[key]` to `target`'s patch count when a checkpoint was trained at another size."""
     if key in sd and sd[key].shape != target.shape:
         sd[key] = interpolate_position_embedding(sd[key], target.shape[1] - 1)
+
+
+def set_attention(cfg, implementation: str) -> None:
+    """Attention kernels for the ViT and the Q-Former of a Blip2Config. The Q-Former has no FlashAttention-2
+    path in transformers: with `flash_attention_2` the ViT gets it and the Q-Former falls back to SDPA."""
+    cfg.vision_config._attn_implementation = implementation
+    cfg.qformer_config._attn_implementation = "sdpa" if implementation == "flash_attention_2" else implementation
