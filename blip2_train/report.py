@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import textwrap
 from pathlib import Path
 

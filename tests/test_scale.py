@@ -109,7 +109,6 @@ def test_bench_train_runs_on_cpu(tmp_path, capsys, stage, model, extra):
     assert "MFU" in text and "samples/s" in text and "Q-Former" in text
     out = capsys.readouterr().out
     import json
-    import re
 
     r = json.loads(out[out.index("{"):])
     assert r["flops_per_sample"] > 0 and 0 < r["mfu"] < 1.5 and r["samples_per_s"] > 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_QFORMER, TINY_VISION, tiny_stage1, tiny_stage2
+from conftest import TINY_VISION, tiny_stage1, tiny_stage2
 
 FAMILIES = ["opt", "llama", "t5"]
 

@@ -81,7 +81,7 @@ def bench_data(a) -> None:
             ("loader: decode (JPEG draft) + RandomResizedCrop + flip + normalize + tokenize", full),
             ("loader, JPEG draft off", nodraft)]
     size = Image.open(io.BytesIO(next(iter(tarfile_samples([{"url": urls[0]}])))["jpg"])).size
-    body = [f"## Data loader (`blip2-bench data`)\n",
+    body = ["## Data loader (`blip2-bench data`)\n",
             f"Command: `blip2-bench data --shards {a.shards} --batches {a.batches} --batch-size {a.batch_size} "
             f"--image-size {a.image_size}`  ",
             f"Machine: {machine()}; one worker process (one core); source JPEGs {size[0]}x{size[1]}.\n",
@@ -131,7 +131,7 @@ def bench_eval(a) -> None:
     keys = [k for k in fast if k.startswith(("txt_r", "img_r", "r_mean"))]
     same = all(abs(fast[k] - base[k]) < 1e-9 for k in keys)
     ratio = base["eval_seconds"] / fast["eval_seconds"]
-    body = [f"## Retrieval evaluation (`blip2-bench eval`)\n",
+    body = ["## Retrieval evaluation (`blip2-bench eval`)\n",
             f"Command: `blip2-bench eval --model {a.model} --annotation {a.annotation} --images {a.images} "
             f"--k-test {a.k_test} --image-size {a.image_size}`  ",
             f"Machine: {machine()}, device {device}, {torch.get_num_threads()} threads; {len(data)} images x "

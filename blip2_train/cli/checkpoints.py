@@ -13,15 +13,20 @@ from blip2_train.utils.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 
+def read_lightning_checkpoint(path: str | Path) -> dict:
+    """A Lightning checkpoint as one dict: a `.ckpt` file, or a DeepSpeed / FSDP sharded checkpoint directory."""
+    p = Path(path)
+    if p.is_dir():
+        return consolidate_sharded_checkpoint(p)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    return torch.load(p, map_location="cpu", weights_only=False)
+
+
 def load_lightning_checkpoint(model, path: str | Path) -> dict:
     """Copy the `model.*` weights of a Lightning checkpoint into `model`; returns the raw checkpoint."""
     p = Path(path)
-    if p.is_dir():
-        ckpt = consolidate_sharded_checkpoint(p)
-    elif not p.is_file():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    else:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    ckpt = read_lightning_checkpoint(p)
     sd = {k[len("model."):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith("model.")}
     if not sd:
         raise CheckpointError(f"{p}: no model weights (is this a Lightning checkpoint of blip2-train?)")

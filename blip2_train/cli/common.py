@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import re
 import sys
@@ -15,6 +13,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from blip2_train.utils.errors import Blip2TrainError
+from blip2_train.utils.io import write_json_atomic  # noqa: F401  (the CLI modules import it from here)
 
 log = logging.getLogger("blip2_train")
 
@@ -145,20 +144,6 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     if is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=_jsonable))
-    os.replace(tmp, path)
-
-
-def _jsonable(v):
-    try:
-        f = float(v)
-        return None if math.isnan(f) else f
-    except (TypeError, ValueError):
-        return str(v)
 
 
 def to_floats(metrics: dict) -> dict:

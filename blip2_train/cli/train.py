@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from blip2_train.cli.common import (instantiate_logged, is_rank_zero, resolve_run_dir, run_cli, to_floats,
-                                    write_json_atomic)
+from blip2_train.cli.common import (check_types, instantiate_logged, is_rank_zero, resolve_run_dir, run_cli,
+                                    to_floats, write_json_atomic)
 
 log = logging.getLogger("blip2_train.train")
 
@@ -82,16 +84,24 @@ def resolve_ckpt_path(cfg: DictConfig, run_dir) -> str | None:
     return None
 
 
+def wandb_run_id(ckpt_path: str | None, run_dir: Path) -> str:
+    """The run directory that owns the checkpoint (<run>/checkpoints/x.ckpt, <run>/hpc_ckpt_N.ckpt), or this
+    run's directory, names the W&B run: a resumed or requeued job appends to the same run."""
+    owner = run_dir
+    if ckpt_path:
+        p = Path(ckpt_path).resolve()
+        owner = p.parents[1] if p.parent.name == "checkpoints" else p.parent
+    from blip2_train.data.stream import stable_hash
+
+    return f"blip2-{stable_hash('wandb', str(owner)):016x}"[:22]
+
+
 def train(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
 
-    import warnings
-
     # Our data module restores the exact data position itself (state_dict / load_state_dict).
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-    from blip2_train.cli.common import check_types
-
     for group in ("data", "model", "module"):  # wrong value types fail here, before any work
         if cfg.get(group) is not None and cfg[group].get("_target_"):
             check_types(cfg[group], cfg[group]._target_)
@@ -105,13 +115,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate_logged(cfg.data)
     model = instantiate_logged(cfg.model)
     module = instantiate_logged(cfg.module, model=model)
-    from pathlib import Path
-
-    from blip2_train.data.stream import stable_hash
-
-    owner = Path(ckpt_path).resolve().parents[1] if ckpt_path and Path(ckpt_path).parent.name == "checkpoints" \
-        else (Path(ckpt_path).resolve().parent if ckpt_path else run_dir)
-    loggers = build_loggers(cfg, run_id=f"blip2-{stable_hash('wandb', str(owner)):016x}"[:22])
+    loggers = build_loggers(cfg, run_id=wandb_run_id(ckpt_path, run_dir))
     callbacks = build_callbacks(cfg, has_logger=bool(loggers))
     strategy = build_strategy(cfg)
     plugins = []

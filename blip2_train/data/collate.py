@@ -12,7 +12,7 @@ class CaptionCollator:
         self.tokenizer = tokenizer
         self.max_txt_len = max_txt_len
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def __call__(self, samples: list[dict], key: tuple = ()) -> dict:
         captions = [s["caption"] for s in samples]
         tok = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_txt_len,
                              return_tensors="pt")
@@ -47,7 +47,6 @@ class Stage2Collator:
         self.max_txt_len = max_txt_len
         self.encoder_decoder, self.prefix_lm = encoder_decoder, prefix_lm
         self.seed = seed
-        self._calls = 0
         self.prompt_ids = self.tok(self.prompt)["input_ids"]
 
     def _ids(self, text: str, special: bool = True) -> list[int]:
@@ -84,19 +83,20 @@ class Stage2Collator:
             mask[i, : len(r)] = 1
         return out, mask
 
-    def __call__(self, samples: list[dict]) -> dict:
+    def __call__(self, samples: list[dict], key: tuple = ()) -> dict:
+        """`key` names the batch in its stream (epoch, rank, batch index): the prefix-LM split points are drawn
+        from it and each sample, so they do not depend on which process or in what order batches are built."""
         import random
 
         from blip2_train.data.stream import stable_hash
 
-        self._calls += 1
         captions = [s["caption"] for s in samples]
         pad = self.tok.pad_token_id
         batch = {"image": torch.stack([s["image"] for s in samples]),
                  "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
                  "caption": captions}
         if self.encoder_decoder:
-            rows = [self.encoder_decoder_row(c, random.Random(stable_hash(self.seed, s["image_id"], c, self._calls)))
+            rows = [self.encoder_decoder_row(c, random.Random(stable_hash(self.seed, *key, s["image_id"], c)))
                     for c, s in zip(captions, samples)]
             batch["input_ids"], batch["attention_mask"] = self._pad([r[0] for r in rows], pad)
             labels, batch["decoder_attention_mask"] = self._pad([r[1] for r in rows], -100)

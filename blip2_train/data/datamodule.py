@@ -91,8 +91,8 @@ class Blip2DataModule(L.LightningDataModule):
         # How captions become model inputs. kind=qformer (stage 1): BERT tokens. kind=llm (stage 2): LLM tokens
         # with image tokens and labels; its keys mirror the model config (num_query_tokens, prompt, end_text,
         # prefix_lm, encoder_decoder) so both sides agree.
-        self.text = dict(text or {"kind": "qformer"})
-        if self.text.get("kind", "qformer") not in ("qformer", "llm"):
+        self.text = {"kind": "qformer", **dict(text or {})}
+        if self.text["kind"] not in ("qformer", "llm"):
             raise ConfigError(f"data.text.kind must be 'qformer' or 'llm', not {self.text.get('kind')!r}")
         self._tokenizer = None
         self._resume: dict | None = None
@@ -106,7 +106,7 @@ class Blip2DataModule(L.LightningDataModule):
         if self._tokenizer is None:
             if not isinstance(self.tokenizer_spec, (str, os.PathLike)):
                 self._tokenizer = self.tokenizer_spec
-            elif self.text.get("kind", "qformer") == "llm":
+            elif self.text["kind"] == "llm":
                 from blip2_train.models.llm import load_llm_tokenizer
 
                 self._tokenizer = load_llm_tokenizer(self.tokenizer_spec)
@@ -124,7 +124,7 @@ class Blip2DataModule(L.LightningDataModule):
         return bool(AutoConfig.from_pretrained(str(self.tokenizer_spec)).is_encoder_decoder)
 
     def make_collator(self):
-        if self.text.get("kind", "qformer") == "qformer":
+        if self.text["kind"] == "qformer":
             return CaptionCollator(self.tokenizer, self.max_txt_len)
         from blip2_train.models.llm import end_token_id, image_token_id
 
@@ -185,7 +185,7 @@ class Blip2DataModule(L.LightningDataModule):
             self.train_stream.set_epoch(epoch)
             if self._resume and self._resume["epoch"] == epoch:
                 self.train_stream.skip_batches = int(self._resume["batches_done"])
-                log.info("resuming epoch %d after %d batches: rebuilding and skipping them (exact data position)",
+                log.info("resuming epoch %d after %d batches: drawing them again and skipping them (exact data position)",
                          epoch, self.train_stream.skip_batches)
             self._resume = None
         return DataLoader(self.train_stream, batch_size=None, num_workers=self.num_workers,

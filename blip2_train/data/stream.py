@@ -133,7 +133,7 @@ class ShardStream(IterableDataset):
         self,
         sources: Sequence[Source],
         decoder: SampleDecoder,
-        collate: Callable[[list[dict]], dict],
+        collate: Callable[[list[dict], tuple], dict],  # (samples, batch key) -> batch
         batch_size: int,
         *,
         rank: int = 0,
@@ -158,8 +158,9 @@ class ShardStream(IterableDataset):
         self.max_skip_rate = max_skip_rate
         self.min_samples_for_skip_check = min_samples_for_skip_check
         self.epoch = 0
-        # Exact mid-epoch resume: this rank's first `skip_batches` batches of the epoch are rebuilt (same RNG
-        # draws, same skips) and dropped, so the stream continues where the interrupted run stopped.
+        # Exact mid-epoch resume: this rank's first `skip_batches` batches of the epoch are drawn again (same RNG
+        # draws, same skips) and dropped before collation, so the stream continues where the interrupted run
+        # stopped.
         self.skip_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -262,10 +263,10 @@ class ShardStream(IterableDataset):
                 return
             if len(samples) < self.batch_size and repeat:
                 raise DataError(f"source {self.sources[k].name!r} ran dry inside a repeating stream")
-            batch = self.collate(samples)
-            if i < skip_local:
+            if i < skip_local:  # consumed before the resume: drawn again (same RNG state) but not built
                 i += 1
                 continue
+            batch = self.collate(samples, (self.epoch, self.rank, global_batch))
             batch["source"] = k
             batch["data_seen"] = counter.seen - reported[0]
             batch["data_skipped"] = counter.skipped - reported[1]

@@ -7,9 +7,7 @@ scorers, same x100 reporting as the papers) and add SPICE only when its jars are
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from blip2_train.models.distributed import is_dist, rank
+from blip2_train.utils.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +173,9 @@ def evaluate_captioning(model, data, loader, tokenizer, prompt: str = "", genera
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
             preds = [{"image_id": prediction_image_id(k), "caption": res[k]} for k in ids]
-            _write_json(out / ("captions_predictions_blind.json" if image_blind else "captions_predictions.json"), preds)
-            _write_json(out / "captions_references.json", coco_format(gts))
+            name = "captions_predictions_blind.json" if image_blind else "captions_predictions.json"
+            write_json_atomic(out / name, preds, sort_keys=False)
+            write_json_atomic(out / "captions_references.json", coco_format(gts), sort_keys=False)
             if notes:
                 (out / "captions_notes.txt").write_text("\n".join(notes) + "\n")
     metrics["eval_seconds"] = time.perf_counter() - t0
@@ -191,9 +191,3 @@ def coco_format(gts: dict) -> dict:
         images.append({"id": iid})
         anns.extend({"image_id": iid, "id": len(anns), "caption": c} for c in caps)
     return {"images": images, "annotations": anns, "type": "captions", "info": {}, "licenses": []}
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)

@@ -29,11 +29,7 @@ STAGE1_PARTS = ("vision_model.", "query_tokens", "qformer.")
 def read_stage1_source(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     """-> transformers-named stage-1 weights (`vision_model.*`, `query_tokens`, `qformer.*`, ...)."""
     src = Path(str(source))
-    if src.is_dir():
-        from blip2_train.models.export import read_stage1_export_weights
-
-        sd = read_stage1_export_weights(src)
-    elif src.suffix == ".ckpt" and src.is_file():
+    if src.suffix == ".ckpt" and src.exists():  # a Lightning checkpoint: a file or a DeepSpeed/FSDP directory
         from hydra.utils import instantiate
 
         from blip2_train.cli.checkpoints import load_lightning_checkpoint, run_config_of
@@ -44,6 +40,10 @@ def read_stage1_source(source: str | os.PathLike) -> dict[str, torch.Tensor]:
         model = instantiate(cfg.model)
         load_lightning_checkpoint(model, src)
         sd = model.state_dict()
+    elif src.is_dir():
+        from blip2_train.models.export import read_stage1_export_weights
+
+        sd = read_stage1_export_weights(src)
     elif src.is_file():
         sd, unmatched = convert.reference_to_ours(convert.load_reference_pth(src))
         if unmatched:
@@ -112,8 +112,10 @@ def build_stage2_hf(vision_cfg: dict, qformer_cfg: dict, llm_model, num_query_to
 def load_stage2_weights(model: Blip2Stage2, source: str | os.PathLike) -> None:
     """Vision, Q-Former, queries and projection of a stage-2 result (export directory, e.g. a saved
     Salesforce/blip2-opt-2.7b, or a stage-2 .ckpt). The LLM stays the one loaded from model.llm."""
+    from blip2_train.cli.checkpoints import read_lightning_checkpoint
+
     src = Path(str(source))
-    if src.is_dir():
+    if src.is_dir() and src.suffix != ".ckpt":  # an export (a .ckpt directory is a sharded checkpoint)
         from blip2_train.models.export import export_meta
 
         if export_meta(src).get("stage") == 1:
@@ -122,16 +124,14 @@ def load_stage2_weights(model: Blip2Stage2, source: str | os.PathLike) -> None:
         if "language_projection.weight" not in sd:
             raise CheckpointError(f"{src} has no language_projection: not a stage-2 (Blip2ForConditionalGeneration) "
                                   "checkpoint")
-    elif src.is_file():
-        ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    else:  # a Lightning checkpoint: a file, or a DeepSpeed/FSDP sharded directory
+        ckpt = read_lightning_checkpoint(src)
         if ckpt.get("blip2_stage") == 1:
             raise CheckpointError(f"{src} is a stage-1 checkpoint: pass it as model.stage1_checkpoint")
         sd = {k[len("model.hf."):]: v for k, v in ckpt.get("state_dict", {}).items()
               if k.startswith("model.hf.") and not k.startswith("model.hf.language_model.")}
         if not sd:
             raise CheckpointError(f"{src}: no stage-2 weights (model.hf.*) in this checkpoint")
-    else:
-        raise CheckpointError(f"stage-2 checkpoint not found: {src}")
     own = model.hf.state_dict()
     vision.fit_position_embedding(sd, "vision_model.embeddings.position_embedding",
                                   own["vision_model.embeddings.position_embedding"])

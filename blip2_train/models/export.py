@@ -57,11 +57,9 @@ def export_stage1(model, tokenizer, out_dir: str | Path, image_size: int, dtype:
 
 def read_stage1_export_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     d = Path(directory)
-    meta_path = d / META
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("stage") != 1:
-            raise CheckpointError(f"{d} is a stage-{meta.get('stage')} export; a stage-1 checkpoint is needed here")
+    meta = export_meta(d)
+    if meta and meta.get("stage") != 1:
+        raise CheckpointError(f"{d} is a stage-{meta.get('stage')} export; a stage-1 checkpoint is needed here")
     sd = {"hf." + k: v for k, v in load_hf_weights(d).items()}
     if not any(k.startswith("hf.qformer.") for k in sd):
         raise CheckpointError(f"{d}: no qformer.* weights: not a BLIP-2 checkpoint")

@@ -105,11 +105,11 @@ def lm_labels(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Next-token cross-entropy over text positions: logits[:, t] predicts labels[:, t + 1]; -100 ignored."""
-    shifted = logits[:, :-1, :].contiguous()
-    target = labels[:, 1:].contiguous()
-    return F.cross_entropy(shifted.view(-1, shifted.shape[-1]).float(), target.view(-1),
-                           ignore_index=-100, label_smoothing=label_smoothing)
+    """Next-token cross-entropy over text positions: logits[:, t] predicts labels[:, t + 1]; -100 ignored.
+
+    The Q-Former's LM loss (smoothing 0.1, as the reference) and a decoder-only LLM's (no smoothing).
+    """
+    return token_ce(logits[:, :-1], labels[:, 1:], label_smoothing)
 
 
 def lm_attention_mask(num_queries: int, text_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -131,12 +131,10 @@ def lm_attention_mask(num_queries: int, text_mask: torch.Tensor, dtype: torch.dt
     return mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
 
-def token_ce(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> torch.Tensor:
-    """Mean cross-entropy over the labelled tokens (-100 = ignored), computed in fp32.
+def token_ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of aligned logits [B, T, V] and labels [B, T] (-100 = ignored), computed in fp32.
 
-    `shift=True` for decoder-only LMs (position t predicts token t+1). `labels` must be full length: the
-    stage-2 collator builds them aligned with `input_ids`, image tokens included (as -100).
+    Encoder-decoder targets use it as is; `lm_loss` shifts first.
     """
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                           label_smoothing=label_smoothing)

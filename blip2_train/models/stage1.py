@@ -165,7 +165,6 @@ class Blip2Stage1(nn.Module):
                 image_ids: torch.Tensor | None = None, neg_idx: tuple[torch.Tensor, torch.Tensor] | None = None,
                 generator: torch.Generator | None = None) -> Stage1Output:
         """ITC + ITM + LM on a batch. `neg_idx` fixes the hard negatives (tests); otherwise they are sampled."""
-        b = pixel_values.shape[0]
         image_embeds = self.encode_image(pixel_values)
 
         # ITC image side and LM in one pass; ITC text side in a text-only pass.

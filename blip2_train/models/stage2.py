@@ -114,10 +114,10 @@ class Blip2Stage2(nn.Module):
             dec_in = self.llm.prepare_decoder_input_ids_from_labels(labels=labels)
             out = self.llm(inputs_embeds=emb, attention_mask=attention_mask, decoder_input_ids=dec_in,
                            decoder_attention_mask=decoder_attention_mask, use_cache=False)
-            loss = losses.token_ce(out.logits, labels, shift=False)
+            loss = losses.token_ce(out.logits, labels)
         else:
             out = self.llm(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False)
-            loss = losses.token_ce(out.logits, labels, shift=True)
+            loss = losses.lm_loss(out.logits, labels, label_smoothing=0.0)  # the reference: no smoothing
         return Stage2Output(loss, out.logits)
 
     @torch.no_grad()
