@@ -29,7 +29,7 @@ test-all: install ## run every test, slow ones included
 demo: install ## synthetic data -> stage 1 -> evaluation, on CPU, in minutes
 	bash run_scripts/demo.sh
 
-bench: install ## data-loader benchmark on the synthetic shards
+bench: install ## CPU-sized benchmarks on the synthetic data (figures into docs/benchmarks.md)
 	bash run_scripts/bench.sh
 
 clean: ## remove build outputs (keeps .venv)

@@ -74,7 +74,7 @@ def build_stage1(model_name: str, image_size: int, tok_dir: Path):
 
     from blip2_train.cli.common import compose
 
-    cfg = compose("train", [f"model={model_name}", f"paths.bert_dir={tok_dir}", "paths.vision_checkpoint=null",
+    cfg = compose("train", [f"arch={model_name}", "model=stage1_vitg", f"paths.bert_dir={tok_dir}", "paths.vision_checkpoint=null",
                             f"data.image_size={image_size}", "model.bert_checkpoint=null"])
     return instantiate(cfg.model), cfg
 
@@ -87,7 +87,7 @@ def build_stage2(model_name: str, image_size: int, llm: str, dtype: torch.dtype,
     from blip2_train.models.build_stage2 import build_stage2_hf
     from blip2_train.models.stage2 import Blip2Stage2
 
-    cfg = compose("train", [f"model={model_name}", "paths.llm_dir=unused", "paths.stage1_checkpoint=null",
+    cfg = compose("train", [f"arch={model_name}", "model=stage2_opt", "paths.llm_dir=unused", "paths.stage1_checkpoint=null",
                             f"data.image_size={image_size}"])
     preset = dict(LLM_PRESETS[llm])
     family = preset.pop("family")

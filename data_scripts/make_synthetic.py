@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Generate the synthetic captioned-shapes dataset (COCO Karpathy layout) used by the demo and tests.
+"""Generate the synthetic captioned-shapes dataset, laid out as the real data (coco/, vg/, flickr30k/, nocaps/),
+used by the demo, the tests and `preset=tiny`.
 
-    python data_scripts/make_synthetic.py --out data/synthetic --num-train 2000 --num-val 100 --num-test 100 --seed 0
+    python data_scripts/make_synthetic.py --out data/synthetic --num-train 3000 --num-val 100 --num-test 200 --seed 0
 """
 
 import argparse
 
-from blip2_train.data.synthetic import make_synthetic
+from blip2_train.data.synthetic import add_dataset_views, make_synthetic
 
 
 def main() -> None:
@@ -19,6 +20,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=64)
     a = p.parse_args()
     paths = make_synthetic(a.out, a.num_train, a.num_val, a.num_test, a.seed, a.image_size)
+    paths.update(add_dataset_views(a.out))
     for split, path in paths.items():
         print(f"{split}: {path}")
 

@@ -5,7 +5,7 @@ BLIP-2 freezes an LLM that already knows language. No LLM can be downloaded here
 one on the training captions (text only, no images) and then freezes it in stage 2, exactly as a real run
 freezes OPT-2.7B. It knows how captions are worded, not what any image shows.
 
-    python data_scripts/train_demo_llm.py --annotations data/synthetic/annotations/coco_karpathy_train.json \
+    python data_scripts/train_demo_llm.py --annotations data/synthetic/coco/annotations/coco_karpathy_train.json \
         --out data/synthetic/llm
 """
 
@@ -25,6 +25,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--end-text", default="\n",
+                   help='what ends a caption: "\\n" as OPT in the reference (model.text.end_text); "" = eos')
     a = p.parse_args()
 
     import torch
@@ -43,7 +45,7 @@ def main() -> None:
         return
     tok = AutoTokenizer.from_pretrained(str(out))
     model = AutoModelForCausalLM.from_pretrained(str(out))
-    losses = pretrain_on_captions(model, tok, texts, steps=a.steps, seed=a.seed)
+    losses = pretrain_on_captions(model, tok, texts, steps=a.steps, seed=a.seed, end_text=a.end_text or None)
     model.save_pretrained(str(out))
     (out / "demo_llm_losses.json").write_text(json.dumps(losses))
     print(f"demo LLM ({a.family}, text-only) saved to {out}: loss {losses[0]:.2f} -> {sum(losses[-20:]) / 20:.2f}")

@@ -1,34 +1,47 @@
 #!/usr/bin/env bash
-# `make demo`: the whole BLIP-2 method on embedded synthetic data, CPU, minutes.
-#   data -> demo LLM stand-in -> stage 1 -> export -> retrieval eval -> stage 2 -> export -> captioning eval
-#   -> a caption from plain transformers -> summary table, metrics.json, report.md (PNG curves and grid)
+# `make demo`: the whole BLIP-2 method on the embedded synthetic world, CPU, minutes, through the REAL experiment
+# files (conf/experiment/*.yaml) with only the size/data overlay preset=tiny, and the same commands a user runs:
+#   stage 1 -> export -> COCO retrieval fine-tuning -> export -> retrieval evaluation
+#           -> stage 2 -> export -> COCO caption fine-tuning -> export -> captioning evaluation (+ image-blind)
+#   -> captions from plain transformers -> summary table, metrics.json, report.md (PNG curves and grid)
+# Extra arguments are Hydra overrides for every training run (e.g. trainer.max_steps=200 for a quicker look).
 set -euo pipefail
 export WANDB_MODE=${WANDB_MODE:-offline}
 PY=${PY:-.venv/bin/python}
 BIN=$(dirname "$PY")
 OUT=outputs/demo
 DATA=${BLIP2_DATA_DIR:-data}/synthetic
+TINY=(preset=tiny trainer=cpu logger=csv)
 step() { echo; echo "== $* =="; }
 
-step "0/7 synthetic captioned shapes -> tokenizer -> WebDataset shards"
+step "0/10 synthetic world in the real data layout, with the demo stand-ins for BERT and the LLM"
 bash run_scripts/prepare_synthetic.sh
-if [ ! -f "$DATA/llm/config.json" ]; then
-  step "0/7 DEMO STAND-IN for a pretrained LLM: tiny OPT trained on the captions' text only"
-  $PY data_scripts/train_demo_llm.py --annotations "$DATA/annotations/coco_karpathy_train.json" --out "$DATA/llm"
-fi
 rm -rf "$OUT"
-step "1/7 stage 1: Q-Former (ITC + ITM + LM) over a frozen tiny ViT"
-$BIN/blip2-train experiment=demo_stage1 paths.output_dir="$OUT/stage1" final_eval.enabled=false "$@"
-step "2/7 export stage 1 (Blip2ForImageTextRetrieval format)"
+step "1/10 stage 1: Q-Former (ITC + ITM + LM) over a frozen tiny ViT  [experiment=stage1_pretrain]"
+$BIN/blip2-train experiment=stage1_pretrain "${TINY[@]}" data.batch_size=64 trainer.max_steps=1200 \
+  paths.output_dir="$OUT/stage1" "$@"
+step "2/10 export stage 1 (Blip2ForImageTextRetrieval format)"
 $BIN/blip2-export "$OUT/stage1/checkpoints/last.ckpt" --out "$OUT/export_stage1"
-step "3/7 retrieval evaluation of the export (ITC top-k + ITM re-ranking)"
-$BIN/blip2-eval experiment=demo_retrieval_eval model.stage1_checkpoint="$OUT/export_stage1" paths.output_dir="$OUT/eval_retrieval"
-step "4/7 stage 2: stage-1 Q-Former -> frozen demo LLM"
-$BIN/blip2-train experiment=demo_stage2 paths.stage1_checkpoint="$OUT/export_stage1" paths.output_dir="$OUT/stage2" final_eval.enabled=false
-step "5/7 export stage 2 (Blip2ForConditionalGeneration + Blip2Processor)"
+step "3/10 COCO retrieval fine-tuning: ViT unfrozen, layer-wise lr decay  [experiment=retrieval_coco_ft]"
+$BIN/blip2-train experiment=retrieval_coco_ft "${TINY[@]}" paths.stage1_checkpoint="$OUT/export_stage1" \
+  data.batch_size=64 trainer.max_steps=300 eval.enabled=false paths.output_dir="$OUT/retrieval_ft" "$@"
+step "4/10 export the retrieval model"
+$BIN/blip2-export "$OUT/retrieval_ft/checkpoints/last.ckpt" --out "$OUT/export_retrieval"
+step "5/10 retrieval evaluation of the export (ITC top-k + ITM re-ranking)  [experiment=retrieval_coco_eval]"
+$BIN/blip2-eval experiment=retrieval_coco_eval "${TINY[@]}" paths.stage1_checkpoint="$OUT/export_retrieval" \
+  paths.output_dir="$OUT/eval_retrieval"
+step "6/10 stage 2: stage-1 Q-Former -> frozen demo LLM  [experiment=stage2_pretrain]"
+$BIN/blip2-train experiment=stage2_pretrain "${TINY[@]}" paths.stage1_checkpoint="$OUT/export_stage1" \
+  trainer.max_steps=1000 callbacks.periodic_eval.every_n_steps=250 paths.output_dir="$OUT/stage2" "$@"
+step "7/10 export stage 2 (Blip2ForConditionalGeneration + Blip2Processor)"
 $BIN/blip2-export "$OUT/stage2/checkpoints/last.ckpt" --out "$OUT/export_stage2"
-step "6/7 captioning evaluation of the export, with the image-blind baseline"
-$BIN/blip2-eval experiment=demo_caption_eval paths.stage2_checkpoint="$OUT/export_stage2" paths.output_dir="$OUT/eval_caption"
-step "7/7 captions from plain transformers, then the summary"
-$PY run_scripts/demo_transformers_caption.py "$OUT/export_stage2" "$DATA" 4
+step "8/10 COCO caption fine-tuning: prompt \"a photo of\", ViT unfrozen  [experiment=caption_coco_ft]"
+$BIN/blip2-train experiment=caption_coco_ft "${TINY[@]}" paths.stage2_checkpoint="$OUT/export_stage2" \
+  trainer.max_steps=300 eval.enabled=false paths.output_dir="$OUT/caption_ft" "$@"
+$BIN/blip2-export "$OUT/caption_ft/checkpoints/last.ckpt" --out "$OUT/export_caption"
+step "9/10 captioning evaluation of the export, with the image-blind baseline  [experiment=caption_coco_eval]"
+$BIN/blip2-eval experiment=caption_coco_eval "${TINY[@]}" paths.stage2_checkpoint="$OUT/export_caption" \
+  eval.image_blind_baseline=true paths.output_dir="$OUT/eval_caption"
+step "10/10 captions from plain transformers, then the summary"
+$PY run_scripts/demo_transformers_caption.py "$OUT/export_caption" "$DATA" 4
 $PY run_scripts/demo_summary.py "$OUT" "$DATA"

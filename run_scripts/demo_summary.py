@@ -14,7 +14,7 @@ out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/demo")
 data = Path(sys.argv[2] if len(sys.argv) > 2 else "data/synthetic")
 load = lambda p: json.loads((out / p).read_text())  # noqa: E731
 retrieval, caption = load("eval_retrieval/metrics.json"), load("eval_caption/metrics.json")
-test = read_annotations(data / "annotations" / "coco_karpathy_test.json", "karpathy")
+test = read_annotations(data / "coco" / "annotations" / "coco_karpathy_test.json", "karpathy")
 chance_r1 = 100.0 / len(test)
 
 rows = [
@@ -25,9 +25,13 @@ rows = [
     ("BLEU-4", caption["bleu4"], caption["blind/bleu4"], "image-blind"),
     ("METEOR", caption["meteor"], caption["blind/meteor"], "image-blind"),
 ]
+preds = load("eval_caption/captions_predictions.json")
 bars = {
     "text->image R@1 >= 10x chance": retrieval["img_r1"] >= 10 * chance_r1,
     "CIDEr >= 3x the image-blind baseline": caption["cider"] >= 3 * caption["blind/cider"],
+    # the fine-tuning prompt is input, never output
+    'no generated caption repeats the prompt "a photo of"': not any(p["caption"].startswith("a photo of")
+                                                                   for p in preds),
 }
 lines = [f"| metric | value | baseline | ratio |", "| --- | ---: | ---: | ---: |"]
 print(f"\nblip2-train demo: {len(test)} held-out synthetic images")
@@ -40,18 +44,22 @@ for k, ok in bars.items():
     print(f"learning bar: {k}: {'PASS' if ok else 'FAIL'}")
 
 s1, s2 = read_csv_metrics(out / "stage1"), read_csv_metrics(out / "stage2")
+rft, cft = read_csv_metrics(out / "retrieval_ft"), read_csv_metrics(out / "caption_ft")
 curves = plot_curves([("stage 1: Q-Former losses", s1, ["train/loss_itc", "train/loss_itm", "train/loss_lm"]),
+                      ("retrieval fine-tuning", rft, ["train/loss_itc", "train/loss_itm", "train/loss_lm"]),
                       ("stage 2: LLM caption loss", s2, ["train/loss"]),
-                      ("stage 2: held-out CIDEr", s2, ["val/cider"])], out / "loss_curves.png")
-preds = load("eval_caption/captions_predictions.json")
+                      ("stage 2: held-out CIDEr", s2, ["val/cider"]),
+                      ("caption fine-tuning", cft, ["train/loss"])], out / "loss_curves.png")
 refs = {r.image_id: r.captions for r in test}
-paths = {r.image_id: data / r.image for r in test}
+paths = {r.image_id: data / "coco" / "images" / r.image for r in test}
 grid = caption_grid(preds, refs, paths, out / "captions_grid.png")
 hf = (out / "transformers_caption.txt").read_text().strip() if (out / "transformers_caption.txt").exists() else ""
 report = f"""# blip2-train demo report
 
 Synthetic captioned shapes ({len(test)} held-out images), tiny models, CPU. Every step ran through the same
-`blip2-train` / `blip2-eval` / `blip2-export` commands and `conf/experiment/demo_*.yaml` configs a real run uses.
+`blip2-train` / `blip2-eval` / `blip2-export` commands and the same experiment files a real run uses
+(`stage1_pretrain`, `retrieval_coco_ft`, `retrieval_coco_eval`, `stage2_pretrain`, `caption_coco_ft`,
+`caption_coco_eval`), with the size/data overlay `preset=tiny`.
 
 **Demo stand-ins, not pretrained models:** the frozen ViT is randomly initialised (frozen, as in BLIP-2), and the
 frozen "LLM" is a tiny OPT-architecture model trained on the training captions' text only
@@ -74,7 +82,7 @@ The image-blind baseline is the same stage-2 model and decoding with every image
 
 ## Plain transformers from the export
 
-`Blip2ForConditionalGeneration.from_pretrained("{out / 'export_stage2'}")` + `Blip2Processor`:
+`Blip2ForConditionalGeneration.from_pretrained("{out / 'export_caption'}")` + `Blip2Processor`:
 
 ```
 {hf}
@@ -82,7 +90,8 @@ The image-blind baseline is the same stage-2 model and decoding with every image
 """
 (out / "report.md").write_text(report)
 summary = {"retrieval": retrieval, "caption": caption, "chance_text_to_image_r1": chance_r1,
-           "bars": bars, "stage1_train": load("stage1/metrics.json"), "stage2_train": load("stage2/metrics.json")}
+           "bars": bars, "stage1_train": load("stage1/metrics.json"), "retrieval_ft_train": load("retrieval_ft/metrics.json"),
+           "stage2_train": load("stage2/metrics.json"), "caption_ft_train": load("caption_ft/metrics.json")}
 (out / "metrics.json").write_text(json.dumps(summary, indent=1))
 print(f"report: {out / 'report.md'}")
 sys.exit(0 if all(bars.values()) else 1)

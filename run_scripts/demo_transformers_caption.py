@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Caption held-out images with plain transformers from a stage-2 export (no blip2-train code involved).
 
-    python run_scripts/demo_transformers_caption.py outputs/demo/export_stage2 data/synthetic 4
+    python run_scripts/demo_transformers_caption.py outputs/demo/export_caption data/synthetic 4
 """
 
 import json
@@ -17,8 +17,8 @@ n = int(sys.argv[3]) if len(sys.argv) > 3 else 4
 meta = json.loads((export / "blip2_train.json").read_text())  # the prompt and decoding the model was trained for
 model = Blip2ForConditionalGeneration.from_pretrained(str(export)).eval()
 processor = Blip2Processor.from_pretrained(str(export))
-test = json.loads((data / "annotations" / "coco_karpathy_test.json").read_text())[:n]
-images = [Image.open(data / t["image"]).convert("RGB") for t in test]
+test = json.loads((data / "coco" / "annotations" / "coco_karpathy_test.json").read_text())[:n]
+images = [Image.open(data / "coco" / "images" / t["image"]).convert("RGB") for t in test]
 inputs = processor(images=images, text=[meta["prompt"]] * n, return_tensors="pt")
 kw = {k: v for k, v in meta["generate_kwargs"].items() if k in ("num_beams", "max_new_tokens", "min_new_tokens")}
 with torch.no_grad():

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Synthetic captioned shapes -> tokenizer -> train/test shards, under ${BLIP2_DATA_DIR:-data}/synthetic.
+# The synthetic world under ${BLIP2_DATA_DIR:-data}/synthetic, laid out as the real data (what preset=tiny reads):
+# coco/ vg/ flickr30k/ nocaps/ annotations and images, shards/coco_karpathy_train and shards/vg_caption, and the
+# two demo stand-ins: bert/ (tokenizer + tiny random BERT) and llm/ (tiny OPT trained on the captions' text).
 # Idempotent: an existing, complete dataset is kept.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 DATA=${BLIP2_DATA_DIR:-data}/synthetic
-if [ -f "$DATA/shards/train/manifest.json" ] && [ -f "$DATA/tokenizer/tokenizer.json" ]; then
+if [ -f "$DATA/shards/vg_caption/manifest.json" ] && [ -f "$DATA/bert/config.json" ] && [ -f "$DATA/llm/config.json" ]; then
   echo "synthetic data ready in $DATA"; exit 0
 fi
 $PY data_scripts/make_synthetic.py --out "$DATA" --num-train "${NUM_TRAIN:-3000}" --num-val 100 --num-test "${NUM_TEST:-200}" --seed 0
-$PY data_scripts/train_tokenizer.py --annotations "$DATA/annotations/coco_karpathy_train.json" --out "$DATA/tokenizer"
-for split in train test; do
-  $PY data_scripts/build_shards.py --format karpathy --annotations "$DATA/annotations/coco_karpathy_$split.json" \
-    --images "$DATA" --out "$DATA/shards/$split" --shard-size 250 --workers 2
-done
+$PY data_scripts/train_tokenizer.py --annotations "$DATA/coco/annotations/coco_karpathy_train.json" --out "$DATA/bert" --tiny-bert
+$PY data_scripts/build_shards.py --format karpathy --annotations "$DATA/coco/annotations/coco_karpathy_train.json" \
+  --images "$DATA/coco/images" --out "$DATA/shards/coco_karpathy_train" --shard-size 250 --workers 2
+$PY data_scripts/build_shards.py --format vg --annotations "$DATA/vg/annotations/vg_caption.json" \
+  --images "$DATA/vg/images" --out "$DATA/shards/vg_caption" --shard-size 250 --workers 2
+echo "DEMO STAND-IN for a pretrained LLM: tiny OPT trained on the captions' text only"
+$PY data_scripts/train_demo_llm.py --annotations "$DATA/coco/annotations/coco_karpathy_train.json" --out "$DATA/llm"

@@ -17,21 +17,33 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> dict:
-    """Synthetic captioned shapes: annotations, images, a trained WordPiece tokenizer, train/test shards."""
+    """The synthetic world laid out as the real data (what `preset=tiny` reads with paths.data_dir=synth["dir"]):
+    COCO / VG / Flickr30k / NoCaps annotations, train shards of both sources, test shards, and the Q-Former
+    tokenizer with a tiny random BERT beside it, built with the same functions the data scripts run."""
     from blip2_train.data.annotations import read_annotations
     from blip2_train.data.shards import build_shards
-    from blip2_train.data.synthetic import make_synthetic
+    from blip2_train.data.synthetic import add_dataset_views, image_root, make_synthetic
+    from blip2_train.models.tiny_llm import make_tiny_bert
     from blip2_train.models.tokenizer import train_wordpiece_tokenizer
 
     root = tmp_path_factory.mktemp("synthetic")
     ann = make_synthetic(root, num_train=120, num_val=10, num_test=24, seed=1, image_size=32)
+    ann.update(add_dataset_views(root))
     texts = [c for r in read_annotations(ann["train"], "karpathy") for c in r.captions]
-    train_wordpiece_tokenizer(texts, root / "tokenizer", 300)
-    for split in ("train", "test"):
-        build_shards(read_annotations(ann[split], "karpathy"), root, root / "shards" / split, shard_size=15,
-                     progress=False)
-    return {"root": root, "ann": ann, "tokenizer": root / "tokenizer", "train_shards": root / "shards" / "train",
-            "test_shards": root / "shards" / "test"}
+    train_wordpiece_tokenizer(texts, root / "bert", 300)
+    make_tiny_bert(root / "bert", root / "bert")
+    for name, split in (("coco_karpathy_train", "train"), ("vg_caption", "vg"), ("test", "test")):
+        build_shards(read_annotations(ann[split], "karpathy"), image_root(root), root / "shards" / name,
+                     shard_size=15, progress=False)
+    # "root": what an annotation's image paths are relative to; "dir": paths.data_dir for preset=tiny
+    return {"root": image_root(root), "dir": root, "ann": ann, "tokenizer": root / "bert",
+            "train_shards": root / "shards" / "coco_karpathy_train", "test_shards": root / "shards" / "test"}
+
+
+def tiny_cli(synth, *overrides) -> list[str]:
+    """The Hydra overrides every CLI test starts from: preset=tiny on the synthetic world, CPU, no logger."""
+    return ["preset=tiny", f"paths.data_dir={synth['dir']}", "trainer=cpu", "logger=none", "callbacks.progress=null",
+            "data.num_workers=0", *overrides]
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,9 @@ def main(tokenizer, run_dir):
     from blip2_train.lit.stage1 import Stage1Module
     from conftest import batch_of
 
-    cfg = compose("train", ["experiment=demo_stage1", f"paths.bert_dir={tokenizer}", f"paths.output_dir={run_dir}",
-                            "model.qformer.hidden_dropout_prob=0.0", "model.qformer.attention_probs_dropout_prob=0.0"])
+    cfg = compose("train", ["experiment=stage1_pretrain", "preset=tiny", f"paths.bert_dir={tokenizer}",
+                            f"paths.output_dir={run_dir}", "arch.qformer.hidden_dropout_prob=0.0",
+                            "arch.qformer.attention_probs_dropout_prob=0.0"])
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     from hydra.utils import instantiate

@@ -26,7 +26,7 @@ def root_of(experiment: str) -> str:
 def test_every_experiment_composes_and_builds_its_data_module(experiment, synth, tiny_llms):
     cfg = compose(root_of(experiment), [f"experiment={experiment}", f"paths.bert_dir={synth['tokenizer']}",
                                         "paths.vision_checkpoint=null", f"paths.llm_dir={tiny_llms['opt']}",
-                                        "paths.stage1_checkpoint=null", "paths.stage2_checkpoint=null"])
+                                        "paths.stage1_checkpoint=null", f"paths.stage2_checkpoint={tiny_llms['opt']}"])
     with open_dict(cfg):
         cfg.paths.output_dir = "/tmp/unused"
     dm = instantiate(cfg.data)
@@ -34,16 +34,17 @@ def test_every_experiment_composes_and_builds_its_data_module(experiment, synth,
     if dm.text.get("kind") == "llm":  # stage 2: the LLM's tokenizer with <image>, and a collator that agrees
         assert "<image>" in dm.tokenizer.get_vocab()
         col = dm.make_collator()
-        assert col.nq == cfg.model.num_query_tokens and col.prompt == (cfg.model.prompt or "")
+        assert col.nq == cfg.model.num_query_tokens and col.prompt == (cfg.model.text.prompt or "")
     else:
         assert dm.tokenizer.bos_token == "[DEC]"
 
 
-@pytest.mark.parametrize("group", ["strategy", "logger", "trainer", "model"])
+@pytest.mark.parametrize("group", ["strategy", "logger", "trainer", "model", "arch", "preset"])
 def test_every_group_option_composes(group):
     for opt in sorted(p.stem for p in (config_dir() / group).glob("*.yaml")):
         cfg = compose("train", [f"{group}={opt}"])
-        assert group in cfg
+        # a preset is a global overlay (no node of its own): it resizes the towers
+        assert group in cfg if group != "preset" else cfg.arch.vision.hidden_size < 1408
 
 
 def run_cli(args, **env):
@@ -53,7 +54,7 @@ def run_cli(args, **env):
 
 
 def test_unknown_key_gives_one_line_error():
-    r = run_cli(["experiment=demo_stage1", "data.batch_sze=8"])
+    r = run_cli(["experiment=stage1_pretrain", "preset=tiny", "data.batch_sze=8"])
     assert r.returncode == 2
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1, r.stderr
@@ -61,6 +62,6 @@ def test_unknown_key_gives_one_line_error():
 
 
 def test_missing_required_path_names_the_key():
-    r = run_cli(["data=synthetic", "model=stage1_tiny", "trainer=cpu", "strategy=auto", "logger=none"])
+    r = run_cli(["arch=tiny", "trainer=cpu", "strategy=auto", "logger=none"])
     assert r.returncode == 2
     assert "paths.bert_dir" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

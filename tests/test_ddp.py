@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from blip2_train.models import losses
+from conftest import tiny_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,13 +55,11 @@ def test_two_process_ddp_fit_through_cli_and_its_resume(synth, tmp_path):
 
     def fit(steps, *extra):
         return subprocess.run(
-            [sys.executable, "-m", "blip2_train.cli.train", "experiment=demo_stage1", f"paths.data_dir={tmp_path}",
-             f"paths.bert_dir={synth['tokenizer']}", f"data.train_sources.0.urls={synth['train_shards']}",
-             f"data.eval_set.annotation={synth['ann']['test']}", f"data.eval_set.image_root={synth['root']}",
-             "trainer.devices=2", "strategy=ddp", "+strategy.process_group_backend=gloo", f"trainer.max_steps={steps}",
-             "module.max_steps=6", "data.batch_size=4", "data.num_workers=1", "data.samples_per_epoch=64",
-             "callbacks.progress=null", "logger=none", "final_eval.enabled=true", "final_eval.k_test=4",
-             f"paths.output_dir={out}", *extra],
+            [sys.executable, "-m", "blip2_train.cli.train", "experiment=stage1_pretrain",
+             *tiny_cli(synth, "trainer.devices=2", "strategy=ddp", "+strategy.process_group_backend=gloo",
+                       f"trainer.max_steps={steps}", "module.max_steps=6", "data.batch_size=4", "data.num_workers=1",
+                       "data.samples_per_epoch=64", "eval.enabled=true", "eval.k_test=4",
+                       f"paths.output_dir={out}", *extra)],
             cwd=REPO, env=clean_env(), timeout=300, capture_output=True, text=True)
 
     r = fit(4)
@@ -68,7 +67,7 @@ def test_two_process_ddp_fit_through_cli_and_its_resume(synth, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["global_step"] == 4 and "img_r1" in m and "train/loss_itc" in m
     assert (out / "checkpoints" / "last.ckpt").exists()
-    assert not list(tmp_path.glob("outputs*"))  # one output directory, none created elsewhere
+    assert not list(tmp_path.glob("outputs*")) and not list(REPO.glob("outputs/stage1_pretrain"))  # one directory
     # a second launch into the same directory resumes both ranks from last.ckpt (what a requeued job does)
     r = fit(6, "ckpt_path=auto")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -12,19 +12,21 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_cli
 from test_ddp import REPO, clean_env
 
 STEPS = 120
 
 
 def cli(out: Path, synth, llm, *extra) -> list[str]:
-    return [sys.executable, "-m", "blip2_train.cli.train", "experiment=demo_stage2", f"paths.llm_dir={llm}",
-            "paths.stage1_checkpoint=null", f"data.train_sources.0.urls={synth['train_shards']}",
-            "model.vision.hidden_size=32", "model.qformer.hidden_size=32", "model.num_query_tokens=4",
-            "data.batch_size=8", "data.num_workers=2", "data.samples_per_epoch=240", "logger=csv",
-            "trainer.log_every_n_steps=1", "callbacks.progress=null", "callbacks.model_checkpoint.every_n_train_steps=5",
-            f"trainer.max_steps={STEPS}", f"module.max_steps={STEPS}", "module.warmup_steps=10",
-            "final_eval.enabled=false", f"paths.output_dir={out}", *extra]
+    return [sys.executable, "-m", "blip2_train.cli.train", "experiment=stage2_pretrain",
+            *tiny_cli(synth, f"paths.llm_dir={llm}", "paths.stage1_checkpoint=null",
+                      "arch.vision.hidden_size=32", "arch.qformer.hidden_size=32", "arch.num_query_tokens=4",
+                      "data.batch_size=8", "data.num_workers=2", "data.samples_per_epoch=240", "logger=csv",
+                      "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=5",
+                      f"trainer.max_steps={STEPS}", f"module.max_steps={STEPS}", "module.warmup_steps=10",
+                      "eval.enabled=false", "callbacks.periodic_eval.every_n_steps=0", f"paths.output_dir={out}",
+                      *extra)]
 
 
 def losses(run: Path) -> dict[int, float]:

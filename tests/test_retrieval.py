@@ -37,20 +37,32 @@ def test_fast_protocol_equals_naive(seed, k):
         return itm[pairs[:, 0], pairs[:, 1]]
 
     i2t, t2i = retrieval.rerank(sim, k, score_pairs)
-    fast = retrieval.ranks_from_candidates(i2t, t2i, txt2img, img2txt, k)
+    fast = retrieval.ranks_from_candidates(i2t, t2i, txt2img, img2txt, sim)
     dense = retrieval.naive_protocol(sim, k, lambda i, j: float(itm[i, j]))
-    naive = retrieval.ranks_from_dense(*dense, txt2img, img2txt, k)
+    naive = retrieval.ranks_from_dense(*dense, txt2img, img2txt)
     assert torch.equal(fast[0], naive[0]) and torch.equal(fast[1], naive[1])
     assert retrieval.recall_metrics(*fast) == retrieval.recall_metrics(*naive)
     assert len(calls) == 1  # one batched call; each pair at most once
     assert calls[0] <= min(k, sim.shape[1]) * sim.shape[0] + min(k, sim.shape[0]) * sim.shape[1]
 
 
+def test_recall_beyond_k_test_comes_from_itc_order():
+    """A target outside the k_test candidates is ranked by ITC after them, not given rank k: with k_test=1 (the
+    candidate is ITC's top-1 anyway) every R@K equals the ITC ranking's, and R@5 is not inflated to 100."""
+    sim, itm, txt2img, img2txt = random_case(30, 5, 11)
+    i2t, t2i = retrieval.rerank(sim, 1, lambda p: itm[p[:, 0], p[:, 1]])
+    m = retrieval.recall_metrics(*retrieval.ranks_from_candidates(i2t, t2i, txt2img, img2txt, sim))
+    itc_only = retrieval.recall_metrics(*retrieval.ranks_from_dense(sim, sim.t(), txt2img, img2txt))
+    for key in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"):
+        assert m[key] == pytest.approx(itc_only[key]), key
+    assert m["txt_r5"] < 100.0 and m["img_r5"] < 100.0 and m["img_r10"] < 100.0
+
+
 def test_recall_matches_torchmetrics_hit_rate():
     sim, itm, txt2img, img2txt = random_case(12, 5, 7)
     k_test = 1000  # re-rank everything: final scores = itm + sim everywhere
     i2t, t2i = retrieval.rerank(sim, k_test, lambda p: itm[p[:, 0], p[:, 1]])
-    ranks = retrieval.ranks_from_candidates(i2t, t2i, txt2img, img2txt, k_test)
+    ranks = retrieval.ranks_from_candidates(i2t, t2i, txt2img, img2txt, sim)
     m = retrieval.recall_metrics(*ranks)
     score = sim + itm
     for k in (1, 5, 10):
@@ -78,8 +90,8 @@ def test_tiny_model_eval_equals_naive_protocol(synth, tiny_model, tokenizer):
     tiny_model.eval()
     tok = tokenizer(data.texts, padding="longest", truncation=True, max_length=35, return_tensors="pt")
     with torch.no_grad():
-        images = torch.stack([EvalImageDataset(data, 32)[i][0] for i in range(len(data))])
-        ie, feats = tiny_model.retrieval_image_embeds(images)
+        # the same image batches as the fast path: beyond k_test the order is ITC's, down to its last bit
+        ie, feats = (torch.cat(x) for x in zip(*(tiny_model.retrieval_image_embeds(b) for b, _ in loader)))
         txt = tiny_model.retrieval_text_feat(tok["input_ids"], tok["attention_mask"])
         sim = retrieval.itc_similarity(feats, txt)
 
@@ -88,7 +100,7 @@ def test_tiny_model_eval_equals_naive_protocol(synth, tiny_model, tokenizer):
                                                 tok["attention_mask"][j : j + 1])[0, 1])
 
         dense = retrieval.naive_protocol(sim, k, itm_one)
-    naive = retrieval.recall_metrics(*retrieval.ranks_from_dense(*dense, data.txt2img, data.img2txt, k))
+    naive = retrieval.recall_metrics(*retrieval.ranks_from_dense(*dense, data.txt2img, data.img2txt))
     for key, v in naive.items():
         assert m[key] == pytest.approx(v, abs=1e-6), key
 

@@ -30,7 +30,7 @@ def test_generated_deepspeed_config_passes_deepspeeds_validator(stage):
     assert strategy.config["train_micro_batch_size_per_gpu"] == 64 and strategy.config["gradient_clipping"] == 1.0
     assert "gradient_accumulation_steps" not in strategy.config  # Lightning sets it from the Trainer
     full = build_deepspeed_config(stage, 64, 4, 16, "bf16-mixed", 1.0)
-    assert full["train_batch_size"] == 64 * 4 * 16 and full["bf16"] == {"enabled": True}
+    assert full["train_batch_size"] == 64 * 4 * 16 and full["bf16"] == {"enabled": True, "check_grad_overflow": True}
     validate_deepspeed_config(full, 16)
 
 
@@ -98,12 +98,12 @@ def test_deepspeed_sharded_checkpoint_exports_consolidated(synth, tmp_path):
         torch.testing.assert_close(exported[k].float(), trained[k].float().reshape(exported[k].shape), msg=k)
 
 
-@pytest.mark.parametrize("stage,model,extra", [(1, "stage1_tiny", []), (2, "stage2_tiny", ["--llm", "tiny"])])
+@pytest.mark.parametrize("stage,model,extra", [(1, "tiny", []), (2, "tiny", ["--llm", "tiny"])])
 def test_bench_train_runs_on_cpu(tmp_path, capsys, stage, model, extra):
     from blip2_train.cli.bench import main
 
     doc = tmp_path / "bench.md"
-    assert main(["train", "--stage", str(stage), "--model", model, "--batch-size", "4", "--image-size", "32",
+    assert main(["train", "--stage", str(stage), "--arch", model, "--batch-size", "4", "--image-size", "32",
                  "--steps", "2", "--warmup", "1", "--doc", str(doc), *extra]) == 0
     text = doc.read_text()
     assert "MFU" in text and "samples/s" in text and "Q-Former" in text
@@ -128,7 +128,7 @@ def test_fsdp_style_sharded_checkpoint_exports_consolidated(synth, tmp_path):
     from blip2_train.lit.stage1 import Stage1Module
     from blip2_train.models.export import read_stage1_export_weights
 
-    cfg = compose("train", ["experiment=demo_stage1", f"paths.bert_dir={synth['tokenizer']}",
+    cfg = compose("train", ["experiment=stage1_pretrain", "preset=tiny", f"paths.data_dir={synth['dir']}",
                             f"paths.output_dir={tmp_path / 'run'}"])
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

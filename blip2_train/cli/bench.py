@@ -1,9 +1,9 @@
 """`blip2-bench`: measured figures, printed and written to docs/benchmarks.md.
 
     blip2-bench data --shards data/bench/shards --batches 40 --batch-size 32 --image-size 224
-    blip2-bench eval --model stage1_tiny --tokenizer ... --annotation ... --image-root ...
+    blip2-bench eval --arch tiny --tokenizer ... --annotation ... --image-root ...
     blip2-bench train --stage 1 --model stage1_vitg --batch-size 100          (GPU)
-    blip2-bench train --stage 2 --model stage2_tiny --llm tiny --batch-size 8 (CPU, CI-sized)
+    blip2-bench train --stage 2 --arch tiny --llm tiny --batch-size 8 (CPU, CI-sized)
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def bench_eval(a) -> None:
     torch.manual_seed(0)
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = compose("train", [f"model={a.model}", f"paths.bert_dir={a.tokenizer}", "paths.vision_checkpoint=null",
+    cfg = compose("train", [f"arch={a.arch}", "model=stage1_vitg", f"paths.bert_dir={a.tokenizer}", "paths.vision_checkpoint=null",
                             f"data.image_size={a.image_size}", *a.override])
     model = instantiate(cfg.model)
     if a.checkpoint:
@@ -132,10 +132,10 @@ def bench_eval(a) -> None:
     same = all(abs(fast[k] - base[k]) < 1e-9 for k in keys)
     ratio = base["eval_seconds"] / fast["eval_seconds"]
     body = ["## Retrieval evaluation (`blip2-bench eval`)\n",
-            f"Command: `blip2-bench eval --model {a.model} --annotation {a.annotation} --images {a.images} "
+            f"Command: `blip2-bench eval --arch {a.arch} --annotation {a.annotation} --images {a.images} "
             f"--k-test {a.k_test} --image-size {a.image_size}`  ",
             f"Machine: {machine()}, device {device}, {torch.get_num_threads()} threads; {len(data)} images x "
-            f"{len(data.texts)} texts, k_test {a.k_test}, model `{a.model}`.\n",
+            f"{len(data.texts)} texts, k_test {a.k_test}, arch `{a.arch}`.\n",
             "| protocol | seconds (encode + ITC + ITM re-rank) | txt_r1 | img_r1 | r_mean |", "| --- | ---: | ---: | ---: | ---: |",
             f"| reference: one ITM forward per image, then per text (dense -100 matrices) | {base['eval_seconds']:.2f} | "
             f"{base['txt_r1']:.2f} | {base['img_r1']:.2f} | {base['r_mean']:.2f} |",
@@ -144,7 +144,7 @@ def bench_eval(a) -> None:
             f"\n**Speed-up {ratio:.1f}x; metrics {'identical' if same else 'DIFFERENT'}.**"]
     text = "\n".join(body)
     print(text)
-    write_section(f"eval-{a.model}", text)
+    write_section(f"eval-{a.arch}", text)
     if not same:
         raise SystemExit("metrics differ between the two protocols")
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--image-size", type=int, default=224)
     e = sub.add_parser("eval", help="retrieval evaluation: batched protocol vs one-image-at-a-time ITM")
-    e.add_argument("--model", default="stage1_tiny", help="a conf/model/ config (random init unless --checkpoint)")
+    e.add_argument("--arch", default="tiny", help="a conf/arch/ config (random init unless --checkpoint)")
     e.add_argument("--checkpoint", help="stage-1 export directory or .pth to load")
     e.add_argument("--tokenizer", required=True, help="local BERT tokenizer directory")
     e.add_argument("--annotation", required=True, help="Karpathy-format test annotation")
@@ -171,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--image-size", type=int, default=224)
     e.add_argument("--device", default="auto")
     e.add_argument("--threads", type=int, default=0)
-    e.add_argument("override", nargs="*", help="extra Hydra overrides for the model config (model.qformer.hidden_size=...)")
+    e.add_argument("override", nargs="*", help="extra Hydra overrides (arch.qformer.hidden_size=...)")
     t = sub.add_parser("train", help="training-step throughput, MFU and peak memory (random-init models)")
     t.add_argument("--stage", type=int, choices=[1, 2], required=True)
-    t.add_argument("--model", default=None, help="conf/model config (default: stage1_vitg / stage2_opt)")
+    t.add_argument("--arch", default="vitg", help="conf/arch config: vitg (the paper) or tiny")
     t.add_argument("--llm", default="opt-2.7b", choices=["opt-2.7b", "opt-6.7b", "llama-7b", "tiny"])
     t.add_argument("--batch-size", type=int, default=None, help="default: 100 (stage 1) / 64 (stage 2) as the paper")
     t.add_argument("--steps", type=int, default=10)
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from blip2_train.bench_train import markdown, run
 
-        model = a.model or ("stage1_vitg" if a.stage == 1 else "stage2_opt")
+        model = a.arch
         bs = a.batch_size or (100 if a.stage == 1 else 64)
         r = run(a.stage, model, bs, a.steps, a.warmup, a.image_size, a.llm, a.text_len, a.device, a.peak_tflops)
         text = markdown(r, "blip2-bench " + " ".join(sys.argv[1:] if argv is None else argv))

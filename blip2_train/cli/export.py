@@ -45,10 +45,11 @@ def main(argv: list[str] | None = None) -> int:
             from blip2_train.models.export import export_stage2
             from blip2_train.models.llm import load_llm_tokenizer
 
-            gen = (cfg.get("final_eval") or {}).get("generate")
+            gen = (cfg.get("eval") or cfg.get("final_eval") or {}).get("generate")  # final_eval: older runs
             gen = {**CAPTION_GENERATION, **(OmegaConf.to_container(gen) if gen else {})}
+            prompt = (cfg.model.get("text") or {}).get("prompt", cfg.model.get("prompt"))
             out = export_stage2(model, load_llm_tokenizer(cfg.model.llm), a.out, int(cfg.data.image_size),
-                                prompt=cfg.model.get("prompt") or "", generate_kwargs=gen,
+                                prompt=prompt or "", generate_kwargs=gen,
                                 dtype=parse_dtype(a.dtype) if a.dtype else None)
         else:
             raise Blip2TrainError(f"{a.checkpoint}: unknown module {target!r} in the run's config")

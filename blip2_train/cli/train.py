@@ -96,6 +96,23 @@ def wandb_run_id(ckpt_path: str | None, run_dir: Path) -> str:
     return f"blip2-{stable_hash('wandb', str(owner)):016x}"[:22]
 
 
+def check_evaluation_fits_strategy(cfg: DictConfig) -> None:
+    """Evaluation during or after fit calls the model outside the training engine. Under ZeRO-3 or FSDP the
+    parameters are sharded there (each rank holds a slice): refuse before any work rather than fail (or
+    silently compute garbage) at the first evaluation. Export the checkpoint and run blip2-eval instead."""
+    from blip2_train.utils.errors import ConfigError
+
+    node = cfg.get("strategy") or {}
+    target = str(node.get("_target_", ""))
+    sharded = ("FSDP" in target or "ModelParallel" in target
+               or ("deepspeed" in target and int(node.get("stage", 0) or 0) == 3))
+    periodic = ((cfg.get("callbacks") or {}).get("periodic_eval") or {}).get("every_n_steps", 0)
+    if sharded and (cfg.eval.get("enabled", False) or periodic):
+        raise ConfigError("evaluation inside blip2-train is not supported with sharded parameters (ZeRO-3 / FSDP): "
+                          "set eval.enabled=false callbacks.periodic_eval.every_n_steps=0, then export the "
+                          "checkpoint and run blip2-eval")
+
+
 def train(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
@@ -105,6 +122,7 @@ def train(cfg: DictConfig) -> dict:
     for group in ("data", "model", "module"):  # wrong value types fail here, before any work
         if cfg.get(group) is not None and cfg[group].get("_target_"):
             check_types(cfg[group], cfg[group]._target_)
+    check_evaluation_fits_strategy(cfg)
     run_dir = resolve_run_dir(cfg)
     ckpt_path = resolve_ckpt_path(cfg, run_dir)
     if is_rank_zero():
@@ -129,11 +147,11 @@ def train(cfg: DictConfig) -> dict:
 
     metrics = to_floats(trainer.callback_metrics)
     metrics["global_step"] = trainer.global_step
-    final_eval = cfg.get("final_eval")
-    if final_eval and final_eval.get("enabled", False):
+    metrics["nonfinite_skipped"] = module.nonfinite_total
+    if cfg.eval.get("enabled", False):
         from blip2_train.eval.runner import run_evaluation
 
-        metrics.update(run_evaluation(module.model, datamodule, final_eval, trainer.strategy, out_dir=run_dir))
+        metrics.update(run_evaluation(module.model, datamodule, cfg.eval, out_dir=run_dir))
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)
         log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})

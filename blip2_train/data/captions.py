@@ -10,10 +10,10 @@ _STRIP_CHARS = re.compile(r"([.!\"()*#:;~])")
 _SPACES = re.compile(r"\s{2,}")
 
 
-def clean_caption(caption: str, max_words: int = 50, prompt: str = "") -> str:
+def clean_caption(caption: str, max_words: int = 50) -> str:
     """Lowercase, drop `.!"()*#:;~`, turn '-' and '/' into spaces, collapse spaces, keep `max_words` words.
 
-    The prompt (e.g. "a photo of ") is prefixed after cleaning, as the reference does.
+    No prompt here: the stage-2 collator puts `model.text.prompt` before the caption and masks it.
     """
     caption = _STRIP_CHARS.sub(" ", caption.lower())
     caption = caption.replace("-", " ").replace("/", " ").replace("<person>", "person")
@@ -21,9 +21,7 @@ def clean_caption(caption: str, max_words: int = 50, prompt: str = "") -> str:
     words = caption.split(" ")
     if len(words) > max_words:
         caption = " ".join(words[:max_words])
-    if not caption:
-        return ""
-    return prompt + caption
+    return caption
 
 
 def as_caption_list(value) -> list[str]:

@@ -63,7 +63,6 @@ class Blip2DataModule(L.LightningDataModule):
         hflip: bool = True,
         max_words: int = 50,
         max_txt_len: int = 32,
-        prompt: str = "",
         resampled: bool = True,
         shuffle_buffer: int = 1000,
         samples_per_epoch: int | None = None,
@@ -82,15 +81,15 @@ class Blip2DataModule(L.LightningDataModule):
         self.image_size = image_size
         self.eval_image_size = eval_image_size or image_size
         self.min_scale, self.hflip = min_scale, hflip
-        self.max_words, self.max_txt_len, self.prompt = max_words, max_txt_len, prompt
+        self.max_words, self.max_txt_len = max_words, max_txt_len
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self.samples_per_epoch = samples_per_epoch
         self.max_skip_rate = max_skip_rate
         self.jpeg_draft = jpeg_draft
         self.seed = seed
-        # How captions become model inputs. kind=qformer (stage 1): BERT tokens. kind=llm (stage 2): LLM tokens
-        # with image tokens and labels; its keys mirror the model config (num_query_tokens, prompt, end_text,
-        # prefix_lm, encoder_decoder) so both sides agree.
+        # How captions become model inputs: the model config's `text` node (data.text = ${model.text}), so both
+        # sides agree. kind=qformer (stage 1): BERT tokens. kind=llm (stage 2): LLM tokens with image tokens and
+        # labels (num_query_tokens, prompt, end_text, prefix_lm, encoder_decoder).
         self.text = {"kind": "qformer", **dict(text or {})}
         if self.text["kind"] not in ("qformer", "llm"):
             raise ConfigError(f"data.text.kind must be 'qformer' or 'llm', not {self.text.get('kind')!r}")
@@ -161,7 +160,7 @@ class Blip2DataModule(L.LightningDataModule):
 
     def build_train_stream(self, rank: int, world_size: int, one_pass: bool = False) -> ShardStream:
         transform = TrainTransform(self.image_size, self.min_scale, 1.0, self.hflip)
-        decoder = SampleDecoder(transform, self.max_words, self.prompt, jpeg_draft=self.jpeg_draft)
+        decoder = SampleDecoder(transform, self.max_words, jpeg_draft=self.jpeg_draft)
         return ShardStream(
             self.sources(), decoder, self.make_collator(), self.batch_size,
             rank=rank, world_size=world_size, seed=self.seed, resampled=self.resampled and not one_pass,

@@ -77,11 +77,10 @@ def shards_for_slot(urls: Sequence[str], slot: int, num_slots: int, seed: int, e
 class SampleDecoder:
     """Raw tar sample -> {image, caption, image_id} or None (skip, counted with its reason)."""
 
-    def __init__(self, transform, max_words: int = 50, prompt: str = "", max_pixels: int = 64_000_000,
+    def __init__(self, transform, max_words: int = 50, max_pixels: int = 64_000_000,
                  jpeg_draft: bool = True):
         self.transform = transform
         self.max_words = max_words
-        self.prompt = prompt
         self.max_pixels = max_pixels
         self.jpeg_draft = jpeg_draft
 
@@ -121,7 +120,7 @@ class SampleDecoder:
             return None
         return {
             "image": self.transform(img, rng),
-            "caption": self.prompt + pick_caption(cleaned, rng),
+            "caption": pick_caption(cleaned, rng),
             "image_id": image_id_to_int(image_id if image_id is not None else key),
         }
 

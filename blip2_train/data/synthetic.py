@@ -1,4 +1,9 @@
-"""A synthetic captioned-shapes dataset in the COCO Karpathy layout, for learning checks without downloads.
+"""A synthetic captioned-shapes dataset laid out as the real data is, for learning checks without downloads.
+
+`make_synthetic` writes COCO Karpathy-style splits (`coco/images/<split>/`, `coco/annotations/coco_karpathy_*.json`);
+`add_benchmark_views` adds the Flickr30k (`flickr30k/annotations/test.json`) and NoCaps (`nocaps/annotations/
+nocaps_val_4500_captions.json`, COCO caption format with a per-image domain) views of the same images, so that the
+shipped data configs and experiments run unchanged with `paths.data_dir` pointing here (`preset=tiny`).
 
 Each image holds one or two coloured shapes in distinct quadrants; every caption names every shape's
 colour, kind and quadrant, so a caption fully determines its image's content (retrieval and captioning are
@@ -79,25 +84,79 @@ def make_synthetic(
     min_captions: int = 1,
     max_captions: int = 5,
 ) -> dict[str, Path]:
-    """Write images + Karpathy-format annotations. Returns the annotation path of each split."""
+    """Write images + Karpathy-format annotations under `out/coco`. Returns the annotation path of each split;
+    image paths in the annotations are relative to `image_root(out)`."""
     out = Path(out)
     rng = random.Random(seed)
     paths = {}
     for split, n in (("train", num_train), ("val", num_val), ("test", num_test)):
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (image_root(out) / split).mkdir(parents=True, exist_ok=True)
         entries = []
         for i in range(n):
             objects = sample_objects(rng)
-            image_rel = f"images/{split}/{split}_{i:06d}.jpg"
-            make_image(objects, image_size, rng).save(out / image_rel, quality=95)
+            image_rel = f"{split}/{split}_{i:06d}.jpg"
+            make_image(objects, image_size, rng).save(image_root(out) / image_rel, quality=95)
             captions = [describe(objects, rng) for _ in range(rng.randint(min_captions, max_captions))]
             image_id = f"{split}_{i:06d}"
             if split == "train":  # the Karpathy train layout: one entry per caption
                 entries.extend({"image": image_rel, "caption": c, "image_id": image_id} for c in captions)
             else:
                 entries.append({"image": image_rel, "caption": captions, "image_id": image_id})
-        ann = out / "annotations" / f"coco_karpathy_{split}.json"
+        ann = out / "coco" / "annotations" / f"coco_karpathy_{split}.json"
         ann.parent.mkdir(parents=True, exist_ok=True)
         ann.write_text(json.dumps(entries))
         paths[split] = ann
     return paths
+
+
+def image_root(out: str | Path) -> Path:
+    return Path(out) / "coco" / "images"
+
+
+def add_dataset_views(out: str | Path, vg_fraction: float = 1 / 3) -> dict[str, Path]:
+    """The other datasets of the real layout, from the synthetic splits:
+    - Visual Genome (`vg/annotations/vg_caption.json`): the last `vg_fraction` of the train images, taken out of
+      the COCO train split, so that the two pretraining sources are disjoint as COCO and VG mostly are;
+    - Flickr30k test = the synthetic test split;
+    - NoCaps val = the val split in COCO caption format, with the domain named by the scene (one object:
+      in-domain; two of one colour: near-domain; else out-domain).
+    Flickr30k, NoCaps and VG read the COCO images through relative symlinks."""
+    out = Path(out)
+    views = {}
+    coco_train = out / "coco" / "annotations" / "coco_karpathy_train.json"
+    entries = json.loads(coco_train.read_text())
+    ids = list(dict.fromkeys(e["image_id"] for e in entries))
+    vg_ids = set(ids[len(ids) - int(len(ids) * vg_fraction):])
+    vg = out / "vg" / "annotations" / "vg_caption.json"
+    vg.parent.mkdir(parents=True, exist_ok=True)
+    vg.write_text(json.dumps([e for e in entries if e["image_id"] in vg_ids]))
+    coco_train.write_text(json.dumps([e for e in entries if e["image_id"] not in vg_ids]))
+    views["vg"] = vg
+    for name in ("vg", "flickr30k", "nocaps"):
+        link = out / name / "images"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to(Path("..") / "coco" / "images", target_is_directory=True)
+    for name in ("flickr30k", "nocaps"):
+        link = out / name / "images"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(Path("..") / "coco" / "images", target_is_directory=True)
+    flickr = out / "flickr30k" / "annotations" / "test.json"
+    flickr.parent.mkdir(parents=True, exist_ok=True)
+    flickr.write_text((out / "coco" / "annotations" / "coco_karpathy_test.json").read_text())
+    views["flickr30k"] = flickr
+    val = json.loads((out / "coco" / "annotations" / "coco_karpathy_val.json").read_text())
+    images, annotations = [], []
+    for n, entry in enumerate(val):
+        caps = entry["caption"]
+        colours = {w for c in caps for w in c.split() if w in COLORS}
+        domain = "in-domain" if " and " not in caps[0] and " next to " not in caps[0] and " with " not in caps[0] \
+            else ("near-domain" if len(colours) == 1 else "out-domain")
+        images.append({"id": n, "file_name": entry["image"], "domain": domain})
+        annotations.extend({"image_id": n, "id": len(annotations), "caption": c} for c in caps)
+    nocaps = out / "nocaps" / "annotations" / "nocaps_val_4500_captions.json"
+    nocaps.parent.mkdir(parents=True, exist_ok=True)
+    nocaps.write_text(json.dumps({"images": images, "annotations": annotations}))
+    views["nocaps"] = nocaps
+    return views

@@ -30,9 +30,9 @@ def broadcast_from_rank_zero(obj):
 
 class PeriodicEvaluation(L.Callback):
     def __init__(self, kind: str = "retrieval", every_n_steps: int = 5000, k_test: int = 128,
-                 pair_batch_size: int = 256, generate: dict | None = None, prompt: str | None = None,
-                 image_blind_baseline: bool = False, samples_in_table: int = 8, prefix: str = "val/"):
-        self.cfg = {"kind": kind, "k_test": k_test, "pair_batch_size": pair_batch_size, "prompt": prompt,
+                 pair_batch_size: int = 256, generate: dict | None = None, image_blind_baseline: bool = False,
+                 samples_in_table: int = 8, prefix: str = "val/"):
+        self.cfg = {"kind": kind, "k_test": k_test, "pair_batch_size": pair_batch_size,
                     "generate": dict(generate) if generate else None, "image_blind_baseline": image_blind_baseline}
         self.every_n_steps = every_n_steps
         self.samples_in_table = samples_in_table
@@ -51,7 +51,7 @@ class PeriodicEvaluation(L.Callback):
         from blip2_train.eval.runner import run_evaluation
 
         out_dir = Path(trainer.default_root_dir) / "eval" / f"step{step:07d}"
-        metrics = run_evaluation(pl_module.model, trainer.datamodule, self.cfg, trainer.strategy, out_dir=out_dir)
+        metrics = run_evaluation(pl_module.model, trainer.datamodule, self.cfg, out_dir=out_dir)
         metrics = broadcast_from_rank_zero(metrics)  # caption metrics exist on rank 0 only
         named = {self.prefix + k: float(v) for k, v in metrics.items()}
         # Straight to the loggers at this step (self.log would repeat the value at later logging steps), and

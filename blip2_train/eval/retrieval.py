@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 
 NEG = -100.0
+# Below every candidate (ITM + ITC > -100 in practice): non-candidates keep their ITC order there.
+TAIL = -1.0e4
 
 
 @dataclass
@@ -72,28 +74,43 @@ def fill_scores(i2t: Candidates, t2i: Candidates, pairs: torch.Tensor, itm: torc
     t2i.score = lookup(t2i.index, txt_rows).float() + t2i.itc.float()
 
 
-def candidate_rank(c: Candidates, row: int, targets: list[int], k: int) -> int:
-    """Best rank of any target column in this row; k if none is a candidate.
+def candidate_rank(c: Candidates, row: int, targets: list[int], itc_row: torch.Tensor) -> int:
+    """Best rank of any target column in this row, exact for every K.
 
-    Rank = candidates scoring higher + candidates scoring the same with a smaller column index: the order
-    of a stable descending sort. Exact ties are common (the same caption text on several images) and the
-    reference's `np.argsort(score)[::-1]` breaks them by accident of its sort; here they are broken the
-    same way on any number of ranks and batch sizes.
+    Candidates come first, in the order of their final (ITM + ITC) score; every other column follows in the
+    order of its ITC similarity (`itc_row`), which is what ranked it outside the top k. So a target that is not
+    a candidate has rank k + (non-candidates with a higher ITC), never an invented rank k: with k_test=1, R@5
+    is still the true R@5. (The reference scores non-candidates -100 and leaves their order to its sort.)
+
+    Ties are broken by the smaller column index (a stable descending sort), on any number of ranks and batch
+    sizes: exact ties are common (the same caption text on several images).
     """
-    best = k
+    best = None
     scores, index = c.score[row], c.index[row]
+    outside = None
     for t in targets:
         hit = (index == t).nonzero()
         if hit.numel():
             s = scores[hit[0, 0]]
-            best = min(best, int((scores > s).sum() + ((scores == s) & (index < t)).sum()))
+            r = int((scores > s).sum() + ((scores == s) & (index < t)).sum())
+        else:
+            if outside is None:
+                outside = torch.ones_like(itc_row, dtype=torch.bool)
+                outside[index] = False
+            s = itc_row[t]
+            ahead = (itc_row > s) | ((itc_row == s) & (torch.arange(itc_row.numel()) < t))
+            r = index.numel() + int((outside & ahead).sum())
+        best = r if best is None else min(best, r)
     return best
 
 
 def ranks_from_candidates(i2t: Candidates, t2i: Candidates, txt2img: list[int], img2txt: list[list[int]],
-                          k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ranks_i2t = torch.tensor([candidate_rank(i2t, i, img2txt[i], k) for i in range(len(img2txt))])
-    ranks_t2i = torch.tensor([candidate_rank(t2i, j, [txt2img[j]], k) for j in range(len(txt2img))])
+                          sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks of the true texts of every image and of the true image of every text; `sim` is the ITC
+    matrix [N_img, N_txt] that ranks what lies beyond the candidates."""
+    sim_t = sim.t().contiguous()
+    ranks_i2t = torch.tensor([candidate_rank(i2t, i, img2txt[i], sim[i]) for i in range(len(img2txt))])
+    ranks_t2i = torch.tensor([candidate_rank(t2i, j, [txt2img[j]], sim_t[j]) for j in range(len(txt2img))])
     return ranks_i2t, ranks_t2i
 
 
@@ -119,34 +136,38 @@ def rerank(sim: torch.Tensor, k: int, score_pairs: Callable[[torch.Tensor], torc
 
 def naive_protocol(sim: torch.Tensor, k: int, itm_score: Callable[[int, int], float]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference protocol, literally: dense -100 matrices, one row at a time, argsort ranks.
+    """The reference protocol, literally (dense matrices, one row at a time), except that non-candidates keep
+    their ITC order below every candidate (`TAIL + itc`) instead of a flat -100.
 
-    Used by the tests (and `blip2-bench eval`) as the ground truth for `rerank`.
+    Used by the tests (and `blip2-bench eval`) as the ground truth for `rerank` + `ranks_from_candidates`.
     """
     n_img, n_txt = sim.shape
-    score_i2t = torch.full((n_img, n_txt), NEG)
-    score_t2i = torch.full((n_txt, n_img), NEG)
+    score_i2t = sim.double() + TAIL  # float64: float32 at 1e4 would round ITC differences of 1e-3 away
+    score_t2i = sim.t().double() + TAIL
     for i in range(n_img):
         v, idx = sim[i].topk(min(k, n_txt))
         for c, j in zip(v.tolist(), idx.tolist()):
-            score_i2t[i, j] = itm_score(i, j) + c
+            score_i2t[i, j] = fp32_sum(itm_score(i, j), c)
     for j in range(n_txt):
         v, idx = sim[:, j].topk(min(k, n_img))
         for c, i in zip(v.tolist(), idx.tolist()):
-            score_t2i[j, i] = itm_score(i, j) + c
+            score_t2i[j, i] = fp32_sum(itm_score(i, j), c)
     return score_i2t, score_t2i
 
 
-def ranks_from_dense(score_i2t, score_t2i, txt2img, img2txt, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ranks from dense score matrices (argsort as the reference), clipped at k (beyond k only ties at -100)."""
+def fp32_sum(a: float, b: float) -> float:
+    """ITM + ITC rounded as the fast path rounds it (float32), so exact ties stay ties."""
+    return torch.tensor(a, dtype=torch.float32).add(torch.tensor(b, dtype=torch.float32)).item()
+
+
+def ranks_from_dense(score_i2t, score_t2i, txt2img, img2txt) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ranks from dense score matrices by a stable descending argsort (ties: smaller index first)."""
     r_i2t = []
     for i, row in enumerate(score_i2t):
         order = torch.argsort(row, descending=True, stable=True)
-        pos = torch.nonzero(torch.isin(order, torch.tensor(img2txt[i])))[0, 0].item()
-        r_i2t.append(min(pos, k))
+        r_i2t.append(torch.nonzero(torch.isin(order, torch.tensor(img2txt[i])))[0, 0].item())
     r_t2i = []
     for j, row in enumerate(score_t2i):
         order = torch.argsort(row, descending=True, stable=True)
-        pos = torch.nonzero(order == txt2img[j])[0, 0].item()
-        r_t2i.append(min(pos, k))
+        r_t2i.append(torch.nonzero(order == txt2img[j])[0, 0].item())
     return torch.tensor(r_i2t), torch.tensor(r_t2i)

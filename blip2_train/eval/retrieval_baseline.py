@@ -29,19 +29,20 @@ def evaluate_retrieval_one_at_a_time(model, data, image_loader, tokenizer, k_tes
     sim = retrieval.itc_similarity(image_feats, text_feat).cpu()
     n_img, n_txt = sim.shape
     k = min(k_test, n_txt, n_img)
-    score_i2t = torch.full((n_img, n_txt), retrieval.NEG)
-    score_t2i = torch.full((n_txt, n_img), retrieval.NEG)
+    # non-candidates in ITC order below the candidates (exact R@K); float64 so that TAIL + itc keeps every digit
+    score_i2t = sim.double() + retrieval.TAIL
+    score_t2i = sim.t().double() + retrieval.TAIL
     for i in range(n_img):
         v, idx = sim[i].topk(min(k_test, n_txt))
         emb = image_embeds[i : i + 1].float().expand(idx.numel(), -1, -1)
         itm = model.itm_forward(emb, ids[idx], mask[idx])[:, 1].float().cpu()
-        score_i2t[i, idx] = itm + v
+        score_i2t[i, idx] = (itm + v).double()
     for j in range(n_txt):
         v, idx = sim[:, j].topk(min(k_test, n_img))
         itm = model.itm_forward(image_embeds[idx].float(), ids[j : j + 1].expand(idx.numel(), -1),
                                 mask[j : j + 1].expand(idx.numel(), -1))[:, 1].float().cpu()
-        score_t2i[j, idx] = itm + v
-    r_i2t, r_t2i = retrieval.ranks_from_dense(score_i2t, score_t2i, data.txt2img, data.img2txt, k)
+        score_t2i[j, idx] = (itm + v).double()
+    r_i2t, r_t2i = retrieval.ranks_from_dense(score_i2t, score_t2i, data.txt2img, data.img2txt)
     metrics = retrieval.recall_metrics(r_i2t, r_t2i)
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics

@@ -90,7 +90,7 @@ def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[
         return gather_varlen(local)
 
     i2t, t2i = retrieval.rerank(sim, k_test, score_pairs)
-    ranks_i2t, ranks_t2i = retrieval.ranks_from_candidates(i2t, t2i, data.txt2img, data.img2txt, k_test)
+    ranks_i2t, ranks_t2i = retrieval.ranks_from_candidates(i2t, t2i, data.txt2img, data.img2txt, sim)
     metrics = retrieval.recall_metrics(ranks_i2t, ranks_t2i)
     metrics["eval_seconds"] = time.perf_counter() - t0
     metrics["eval_itc_seconds"] = t_itc
@@ -101,7 +101,7 @@ def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[
     return metrics
 
 
-def run_evaluation(model, datamodule, cfg, strategy=None, out_dir=None) -> dict[str, float]:
+def run_evaluation(model, datamodule, cfg, out_dir=None) -> dict[str, float]:
     """`cfg.kind`: retrieval (stage 1) or caption (stage 2). Every rank calls this; metrics are complete on
     rank 0 (retrieval: on every rank)."""
     from blip2_train.utils.errors import ConfigError
@@ -111,12 +111,11 @@ def run_evaluation(model, datamodule, cfg, strategy=None, out_dir=None) -> dict[
     data = datamodule.eval_data()
     loader = datamodule.eval_image_loader(r, w)
     image_range = shard_range(len(data), r, w)
+    log.info("rank %d/%d encodes images [%d, %d) of %d", r, w, *image_range, len(data))
     if kind == "caption":
         from blip2_train.eval.captioning import evaluate_captioning
 
-        prompt = cfg.get("prompt")
-        if prompt is None:
-            prompt = (getattr(datamodule, "text", None) or {}).get("prompt") or ""
+        prompt = datamodule.text.get("prompt") or ""  # the model's text.prompt: the one the model trained with
         gen = cfg.get("generate")
         metrics = evaluate_captioning(model, data, loader, datamodule.tokenizer, prompt,
                                       dict(gen) if gen else None, out_dir, cfg.get("spice", "auto"))

@@ -45,6 +45,7 @@ class Blip2LitModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model"])
         self._nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self._skip_optimizer_step = False
         self._t_last = None
 
     def compute(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -72,16 +73,20 @@ class Blip2LitModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int):
         loss, extras = self.compute(batch)
         bs = batch["image"].shape[0]
-        if not torch.isfinite(loss):
+        if self.nonfinite_on_any_rank(loss):
+            # Every rank still runs backward (DDP's and ZeRO's gradient collectives must match across ranks);
+            # the optimizer step is then skipped on all ranks at once (optimizer_step), the GradScaler pattern.
+            self._skip_optimizer_step = True
             self._nonfinite_in_a_row += 1
             self.nonfinite_total += 1
             self.log("train/nonfinite_skipped", float(self.nonfinite_total), batch_size=bs)
-            log.warning("non-finite loss at step %d (%d in a row): step skipped", self.global_step,
+            log.warning("non-finite loss at step %d on %s (%d in a row): optimizer step skipped on every rank",
+                        self.global_step, "this rank" if not torch.isfinite(loss) else "another rank",
                         self._nonfinite_in_a_row)
             if self._nonfinite_in_a_row >= self.hparams.max_consecutive_nonfinite:
                 raise NonFiniteLossError(f"{self._nonfinite_in_a_row} non-finite losses in a row at step "
                                          f"{self.global_step}: stopping (module.max_consecutive_nonfinite)")
-            return None  # Lightning skips backward and the optimizer step
+            return loss
         self._nonfinite_in_a_row = 0
         now = time.perf_counter()
         kw = dict(batch_size=bs, sync_dist=False)
@@ -95,6 +100,34 @@ class Blip2LitModule(L.LightningModule):
             self.log("train/samples_per_s", bs * self.trainer.world_size / (now - self._t_last), prog_bar=True, **kw)
         self._t_last = now
         return loss
+
+    @staticmethod
+    def nonfinite_on_any_rank(loss: torch.Tensor) -> bool:
+        """One flag reduced over ranks, so that every rank takes the same decision (one tiny all-reduce)."""
+        import torch.distributed as dist
+
+        from blip2_train.models.distributed import is_dist
+
+        flag = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if is_dist():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """Skip the update of a window that held a non-finite loss, on every rank: after backward the gradients
+        are dropped (None), so AdamW leaves weights and moments untouched; the schedule still advances.
+        DeepSpeed keeps gradients in its own buffers: its bf16 `check_overflow` (set by our config) skips there."""
+
+        def closure():
+            out = optimizer_closure() if optimizer_closure is not None else None
+            if self._skip_optimizer_step:
+                optimizer.zero_grad(set_to_none=True)
+            return out
+
+        try:
+            optimizer.step(closure=closure)
+        finally:
+            self._skip_optimizer_step = False
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from blip2_train.models import convert
+from blip2_train.models import convert, vision
 from blip2_train.models.stage1 import Blip2Stage1, build_stage1_config
 from blip2_train.models.tokenizer import load_qformer_tokenizer
-from blip2_train.utils.errors import CheckpointError
+from blip2_train.utils.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ def init_vision_from(model: Blip2Stage1, source: str | os.PathLike) -> None:
         sd = {k[len("hf.vision_model."):]: v for k, v in mapped.items() if k.startswith("hf.vision_model.")}
         if not sd:
             raise CheckpointError(f"{src}: no visual_encoder.* / ln_vision.* weights in this file")
+    vision.fit_position_embedding(sd, "embeddings.position_embedding",
+                                  model.hf.vision_model.embeddings.position_embedding)
     missing = convert.load_into(model.hf.vision_model, sd, f"vision weights from {src}",
                                 allow_missing=("post_layernorm.",))
     if missing:
@@ -106,14 +108,27 @@ def load_stage1_weights(model: Blip2Stage1, source: str | os.PathLike) -> None:
         if unmatched:
             raise CheckpointError(f"{src}: {len(unmatched)} key(s) match nothing in BLIP-2 stage 1: {unmatched[:8]}")
         what = f"reference checkpoint {src}"
+    # A 224 px result evaluated or fine-tuned at 364 px: bicubic on the patch grid, once, at load time.
+    vision.fit_position_embedding(sd, "hf.vision_model.embeddings.position_embedding",
+                                  model.hf.vision_model.embeddings.position_embedding)
     missing = convert.load_into(model, sd, what, allow_missing=TIED)
     if missing:
         log.warning("%s did not cover %d tensor(s), kept at init: %s", what, len(missing), missing[:8])
     log.info("loaded %d tensors from %s", len(sd), what)
 
 
+def qformer_tokenizer_source(tokenizer: str | None, stage1_checkpoint: str | None) -> str:
+    """The Q-Former tokenizer: `model.tokenizer` (paths.bert_dir), else the stage-1 export directory's own."""
+    if tokenizer:
+        return str(tokenizer)
+    if stage1_checkpoint and Path(str(stage1_checkpoint)).is_dir():
+        return str(stage1_checkpoint)
+    raise ConfigError("model.tokenizer is not set: give paths.bert_dir (the Q-Former tokenizer), or a stage-1 "
+                      "export directory as the stage-1 checkpoint (it holds the tokenizer)")
+
+
 def build_stage1_model(
-    tokenizer: str,
+    tokenizer: str | None,
     vision: dict,
     qformer: dict,
     num_query_tokens: int = 32,
@@ -128,9 +143,14 @@ def build_stage1_model(
     stage1_checkpoint: str | None = None,
     seed: int | None = None,
     compile_qformer: bool = False,
+    text: dict | None = None,
 ) -> Blip2Stage1:
-    """The `_target_` of `conf/model/stage1_*.yaml`."""
-    tok = load_qformer_tokenizer(tokenizer)
+    """The `_target_` of `conf/model/stage1_vitg.yaml`. `text` is read by the data side (data.text).
+
+    `tokenizer` null: the stage-1 export given as `stage1_checkpoint` holds it. With a `stage1_checkpoint` the
+    Q-Former is not first initialised from BERT (every weight is overwritten by the stage-1 result).
+    """
+    tok = load_qformer_tokenizer(qformer_tokenizer_source(tokenizer, stage1_checkpoint))
     qformer = dict(qformer)
     qformer["vocab_size"] = len(tok)  # BERT vocab + [DEC]
     cfg = build_stage1_config(dict(vision), qformer, num_query_tokens, embed_dim, attn_implementation)
@@ -138,7 +158,7 @@ def build_stage1_model(
         torch.manual_seed(seed)
     model = Blip2Stage1(cfg, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, temp=temp,
                         freeze_vision=False, ln_vision_eps=ln_vision_eps)
-    if bert_checkpoint:
+    if bert_checkpoint and not stage1_checkpoint:
         init_qformer_from_bert(model, bert_checkpoint)
     if vision_checkpoint:
         init_vision_from(model, vision_checkpoint)

@@ -172,12 +172,13 @@ def build_stage2_model(
     llm_attn_implementation: str | None = "sdpa",
     seed: int | None = None,
     compile_qformer: bool = False,
-    **unused,
+    text: dict | None = None,
+    tokenizer: str | None = None,
 ) -> Blip2Stage2:
-    """The `_target_` of `conf/model/stage2_*.yaml`. Extra keys (prompt, prefix_lm) belong to the data side."""
-    unknown = set(unused) - {"prompt", "prefix_lm", "max_txt_len", "tokenizer"}
-    if unknown:
-        raise ConfigError(f"unknown model option(s) {sorted(unknown)}")
+    """The `_target_` of `conf/model/stage2_*.yaml`. `text` (prompt, end_text, prefix_lm) is the data side's
+    (data.text); the model takes its `end_text`, where generation stops. `tokenizer` is read by the data side."""
+    if text is not None:
+        end_text = dict(text).get("end_text", end_text)
     if seed is not None:
         torch.manual_seed(seed)
     tok = llm_lib.load_llm_tokenizer(llm)

@@ -107,10 +107,32 @@ def make_tiny_llm(family: str, tokenizer_dir: str | os.PathLike, out_dir: str | 
     return model
 
 
+def make_tiny_bert(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0, hidden: int = 64,
+                   layers: int = 2, heads: int = 2, intermediate: int = 128, max_positions: int = 64,
+                   initializer_range: float = 0.07):
+    """A randomly initialised tiny `BertForMaskedLM` saved with its tokenizer: the demo's stand-in for a local
+    bert-base-uncased directory, so `preset=tiny` runs the real Q-Former-from-BERT initialisation."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(str(tokenizer_dir))
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=intermediate, max_position_embeddings=max_positions,
+                     initializer_range=initializer_range, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(cfg)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+    return model
+
+
 def pretrain_on_captions(model, tokenizer, texts: list[str], steps: int = 300, batch_size: int = 64, lr: float = 3e-3,
-                         seed: int = 0, log_every: int = 50, max_prefix: int = 24) -> list[float]:
-    """Teach a tiny causal LM the captions' language (bos + caption + eos): the demo's stand-in for an LLM's
-    pretraining. Plain next-token loss; returns the loss per step.
+                         seed: int = 0, log_every: int = 50, max_prefix: int = 24,
+                         end_text: str | None = None) -> list[float]:
+    """Teach a tiny causal LM the captions' language (bos + caption + end): the demo's stand-in for an LLM's
+    pretraining. Plain next-token loss; returns the loss per step. `end_text` ends each caption (OPT-style
+    "\n", as stage 2 trains OPT to end captions); None: the eos token.
 
     Each caption follows a context of some of its own words, in order (not predicted). A real LLM reads its
     context: it continues a prompt. Trained on bare captions, a tiny LM would learn to ignore whatever precedes
@@ -123,13 +145,19 @@ def pretrain_on_captions(model, tokenizer, texts: list[str], steps: int = 300, b
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
+    end_id = tokenizer.eos_token_id
+    if end_text is not None:
+        ids = tokenizer(end_text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"end_text {end_text!r} is {len(ids)} tokens for this tokenizer; it must be one")
+        end_id = ids[0]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     losses = []
     for step in range(steps):
         batch = [rng.choice(texts) for _ in range(batch_size)]
-        rows = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in batch]
+        rows = [tokenizer(t)["input_ids"] + [end_id] for t in batch]
         prefixes = []
         for t in batch:
             words = [w for w in t.split() if rng.random() < 0.5]  # a subsequence: the words, in order

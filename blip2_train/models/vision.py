@@ -7,6 +7,7 @@ ln_vision trainable while the tower is frozen; `encode_image` reproduces exactly
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -17,10 +18,12 @@ def encode_image(vision_model, pixel_values: torch.Tensor, frozen: bool,
                  interpolate_pos_encoding: bool = False) -> torch.Tensor:
     """[B, 3, H, W] -> image tokens [B, N, Dv] in fp32, after ln_vision.
 
-    A frozen tower runs without autograd (no activations kept), in its own dtype (bf16/fp16/fp32).
+    A frozen tower runs without autograd (no activations kept), in its own dtype (bf16/fp16/fp32), autocast off.
+    An unfrozen tower (fine-tuning) keeps fp32 master weights and computes under the caller's autocast (bf16
+    with `trainer.precision=bf16-mixed`), as the reference fine-tunes under AMP.
     """
     with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-        with torch.autocast(pixel_values.device.type, enabled=False):
+        with torch.autocast(pixel_values.device.type, enabled=False) if frozen else contextlib.nullcontext():
             x = vision_model.embeddings(pixel_values.to(vision_model.embeddings.patch_embedding.weight.dtype),
                                         interpolate_pos_encoding=interpolate_pos_encoding)
             x = vision_model.encoder(inputs_embeds=x).last_hidden_state

@@ -60,7 +60,9 @@ def build_deepspeed_config(stage: int, micro_batch_size: int, accumulate_grad_ba
     }
     kind = PRECISIONS[precision]
     if kind == "bf16":
-        cfg["bf16"] = {"enabled": True}
+        # A non-finite gradient skips the step on every rank (ZeRO checks all partitions), as fp16 does: a NaN
+        # on one rank cannot reach the weights (the module counts the skip). Explicit: older DeepSpeed had it off.
+        cfg["bf16"] = {"enabled": True, "check_grad_overflow": True}
     elif kind == "fp16":
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                        "hysteresis": 2, "min_loss_scale": 1}
