@@ -287,3 +287,90 @@ def test_prefix_split_draws_every_point_from_one_to_the_middle(tiny_llms, refere
     ks = {len(col.prefix_split(cap, random.Random(s))[0].split()) for s in range(300)}
     assert ks == set(range(1, n // 2 + 1))
     assert col.prefix_split("circle", random.Random(0)) == ("circle", "")
+
+
+# --- the user's path: fine-tuning, evaluation and export from the command line ----------------------------
+
+
+def test_reference_pth_through_finetune_eval_and_export(tiny_llms, synth, tmp_path, capsys):
+    """`blip2_caption_opt2.7b.pth` + a local OPT directory, at tiny size: caption fine-tuning, captioning
+    evaluation and export (of the fine-tuned run and of the .pth itself), each from its console script."""
+    from hydra.utils import instantiate
+    from PIL import Image
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from blip2_train.cli.common import compose
+    from blip2_train.data.annotations import read_annotations
+    from test_robustness import cli
+
+    opt = tiny_llms["opt"]
+    tiny = ["model=stage2_tiny", f"paths.llm_dir={opt}", "data.image_size=32", "model.ln_vision_eps=1.0e-5"]
+
+    def build(pth):
+        return instantiate(compose("train", ["experiment=caption_coco_ft", f"paths.stage2_checkpoint={pth or 'null'}", *tiny]).model)
+
+    src = build(None)
+    with torch.no_grad():
+        src.hf.language_projection.weight.normal_(0, 0.5)
+    pth = make_reference_pth(src, "opt", tmp_path / "blip2_caption_opt.pth")
+    data = [f"data.eval_set.annotation={synth['ann']['test']}", f"data.eval_set.image_root={synth['root']}",
+            "+data.eval_set.limit=6", "data.num_workers=0"]
+
+    r = cli("experiment=caption_coco_ft", f"paths.stage2_checkpoint={pth}", *tiny, *data,
+            f"data.train_sources.0.urls={synth['train_shards']}", "data.batch_size=4", "data.samples_per_epoch=16",
+            "trainer=cpu", "trainer.precision=32-true", "strategy=auto", "logger=none", "callbacks.progress=null",
+            "trainer.max_steps=2", "module.max_steps=2", "module.warmup_steps=1", "final_eval.enabled=false",
+            f"paths.output_dir={tmp_path / 'ft'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli("experiment=caption_coco_eval", f"paths.stage2_checkpoint={pth}", *tiny, *data, "data.eval_batch_size=3",
+            "eval.generate.num_beams=2", "eval.generate.max_new_tokens=5", "eval.generate.min_new_tokens=1",
+            "+eval.spice=false", f"paths.output_dir={tmp_path / 'eval'}", tool="evaluate")
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    preds = json.loads((tmp_path / "eval" / "captions_predictions.json").read_text())
+    assert metrics["num_images"] == 6 and "cider" in metrics and len(preds) == 6
+
+    # the fine-tuned run exports; the .pth exports directly, given the LLM directory
+    from blip2_train.cli.export import main as export
+
+    assert export([str(tmp_path / "ft" / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "exp_ft")]) == 0
+    assert export([str(pth), "--llm", str(opt), "--prompt", "a photo of", "--out", str(tmp_path / "exp_ref"),
+                   "model=stage2_tiny", "model.ln_vision_eps=1.0e-5"]) == 0
+    assert Blip2ForConditionalGeneration.from_pretrained(str(tmp_path / "exp_ft")).config.num_query_tokens == 8
+    hf = Blip2ForConditionalGeneration.from_pretrained(str(tmp_path / "exp_ref")).eval()
+    proc = Blip2Processor.from_pretrained(str(tmp_path / "exp_ref"))
+    recs = read_annotations(synth["ann"]["test"], "karpathy")[:3]
+    inputs = proc(images=[Image.open(synth["root"] / x.image).convert("RGB") for x in recs],
+                  text=["a photo of"] * 3, return_tensors="pt")
+    ours = build(pth).eval()
+    kw = dict(num_beams=5, max_new_tokens=8, min_new_tokens=3)
+    mine = ours.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **kw)
+    theirs = hf.generate(**inputs, **kw)
+    assert torch.equal(mine, theirs)
+    assert hf.language_model.config.eos_token_id == ours.end_token_id
+    # a wrong-LLM file is one line at the command line too
+    capsys.readouterr()
+    assert export([str(pth), "--llm", str(tiny_llms["t5"]), "--out", str(tmp_path / "bad"), "model=stage2_tiny"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert "opt_proj" in line and "model_type t5" in line
+
+
+def test_reference_defaults_in_the_configs(tiny_llms):
+    """stage2_opt / stage2_flant5 are the reference unless an option says otherwise; the frozen LLM trains with
+    its dropout on (the reference's model.train() reaches it) unless model.llm_dropout=false."""
+    from blip2_train.cli.common import compose
+
+    for name, extra in (("stage2_opt", {}), ("stage2_flant5", {"dense_act_fn": "gelu"})):
+        m = compose("train", ["experiment=stage2_pretrain", f"model={name}", "paths.llm_dir=x",
+                              "paths.stage1_checkpoint=null"]).model
+        assert m.ln_vision_eps == 1e-5 and m.vision.layer_norm_eps == 1e-6 and m.llm_dropout is True
+        assert not m.mask_bos_without_prompt and not m.keep_end_token and dict(m.llm_config) == extra
+    for dropout in (True, False):
+        model = tiny_stage2(tiny_llms["opt"], llm_dropout=dropout)
+        model.set_train_modes(True)
+        assert model.llm.training is dropout and model.hf.qformer.training
+        assert not model.hf.vision_model.encoder.training  # a frozen ViT never trains (the reference's too)
+        model.set_train_modes(False)
+        assert not model.llm.training

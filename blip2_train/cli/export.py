@@ -38,11 +38,11 @@ def reference_config(a):
     if family is None:
         raise CheckpointError(f"{a.checkpoint}: not a reference stage-2 checkpoint (no opt_proj.* / t5_proj.*); "
                               "stage-1 files export after training (blip2-train experiment=stage2_pretrain)")
-    overrides = [f"model={a.model or ('stage2_flant5' if family == 't5' else 'stage2_opt')}",
-                 f"paths.llm_dir={a.llm}", "paths.stage1_checkpoint=null", "module=stage2",
+    model = a.model or next((o.split("=", 1)[1] for o in a.overrides if o.startswith("model=")), None)
+    overrides = [f"model={model or ('stage2_flant5' if family == 't5' else 'stage2_opt')}", f"paths.llm_dir={a.llm}", "paths.stage1_checkpoint=null", "module=stage2",
                  f"model.stage2_checkpoint={Path(a.checkpoint).resolve()}"]
     try:
-        cfg = compose("train", overrides + list(a.overrides))
+        cfg = compose("train", overrides + [o for o in a.overrides if not o.startswith("model=")])
     except Exception as e:  # a misspelt key or value: one line, as blip2-train says it
         raise ConfigError(describe_config_error(e)) from None
     size = a.image_size
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="the run's config.yaml (default: found beside the checkpoint)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast the export (default: stage 1 float32; stage 2 as trained: frozen LLM in its dtype)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     setup_logging()
     try:
         from hydra.utils import instantiate
@@ -88,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = OmegaConf.load(a.config) if a.config else run_config_of(a.checkpoint)
         target = str(cfg.module.get("_target_", ""))
-        model = instantiate(cfg.model)
+        try:
+            model = instantiate(cfg.model)
+        except Exception as e:  # noqa: BLE001 - our own error, wrapped by hydra's instantiate
+            from blip2_train.cli.common import _causes
+
+            raise next((c for c in _causes(e) if isinstance(c, Blip2TrainError)), e) from None
         if not reference:  # a reference .pth was read by the model's builder (model.stage2_checkpoint)
             load_lightning_checkpoint(model, a.checkpoint)
         if "Stage1" in target:
