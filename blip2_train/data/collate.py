@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from blip2_train.utils.errors import ConfigError
+
 
 class CaptionCollator:
     """Stack images; tokenize captions with the Q-Former tokenizer (right truncation at `max_txt_len`)."""
@@ -55,6 +57,9 @@ class Stage2Collator:
         self.seed = seed
         self.mask_bos_without_prompt, self.keep_end_token = mask_bos_without_prompt, keep_end_token
         self.prompt_ids = self.tok(self.prompt)["input_ids"]
+        if encoder_decoder and end_token_id != self.tok.eos_token_id:  # T5 texts end with the tokenizer's own
+            raise ConfigError(f"an encoder-decoder LLM ends its texts with its eos ({self.tok.eos_token_id}), not "
+                              f"{end_token_id}: set model.end_text=null")
 
     def _ids(self, text: str, special: bool = True) -> list[int]:
         return self.tok(text, add_special_tokens=special)["input_ids"]

@@ -150,20 +150,8 @@ def load_stage2_weights(model: Blip2Stage2, source: str | os.PathLike, vision_lo
                                   "checkpoint")
     else:  # a Lightning checkpoint (a file, or a DeepSpeed/FSDP sharded directory) or a reference .pth
         ckpt = read_lightning_checkpoint(src)
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:  # a plain state dict: the reference's layout
-            ref = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
-            sd = reference_stage2_weights(src, ref, model)
-            tower = ("vision_model.embeddings.", "vision_model.encoder.")
-            missing = _load_fitted(model, sd, src)
-            if vision_loaded:
-                missing = [k for k in missing if not k.startswith(tower)]
-            if any(k.startswith(tower) for k in missing):
-                raise CheckpointError(f"{src} holds no visual_encoder.* (the reference saves only trained "
-                                      "weights): give the ViT as model.vision_checkpoint")
-            if missing:
-                raise CheckpointError(f"{src} lacks stage-2 weights for {missing[:5]}")
-            log.info("loaded %d reference stage-2 tensors from %s", len(sd), src)
-            return
+        if "state_dict" not in ckpt:  # a plain state dict: the reference's layout
+            return load_reference_stage2(model, src, ckpt.get("model", ckpt), vision_loaded)
         if ckpt.get("blip2_stage") == 1:
             raise CheckpointError(f"{src} is a stage-1 checkpoint: pass it as model.stage1_checkpoint")
         sd = {k[len("model.hf."):]: v for k, v in ckpt.get("state_dict", {}).items()
@@ -172,6 +160,20 @@ def load_stage2_weights(model: Blip2Stage2, source: str | os.PathLike, vision_lo
             raise CheckpointError(f"{src}: no stage-2 weights (model.hf.*) in this checkpoint")
     _load_fitted(model, sd, src)
     log.info("loaded %d stage-2 tensors from %s", len(sd), src)
+
+
+def load_reference_stage2(model: Blip2Stage2, src: Path, ref: dict, vision_loaded: bool) -> None:
+    sd = reference_stage2_weights(src, ref, model)
+    tower = ("vision_model.embeddings.", "vision_model.encoder.")
+    missing = _load_fitted(model, sd, src)
+    if vision_loaded:
+        missing = [k for k in missing if not k.startswith(tower)]
+    if any(k.startswith(tower) for k in missing):
+        raise CheckpointError(f"{src} holds no visual_encoder.* (the reference saves only trained weights): give "
+                              "the ViT as model.vision_checkpoint")
+    if missing:
+        raise CheckpointError(f"{src} lacks stage-2 weights for {missing[:5]}")
+    log.info("loaded %d reference stage-2 tensors from %s", len(sd), src)
 
 
 def _load_fitted(model: Blip2Stage2, sd: dict[str, torch.Tensor], src) -> list[str]:
