@@ -170,7 +170,8 @@ def test_reference_stage2_pth_lands_everywhere(tiny_llms, reference_files, famil
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
-    assert ours.hf.vision_model.post_layernorm.eps == 1e-5 and ours.hf.vision_model.encoder.layers[0].layer_norm1.eps == 1e-6
+    vm = ours.hf.vision_model
+    assert vm.post_layernorm.eps == 1e-5 and vm.encoder.layers[0].layer_norm1.eps == 1e-6  # ln_vision vs blocks
 
 
 def test_wrong_stage_or_llm_is_refused_with_one_line(tiny_llms, reference_files, synth, stage1_export, tmp_path):
@@ -268,7 +269,8 @@ def test_flant5_matches_the_reference(tiny_llms, reference_files, prefix_lm):
         loss = ours(b["image"], b["input_ids"], b["attention_mask"], b["labels"], b["decoder_attention_mask"]).loss
     assert torch.equal(b["labels"], targets)
     assert torch.equal(b["decoder_attention_mask"], (targets != -100).long())
-    assert torch.equal(b["input_ids"][:, q:], enc.input_ids) and torch.equal(b["attention_mask"][:, q:], enc.attention_mask)
+    assert torch.equal(b["input_ids"][:, q:], enc.input_ids)
+    assert torch.equal(b["attention_mask"][:, q:], enc.attention_mask)
     assert b["labels"].shape[1] <= MAX_TXT_LEN and (b["labels"] == tok.eos_token_id).sum(1).tolist() == [1] * 4
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
     if not prefix_lm:
@@ -307,7 +309,8 @@ def test_reference_pth_through_finetune_eval_and_export(tiny_llms, synth, tmp_pa
     tiny = ["model=stage2_tiny", f"paths.llm_dir={opt}", "data.image_size=32", "model.ln_vision_eps=1.0e-5"]
 
     def build(pth):
-        return instantiate(compose("train", ["experiment=caption_coco_ft", f"paths.stage2_checkpoint={pth or 'null'}", *tiny]).model)
+        over = ["experiment=caption_coco_ft", f"paths.stage2_checkpoint={pth or 'null'}", *tiny]
+        return instantiate(compose("train", over).model)
 
     src = build(None)
     with torch.no_grad():

@@ -40,7 +40,8 @@ def reference_config(a):
                               "stage-1 files export after training (blip2-train experiment=stage2_pretrain)")
     model = a.model or next((o.split("=", 1)[1] for o in a.overrides if o.startswith("model=")), None)
     overrides = [f"model={model or ('stage2_flant5' if family == 't5' else 'stage2_opt')}", f"paths.llm_dir={a.llm}",
-                 "paths.stage1_checkpoint=null", "module=stage2", f"model.stage2_checkpoint={Path(a.checkpoint).resolve()}"]
+                 "paths.stage1_checkpoint=null", "module=stage2",
+                 f"model.stage2_checkpoint={Path(a.checkpoint).resolve()}"]
     try:
         cfg = compose("train", overrides + [o for o in a.overrides if not o.startswith("model=")])
     except Exception as e:  # a misspelt key or value: one line, as blip2-train says it
