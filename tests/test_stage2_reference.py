@@ -377,3 +377,30 @@ def test_reference_defaults_in_the_configs(tiny_llms):
         assert not model.hf.vision_model.encoder.training  # a frozen ViT never trains (the reference's too)
         model.set_train_modes(False)
         assert not model.llm.training
+
+
+def test_flant5_pth_exports_with_the_references_activation(tiny_llms, reference_files, synth, tmp_path):
+    """blip2-export of a t5_proj file: the export's T5 config carries dense_act_fn=gelu, so plain transformers
+    generates what our model (and the reference) generate."""
+    from PIL import Image
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from blip2_train.cli.export import main as export
+    from blip2_train.data.annotations import read_annotations
+
+    pth, _ = reference_files["t5"]
+    sizes = ["model.vision.hidden_size=32", "model.vision.intermediate_size=64", "model.qformer.hidden_size=32",
+             "model.qformer.intermediate_size=64", "model.num_query_tokens=4"]
+    assert export([str(pth), "--llm", str(tiny_llms["t5"]), "--prompt", "a photo of", "--out", str(tmp_path / "e"),
+                   "model=stage2_tiny", "model.ln_vision_eps=1.0e-5", "+model.llm_config.dense_act_fn=gelu",
+                   *sizes]) == 0
+    hf = Blip2ForConditionalGeneration.from_pretrained(str(tmp_path / "e")).eval()
+    assert hf.config.text_config.dense_act_fn == "gelu"
+    proc = Blip2Processor.from_pretrained(str(tmp_path / "e"))
+    recs = read_annotations(synth["ann"]["test"], "karpathy")[:3]
+    inputs = proc(images=[Image.open(synth["root"] / x.image).convert("RGB") for x in recs],
+                  text=["a photo of"] * 3, return_tensors="pt")
+    ours = ours_from_pth(tiny_llms, pth, "t5")
+    kw = dict(num_beams=5, max_new_tokens=8, min_new_tokens=3)
+    assert torch.equal(ours.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **kw),
+                       hf.generate(**inputs, **kw))
