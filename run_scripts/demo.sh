@@ -31,7 +31,7 @@ step "5/10 retrieval evaluation of the export (ITC top-k + ITM re-ranking)  [exp
 $BIN/blip2-eval experiment=retrieval_coco_eval "${TINY[@]}" paths.stage1_checkpoint="$OUT/export_retrieval" \
   paths.output_dir="$OUT/eval_retrieval"
 step "6/10 stage 2: stage-1 Q-Former -> frozen demo LLM  [experiment=stage2_pretrain]"
-$BIN/blip2-train experiment=stage2_pretrain "${TINY[@]}" paths.stage1_checkpoint="$OUT/export_stage1" \
+$BIN/blip2-train experiment=stage2_pretrain "${TINY[@]}" paths.stage1_checkpoint="$OUT/export_stage1" paths.llm_dir="$DATA/llm" \
   trainer.max_steps=1000 callbacks.periodic_eval.every_n_steps=250 paths.output_dir="$OUT/stage2" "$@"
 step "7/10 export stage 2 (Blip2ForConditionalGeneration + Blip2Processor)"
 $BIN/blip2-export "$OUT/stage2/checkpoints/last.ckpt" --out "$OUT/export_stage2"

@@ -52,7 +52,7 @@ def metrics(run_dir: Path) -> dict:
 
 def small(synth, llm) -> list[str]:
     """preset=tiny, then smaller still: a few steps, a few images, short generation."""
-    return tiny_cli(synth, f"paths.llm_dir={llm}", "trainer.max_steps=2", "data.batch_size=4",
+    return tiny_cli(synth, "trainer.max_steps=2", "data.batch_size=4",
                     "data.samples_per_epoch=32", "data.eval_set.limit=6", "eval.k_test=3",
                     "eval.generate.num_beams=2", "eval.generate.max_new_tokens=6", "eval.generate.min_new_tokens=2")
 
@@ -62,7 +62,7 @@ def starts(name: str, chain: dict) -> list[str]:
     if name == "stage1_pretrain":
         return []
     if name == "stage2_pretrain":
-        return [f"paths.stage1_checkpoint={chain['export/stage1_pretrain']}"]
+        return [f"paths.stage1_checkpoint={chain['export/stage1_pretrain']}", f"paths.llm_dir={chain['opt']}"]
     if name == "stage2_pretrain+flant5":
         return [f"paths.stage1_checkpoint={chain['export/stage1_pretrain']}", "model=stage2_flant5",
                 f"paths.llm_dir={chain['t5']}"]
@@ -85,7 +85,7 @@ def chain(synth, tiny_llms, tmp_path_factory) -> dict:
     from blip2_train.models.export import read_stage1_export_weights
 
     root = tmp_path_factory.mktemp("chain")
-    out: dict = {"root": root, "t5": tiny_llms["t5"]}
+    out: dict = {"root": root, "opt": tiny_llms["opt"], "t5": tiny_llms["t5"]}
     for name in TRAIN:
         run_dir = root / name
         run("train", [f"experiment={name.split('+')[0]}", *small(synth, tiny_llms["opt"]), *starts(name, out),

@@ -122,8 +122,9 @@ def test_t5_prefix_lm_and_prompted_targets(tiny_llms):
         head = enc[q:-1]
         target = [t for t in b["labels"][i].tolist() if t != -100]
         assert target[-1] == tok.eos_token_id and head + target[:-1] == cap_ids  # the split loses nothing
-        assert 1 <= len(head) <= len(cap_ids) // 2
-        splits.add(len(head))
+        words = tok.decode(head).split()  # split at a word, from the first to half of them
+        assert 1 <= len(words) <= len(caps[0].split()) // 2 and caps[0].startswith(" ".join(words) + " ")
+        splits.add(len(words))
     assert len(splits) > 1  # random split points
     _, col2 = collator_for(model, tiny_llms["t5"], prompt="a photo of")
     b2 = col2(samples(1, captions=caps))

@@ -3,26 +3,76 @@
     blip2-export outputs/stage1_pretrain/<run>/checkpoints/last.ckpt --out exports/stage1
     Blip2ForImageTextRetrieval.from_pretrained("exports/stage1")   # then works (stage-1 runs)
     Blip2ForConditionalGeneration.from_pretrained("exports/stage2") + Blip2Processor (stage-2 runs)
+
+A reference stage-2 .pth (blip2_pretrained_opt2.7b.pth, blip2_caption_flant5xl.pth, ...) holds no LLM: give
+the local LLM directory it was trained with; the model config is stage2_opt / stage2_flant5 (by its projection)
+unless --model says otherwise, and trailing key=value pairs override it:
+    blip2-export blip2_caption_opt2.7b.pth --llm /ckpt/opt-2.7b --prompt "a photo of" --out exports/caption_opt
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 
 from blip2_train.cli.common import setup_logging
 from blip2_train.utils.errors import Blip2TrainError
 
 
+def reference_config(a):
+    """The run config a reference stage-2 .pth would have had: model from `--model` (or its projection's LLM
+    family), LLM from `--llm`, image size from its position embeddings, the .pth as model.stage2_checkpoint."""
+    from omegaconf import OmegaConf
+
+    from blip2_train.cli.common import compose, describe_config_error
+    from blip2_train.models import convert
+    from blip2_train.utils.errors import CheckpointError, ConfigError
+
+    if not a.llm:
+        raise ConfigError(f"{a.checkpoint} is not a Lightning checkpoint: a reference stage-2 .pth holds no LLM, "
+                          "pass --llm <local LLM directory>")
+    ref = convert.load_reference_pth(a.checkpoint)
+    family = convert.reference_projection_family(ref)
+    if family is None:
+        raise CheckpointError(f"{a.checkpoint}: not a reference stage-2 checkpoint (no opt_proj.* / t5_proj.*); "
+                              "stage-1 files export after training (blip2-train experiment=stage2_pretrain)")
+    model = a.model or next((o.split("=", 1)[1] for o in a.overrides if o.startswith("model=")), None)
+    overrides = [f"model={model or ('stage2_flant5' if family == 't5' else 'stage2_opt')}", f"paths.llm_dir={a.llm}",
+                 "paths.stage1_checkpoint=null", "module=stage2",
+                 f"model.stage2_checkpoint={Path(a.checkpoint).resolve()}"]
+    try:
+        cfg = compose("train", overrides + [o for o in a.overrides if not o.startswith("model=")])
+    except Exception as e:  # a misspelt key or value: one line, as blip2-train says it
+        raise ConfigError(describe_config_error(e)) from None
+    size = a.image_size
+    if size is None:
+        pos = ref.get("visual_encoder.pos_embed")
+        if pos is None:
+            raise ConfigError(f"{a.checkpoint} holds no visual_encoder.pos_embed: pass --image-size")
+        size = math.isqrt(pos.shape[1] - 1) * int(cfg.model.vision.patch_size)
+    cfg.data.image_size = size
+    if a.prompt is not None:
+        cfg.model.prompt = a.prompt
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="blip2-export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="Lightning .ckpt written by blip2-train")
+    p.add_argument("checkpoint", help="Lightning .ckpt written by blip2-train, or a reference stage-2 .pth")
+    p.add_argument("overrides", nargs="*", help="reference .pth only: Hydra overrides, e.g. model.num_query_tokens=32")
+    p.add_argument("--llm", help="reference .pth only: the local LLM directory it was trained with")
+    p.add_argument("--model", help="reference .pth only: model config (default stage2_opt / stage2_flant5)")
+    p.add_argument("--image-size", type=int, help="reference .pth only (default: from its position embeddings)")
+    p.add_argument("--prompt", help="reference .pth only: the prompt recorded for generation (default: the "
+                   "model config's)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", help="the run's config.yaml (default: found beside the checkpoint)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast the export (default: stage 1 float32; stage 2 as trained: frozen LLM in its dtype)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     setup_logging()
     try:
         from hydra.utils import instantiate
@@ -33,10 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         from blip2_train.models.export import export_stage1
         from blip2_train.models.tokenizer import load_qformer_tokenizer
 
-        cfg = OmegaConf.load(a.config) if a.config else run_config_of(a.checkpoint)
+        reference = Path(a.checkpoint).is_file() and Path(a.checkpoint).suffix != ".ckpt"
+        if reference:
+            cfg = reference_config(a)
+        else:
+            cfg = OmegaConf.load(a.config) if a.config else run_config_of(a.checkpoint)
         target = str(cfg.module.get("_target_", ""))
-        model = instantiate(cfg.model)
-        load_lightning_checkpoint(model, a.checkpoint)
+        try:
+            model = instantiate(cfg.model)
+        except Exception as e:  # noqa: BLE001 - our own error, wrapped by hydra's instantiate
+            from blip2_train.cli.common import _causes
+
+            raise next((c for c in _causes(e) if isinstance(c, Blip2TrainError)), e) from None
+        if not reference:  # a reference .pth was read by the model's builder (model.stage2_checkpoint)
+            load_lightning_checkpoint(model, a.checkpoint)
         if "Stage1" in target:
             out = export_stage1(model, load_qformer_tokenizer(cfg.model.tokenizer), a.out, int(cfg.data.image_size),
                                 parse_dtype(a.dtype or "float32"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from blip2_train.utils.errors import ConfigError
+
 
 class CaptionCollator:
     """Stack images; tokenize captions with the Q-Former tokenizer (right truncation at `max_txt_len`)."""
@@ -26,28 +28,38 @@ class CaptionCollator:
 
 
 class Stage2Collator:
-    """Images + LLM inputs with image tokens, labels and masks for stage 2 (built in the data workers).
+    """Images + LLM inputs with image tokens, labels and masks for stage 2 (built in the data workers), by the
+    reference's rules (LAVIS `Blip2OPT.forward` / `Blip2T5.forward`).
 
-    Decoder-only (OPT, LLaMA, GPT-2): `[<image> x Q] tok(prompt + " " + caption) end [pad...]`, right padded;
-    labels are the caption tokens and the end token, -100 on image tokens, on the prompt (BOS included) and
-    on padding. Padding is read from the attention mask, never from the pad id: LLaMA-family tokenizers pad
-    with unk or eos, and an eos that ends a caption must stay a label.
+    Decoder-only (OPT, LLaMA, GPT-2): `[<image> x Q] tok(prompt + " " + caption) end [pad...]`, right padded,
+    truncated at `max_txt_len` tokens (BOS and end included): an over-long caption loses its end token, as the
+    reference's truncation of `caption + "\n"` does (`keep_end_token` keeps it). Labels: -100 on image tokens
+    and padding; the prompt (BOS included) is masked when there is one, while with an empty prompt the BOS
+    after the queries is a target, as in the reference (`if self.prompt:`; `mask_bos_without_prompt` masks it
+    too). Padding is read from the attention mask, never from the pad id: LLaMA-family tokenizers pad with unk
+    or eos, and an eos that ends a caption must stay a label.
 
-    Encoder-decoder (T5/FlanT5): encoder `[<image> x Q] tok(prefix)`, decoder labels `tok(target)`. With
-    `prefix_lm` (pretraining) each caption is split at a random token, uniform from 1 to the middle: the head
-    goes to the encoder, the rest is the target. Otherwise the encoder gets the prompt ("a photo of") and the
-    target is the whole caption.
+    Encoder-decoder (T5/FlanT5): encoder `[<image> x Q] tok(text_input)`, decoder labels `tok(text_output)`,
+    each tokenised as the reference does (its `</s>` appended, truncated at `max_txt_len` with `</s>` kept).
+    With `prefix_lm` (pretraining) each caption is split at a random word, uniform from the first word to half
+    of them: the head is text_input, the rest text_output. Otherwise text_input is the prompt ("a photo of")
+    and text_output the whole caption.
     """
 
     def __init__(self, tokenizer, num_query_tokens: int, image_token_id: int, end_token_id: int, prompt: str = "",
-                 max_txt_len: int = 32, encoder_decoder: bool = False, prefix_lm: bool = False, seed: int = 0):
+                 max_txt_len: int = 32, encoder_decoder: bool = False, prefix_lm: bool = False, seed: int = 0,
+                 mask_bos_without_prompt: bool = False, keep_end_token: bool = False):
         self.tok = tokenizer
         self.nq, self.image_id, self.end_id = num_query_tokens, image_token_id, end_token_id
         self.prompt = prompt.strip()
         self.max_txt_len = max_txt_len
         self.encoder_decoder, self.prefix_lm = encoder_decoder, prefix_lm
         self.seed = seed
+        self.mask_bos_without_prompt, self.keep_end_token = mask_bos_without_prompt, keep_end_token
         self.prompt_ids = self.tok(self.prompt)["input_ids"]
+        if encoder_decoder and end_token_id != self.tok.eos_token_id:  # T5 texts end with the tokenizer's own
+            raise ConfigError(f"an encoder-decoder LLM ends its texts with its eos ({self.tok.eos_token_id}), not "
+                              f"{end_token_id}: set model.end_text=null")
 
     def _ids(self, text: str, special: bool = True) -> list[int]:
         return self.tok(text, add_special_tokens=special)["input_ids"]
@@ -58,19 +70,26 @@ class Stage2Collator:
         if full[:n_prompt] != self.prompt_ids:
             raise ValueError(f"prompt {self.prompt!r} tokenizes differently inside {caption!r}: end the prompt at a "
                              "word boundary without trailing space")
-        full = full[: self.max_txt_len - 1] + [self.end_id]
+        if self.keep_end_token:
+            full = full[: self.max_txt_len - 1] + [self.end_id]
+        else:
+            full = (full + [self.end_id])[: self.max_txt_len]
+        n_masked = n_prompt if self.prompt or self.mask_bos_without_prompt else 0
         ids = [self.image_id] * self.nq + full
-        labels = [-100] * (self.nq + n_prompt) + full[n_prompt:]
+        labels = [-100] * (self.nq + n_masked) + full[n_masked:]
         return ids, labels
 
+    def prefix_split(self, caption: str, rng) -> tuple[str, str]:
+        """(text_input, text_output) of prefix-LM pretraining. The reference's released code takes the two
+        texts as given; a split at a word keeps each part's tokens what the tokenizer makes of that text."""
+        words = caption.split()
+        k = rng.randint(1, max(1, len(words) // 2))
+        return " ".join(words[:k]), " ".join(words[k:])
+
     def encoder_decoder_row(self, caption: str, rng) -> tuple[list[int], list[int]]:
-        if self.prefix_lm:
-            cap = self._ids(caption, special=False)[: self.max_txt_len - 1]
-            k = rng.randint(1, max(1, len(cap) // 2))
-            enc, target = cap[:k] + [self.end_id], cap[k:] + [self.end_id]
-        else:
-            enc = self.prompt_ids
-            target = self._ids(caption, special=False)[: self.max_txt_len - 1] + [self.end_id]
+        text_input, text_output = self.prefix_split(caption, rng) if self.prefix_lm else (self.prompt, caption)
+        enc, target = (self.tok(t, truncation=True, max_length=self.max_txt_len)["input_ids"]
+                       for t in (text_input, text_output))
         return [self.image_id] * self.nq + enc, target
 
     @staticmethod

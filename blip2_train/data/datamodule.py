@@ -133,7 +133,9 @@ class Blip2DataModule(L.LightningDataModule):
         return Stage2Collator(self.tokenizer, int(t["num_query_tokens"]), image_token_id(self.tokenizer),
                               end_token_id(self.tokenizer, t.get("end_text")), prompt=t.get("prompt") or "",
                               max_txt_len=self.max_txt_len, encoder_decoder=self._llm_is_encoder_decoder(),
-                              prefix_lm=bool(t.get("prefix_lm", False)), seed=self.seed)
+                              prefix_lm=bool(t.get("prefix_lm", False)), seed=self.seed,
+                              mask_bos_without_prompt=bool(t.get("mask_bos_without_prompt", False)),
+                              keep_end_token=bool(t.get("keep_end_token", False)))
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:

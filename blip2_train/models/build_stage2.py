@@ -2,6 +2,8 @@
 
     stage-1 source  : a stage-1 export directory, a stage-1 Lightning checkpoint (its run's config.yaml is
                       read to rebuild the model), or an official reference `.pth` (blip2_pretrained.pth)
+    stage-2 source  : (optional, loaded last) a stage-2 export directory, a stage-2 Lightning checkpoint, or a
+                      reference stage-2 `.pth` (blip2_pretrained_opt2.7b.pth: opt_proj / t5_proj, no LLM)
     LLM             : a local transformers directory (OPT, LLaMA-family, GPT-2, T5/FlanT5, ...)
 
 The Q-Former's text-only parts (text FFNs, word/position embeddings, ITM/ITC heads, LM head, temp) are
@@ -49,8 +51,8 @@ def read_stage1_source(source: str | os.PathLike) -> dict[str, torch.Tensor]:
         if unmatched:
             stage2 = [k for k in unmatched if k.startswith(("opt_", "t5_", "llm_"))]
             if stage2:
-                raise CheckpointError(f"{src} is a stage-2 reference checkpoint ({stage2[0]}); stage 2 starts "
-                                      "from a stage-1 checkpoint")
+                raise CheckpointError(f"{src} is a stage-2 reference checkpoint ({stage2[0]}): pass it as "
+                                      "model.stage2_checkpoint (paths.stage2_checkpoint), not as a stage-1 source")
             raise CheckpointError(f"{src}: {len(unmatched)} key(s) match nothing in BLIP-2 stage 1: {unmatched[:8]}")
     else:
         raise CheckpointError(f"stage-1 checkpoint not found: {src}")
@@ -109,9 +111,31 @@ def build_stage2_hf(vision_cfg: dict, qformer_cfg: dict, llm_model, num_query_to
     return hf
 
 
-def load_stage2_weights(model: Blip2Stage2, source: str | os.PathLike) -> None:
+def reference_stage2_weights(src: Path, ref: dict[str, torch.Tensor], model: Blip2Stage2) -> dict[str, torch.Tensor]:
+    """A reference stage-2 state dict (`blip2_pretrained_opt2.7b.pth`, `blip2_caption_flant5xl.pth`, ...) ->
+    transformers names, after checking it is stage 2 and was trained into this kind of LLM."""
+    family = convert.reference_projection_family(ref)
+    if family is None:
+        if any(k.startswith(convert.STAGE1_ONLY) for k in ref):
+            raise CheckpointError(f"{src} is a stage-1 reference checkpoint (no opt_proj / t5_proj): pass it as "
+                                  "model.stage1_checkpoint")
+        raise CheckpointError(f"{src}: no stage-2 weights (neither the reference's opt_proj.* / t5_proj.* nor a "
+                              "blip2-train checkpoint's model.hf.*)")
+    llm_type = model.llm.config.model_type
+    if (family == "t5") != (llm_type in llm_lib.NO_FP16) or (family == "opt" and llm_type != "opt"):
+        raise CheckpointError(f"{src} holds {family}_proj.* (the reference's {family.upper()} stage 2) but model.llm "
+                              f"is of model_type {llm_type}: use the LLM it was trained with")
+    mapped, unmatched = convert.reference_stage2_to_ours(ref)
+    stray = unmatched + [k for k in mapped if not k.startswith("hf.")]
+    if stray:
+        raise CheckpointError(f"{src}: {len(stray)} key(s) match nothing in BLIP-2 stage 2: {stray[:8]}")
+    return {k[len("hf."):]: v for k, v in mapped.items()}
+
+
+def load_stage2_weights(model: Blip2Stage2, source: str | os.PathLike, vision_loaded: bool = False) -> None:
     """Vision, Q-Former, queries and projection of a stage-2 result (export directory, e.g. a saved
-    Salesforce/blip2-opt-2.7b, or a stage-2 .ckpt). The LLM stays the one loaded from model.llm."""
+    Salesforce/blip2-opt-2.7b, a stage-2 .ckpt, or a reference stage-2 .pth). The LLM stays the one loaded
+    from model.llm. `vision_loaded`: the ViT already came from elsewhere (a reference .pth may lack it)."""
     from blip2_train.cli.checkpoints import read_lightning_checkpoint
 
     src = Path(str(source))
@@ -124,19 +148,40 @@ def load_stage2_weights(model: Blip2Stage2, source: str | os.PathLike) -> None:
         if "language_projection.weight" not in sd:
             raise CheckpointError(f"{src} has no language_projection: not a stage-2 (Blip2ForConditionalGeneration) "
                                   "checkpoint")
-    else:  # a Lightning checkpoint: a file, or a DeepSpeed/FSDP sharded directory
+    else:  # a Lightning checkpoint (a file, or a DeepSpeed/FSDP sharded directory) or a reference .pth
         ckpt = read_lightning_checkpoint(src)
+        if "state_dict" not in ckpt:  # a plain state dict: the reference's layout
+            return load_reference_stage2(model, src, ckpt.get("model", ckpt), vision_loaded)
         if ckpt.get("blip2_stage") == 1:
             raise CheckpointError(f"{src} is a stage-1 checkpoint: pass it as model.stage1_checkpoint")
         sd = {k[len("model.hf."):]: v for k, v in ckpt.get("state_dict", {}).items()
               if k.startswith("model.hf.") and not k.startswith("model.hf.language_model.")}
         if not sd:
             raise CheckpointError(f"{src}: no stage-2 weights (model.hf.*) in this checkpoint")
+    _load_fitted(model, sd, src)
+    log.info("loaded %d stage-2 tensors from %s", len(sd), src)
+
+
+def load_reference_stage2(model: Blip2Stage2, src: Path, ref: dict, vision_loaded: bool) -> None:
+    sd = reference_stage2_weights(src, ref, model)
+    tower = ("vision_model.embeddings.", "vision_model.encoder.")
+    missing = _load_fitted(model, sd, src)
+    if vision_loaded:
+        missing = [k for k in missing if not k.startswith(tower)]
+    if any(k.startswith(tower) for k in missing):
+        raise CheckpointError(f"{src} holds no visual_encoder.* (the reference saves only trained weights): give "
+                              "the ViT as model.vision_checkpoint")
+    if missing:
+        raise CheckpointError(f"{src} lacks stage-2 weights for {missing[:5]}")
+    log.info("loaded %d reference stage-2 tensors from %s", len(sd), src)
+
+
+def _load_fitted(model: Blip2Stage2, sd: dict[str, torch.Tensor], src) -> list[str]:
+    """Load into model.hf (position embeddings resized to the configured image size); -> keys not covered."""
     own = model.hf.state_dict()
     vision.fit_position_embedding(sd, "vision_model.embeddings.position_embedding",
                                   own["vision_model.embeddings.position_embedding"])
-    convert.load_into(model.hf, sd, f"stage-2 weights from {src}", allow_missing=("language_model.",))
-    log.info("loaded %d stage-2 tensors from %s", len(sd), src)
+    return convert.load_into(model.hf, sd, f"stage-2 weights from {src}", allow_missing=("language_model.",))
 
 
 def enable_activation_checkpointing(model: Blip2Stage2, parts: dict | None) -> None:
@@ -167,6 +212,9 @@ def build_stage2_model(
     stage1_checkpoint: str | None = None,
     vision_checkpoint: str | None = None,
     stage2_checkpoint: str | None = None,
+    ln_vision_eps: float | None = None,
+    llm_config: dict | None = None,
+    llm_dropout: bool = False,
     activation_checkpointing: dict | None = None,
     attn_implementation: str | None = "sdpa",
     llm_attn_implementation: str | None = "sdpa",
@@ -175,21 +223,27 @@ def build_stage2_model(
     text: dict | None = None,
     tokenizer: str | None = None,
 ) -> Blip2Stage2:
-    """The `_target_` of `conf/model/stage2_*.yaml`. `text` (prompt, end_text, prefix_lm) is the data side's
-    (data.text); the model takes its `end_text`, where generation stops. `tokenizer` is read by the data side."""
+    """The `_target_` of `conf/model/stage2_*.yaml`. `text` (prompt, end_text, prefix_lm, label rules) is the data
+    side's (data.text); the model takes its `end_text`, where generation stops. `tokenizer` is read by the data side.
+    `ln_vision_eps`: eps of the ViT's final LayerNorm (the reference's ln_vision, 1e-5) where it differs from the
+    blocks' (1e-6); None = the blocks'. `llm_dropout`: the frozen LLM's dropout on during training (the reference)
+    or off. `llm_config`: attributes set on the LLM's config before it is built (FlanT5: dense_act_fn=gelu, as
+    the reference)."""
     if text is not None:
         end_text = dict(text).get("end_text", end_text)
     if seed is not None:
         torch.manual_seed(seed)
     tok = llm_lib.load_llm_tokenizer(llm)
-    lm = llm_lib.load_llm(llm, parse_dtype(llm_dtype), llm_attn_implementation)
+    lm = llm_lib.load_llm(llm, parse_dtype(llm_dtype), llm_attn_implementation, llm_config)
     if len(tok) > lm.get_input_embeddings().weight.shape[0]:
         lm.resize_token_embeddings(len(tok), mean_resizing=False)  # room for <image>; its row is never read
     image_id = llm_lib.image_token_id(tok)
     end_id = llm_lib.end_token_id(tok, end_text)
     hf = build_stage2_hf(vision, qformer, lm, num_query_tokens, image_id, end_id, tok.pad_token_id,
                          attn_implementation)
-    model = Blip2Stage2(hf, image_id, end_id, tok.pad_token_id, freeze_vision=False)
+    model = Blip2Stage2(hf, image_id, end_id, tok.pad_token_id, freeze_vision=False, llm_dropout=llm_dropout)
+    if ln_vision_eps is not None:  # transformers' config has one eps for the blocks and post_layernorm
+        model.hf.vision_model.post_layernorm.eps = float(ln_vision_eps)
     if stage1_checkpoint:
         sd = stage1_weights_for_stage2(read_stage1_source(stage1_checkpoint), model)
         missing = convert.load_into(model.hf, sd, f"stage-1 weights from {stage1_checkpoint}",
@@ -205,7 +259,7 @@ def build_stage2_model(
 
         init_vision_from(model, vision_checkpoint)
     if stage2_checkpoint:
-        load_stage2_weights(model, stage2_checkpoint)
+        load_stage2_weights(model, stage2_checkpoint, vision_loaded=bool(stage1_checkpoint or vision_checkpoint))
     model.freeze_vision, model.vision_dtype = freeze_vision, parse_dtype(vision_dtype)
     model.freeze()
     enable_activation_checkpointing(model, activation_checkpointing)

@@ -102,8 +102,36 @@ def reference_to_ours(ref: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return out, unmatched
 
 
-def ours_to_reference(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse map (for round-trip tests and for users who need the LAVIS layout back)."""
+# The reference's stage-2 checkpoints (blip2_pretrained_opt2.7b.pth, blip2_caption_flant5xl.pth, ...) hold the
+# stage-1 parts it keeps (visual_encoder.*, ln_vision.*, query_tokens, the Q-Former's query path) plus the
+# projection into the LLM, named after the LLM family; never the LLM itself.
+REFERENCE_PROJECTIONS = {"opt_proj.": "opt", "t5_proj.": "t5"}
+# The heads only a stage-1 checkpoint has.
+STAGE1_ONLY = ("Qformer.cls.", "vision_proj.", "text_proj.", "itm_head.", "temp")
+
+
+def reference_projection_family(ref: dict[str, torch.Tensor]) -> str | None:
+    """"opt" / "t5" for a reference stage-2 state dict, None for one without a projection (stage 1)."""
+    found = {fam for k in ref for prefix, fam in REFERENCE_PROJECTIONS.items() if k.startswith(prefix)}
+    if len(found) > 1:
+        raise CheckpointError(f"a reference checkpoint with both {sorted(found)} projections")
+    return found.pop() if found else None
+
+
+def reference_stage2_to_ours(ref: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A reference stage-2 state dict -> our names (`hf.*`); `opt_proj.*` / `t5_proj.*` become
+    `hf.language_projection.*`. Returns (mapped, unmatched keys)."""
+    proj = {k: v for k, v in ref.items() if k.startswith(tuple(REFERENCE_PROJECTIONS))}
+    out, unmatched = reference_to_ours({k: v for k, v in ref.items() if k not in proj})
+    for k, v in proj.items():
+        out["hf.language_projection." + k.split(".", 1)[1]] = v
+    return out, unmatched
+
+
+def ours_to_reference(sd: dict[str, torch.Tensor], projection: str | None = None) -> dict[str, torch.Tensor]:
+    """The inverse map (for round-trip tests and for users who need the LAVIS layout back). With `projection`
+    ("opt" / "t5"), a stage-2 model's `language_projection` becomes `<projection>_proj` (the LLM is left out,
+    as in the reference's stage-2 files)."""
     out = {}
     inv_vit = [
         (r"^embeddings\.class_embedding$", "cls_token"), (r"^embeddings\.position_embedding$", "pos_embed"),
@@ -148,6 +176,8 @@ def ours_to_reference(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[key[3:]] = value
         elif key == "temp":
             out["temp"] = value.reshape(())  # the reference's 0-d scalar
+        elif key.startswith("hf.language_projection.") and projection:
+            out[f"{projection}_proj." + key[len("hf.language_projection."):]] = value
     return out
 
 

@@ -94,6 +94,8 @@ def export_stage2(model, tokenizer, out_dir: str | Path, image_size: int, prompt
     meta = {"stage": 2, "exporter": f"blip2-train {__version__}", "image_size": image_size, "prompt": prompt,
             "image_token_id": model.image_token_id, "end_token_id": model.end_token_id,
             "pad_token_id": model.pad_token_id, "encoder_decoder": model.is_encoder_decoder,
+            # transformers applies vision_config.layer_norm_eps (the blocks') in post_layernorm as well
+            "ln_vision_eps": model.hf.vision_model.post_layernorm.eps,
             "generate_kwargs": dict(generate_kwargs or {})}
     (out / META).write_text(json.dumps(meta, indent=1))
     return out

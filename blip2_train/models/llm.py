@@ -23,6 +23,9 @@ NO_FP16 = ("t5", "mt5", "umt5", "longt5")
 
 def _require_dir(path, what: str) -> Path:
     p = Path(str(path))
+    if p.is_file():
+        raise CheckpointError(f"{what} {p} is a file, not a transformers directory (a reference .pth holds no LLM: "
+                              "point paths.llm_dir at the local LLM directory it was trained with)")
     if not p.is_dir():
         raise CheckpointError(
             f"{what} not found: {p} (no model hub here: save the model with save_pretrained and point at that "
@@ -65,25 +68,37 @@ def end_token_id(tokenizer, end_text: str | None) -> int:
     return ids[0]
 
 
-def load_llm(path: str | os.PathLike, dtype: torch.dtype, attn_implementation: str | None = "sdpa"):
-    """-> the pretrained LLM (decoder-only or encoder-decoder) in `dtype`."""
+def override_config(cfg, overrides: dict | None, where) -> None:
+    """Set `overrides` on an LLM config (model.llm_config); a key the config does not have is an error."""
+    for k, v in dict(overrides or {}).items():
+        if not hasattr(cfg, k):
+            raise ConfigError(f"model.llm_config.{k}: {where} ({cfg.model_type}) has no such config attribute")
+        setattr(cfg, k, v)
+
+
+def load_llm(path: str | os.PathLike, dtype: torch.dtype, attn_implementation: str | None = "sdpa",
+             config_overrides: dict | None = None):
+    """-> the pretrained LLM (decoder-only or encoder-decoder) in `dtype`, its config updated with
+    `config_overrides` first."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     p = _require_dir(path, "LLM directory")
     cfg = AutoConfig.from_pretrained(str(p))
     if cfg.model_type == "blip-2":  # a whole BLIP-2 checkpoint (e.g. a saved Salesforce/blip2-opt-2.7b)
+        override_config(cfg.text_config, config_overrides, p)
         return load_llm_from_blip2(p, cfg, dtype, attn_implementation)
+    override_config(cfg, config_overrides, p)
     if dtype == torch.float16 and cfg.model_type in NO_FP16:
         raise ConfigError(f"{p} is a {cfg.model_type} model: it overflows in float16; use model.llm_dtype=bfloat16")
     cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = cls.from_pretrained(str(p), dtype=dtype, **kw)
+        model = cls.from_pretrained(str(p), config=cfg, dtype=dtype, **kw)
     except (ValueError, ImportError) as e:  # e.g. an attention implementation this model lacks
         if not kw:
             raise
         log.warning("%s: %s; falling back to the model's default attention", p, str(e).splitlines()[0])
-        model = cls.from_pretrained(str(p), dtype=dtype)
+        model = cls.from_pretrained(str(p), config=cfg, dtype=dtype)
     return model
 
 

@@ -44,8 +44,11 @@ def check_image_tokens(input_ids: torch.Tensor, image_token_id: int, num_query_t
 
 class Blip2Stage2(nn.Module):
     def __init__(self, hf, image_token_id: int, end_token_id: int, pad_token_id: int, freeze_vision: bool = True,
-                 vision_dtype: torch.dtype = torch.float32):
+                 vision_dtype: torch.dtype = torch.float32, llm_dropout: bool = False):
         super().__init__()
+        # The reference trains with the frozen LLM in train mode (its dropout on: model.train() reaches it);
+        # False keeps it in eval mode (no dropout) while the trainable parts train.
+        self.llm_dropout = llm_dropout
         self.hf = hf  # transformers.Blip2ForConditionalGeneration
         self.config = hf.config
         self.image_token_id, self.end_token_id, self.pad_token_id = image_token_id, end_token_id, pad_token_id
@@ -79,10 +82,11 @@ class Blip2Stage2(nn.Module):
             p.requires_grad_(True)
 
     def set_train_modes(self, training: bool = True) -> None:
-        """Trainable parts follow `training`; the frozen LLM (and a frozen ViT) stay in eval mode: a freshly
-        built OPT would otherwise keep its dropout on."""
+        """Trainable parts follow `training`; a frozen ViT stays in eval mode, and so does the frozen LLM
+        unless `llm_dropout` (the reference's behaviour: its dropout on during training)."""
         self.train(training)
-        self.llm.eval()
+        if not (training and self.llm_dropout):
+            self.llm.eval()
         if self.freeze_vision:
             self.hf.vision_model.embeddings.eval()
             self.hf.vision_model.encoder.eval()
