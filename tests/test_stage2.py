@@ -321,3 +321,19 @@ def test_stage2_result_feeds_finetuning_and_evaluation(tiny_llms, stage1_export,
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert any(p.requires_grad for p in ft.hf.vision_model.encoder.parameters())  # fine-tuning unfreezes the ViT
+
+
+def test_bf16_export_loads_in_bf16_by_default(tiny_llms, stage1_export, tmp_path):
+    """config.json records the frozen LLM's dtype: plain `from_pretrained` loads a bf16 export in bf16 (at real
+    size 7.9 GiB instead of 21.3 GiB upcast to fp32), with the same tensors."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from blip2_train.models.export import export_stage2
+    from blip2_train.models.llm import load_llm_tokenizer
+
+    model = tiny_stage2(tiny_llms["opt"], stage1_export, llm_dtype="bfloat16", vision_dtype="bfloat16")
+    export_stage2(model, load_llm_tokenizer(tiny_llms["opt"]), tmp_path / "e", image_size=32)
+    hf = Blip2ForConditionalGeneration.from_pretrained(str(tmp_path / "e"))
+    assert hf.language_model.dtype == torch.bfloat16 and hf.config.dtype == torch.bfloat16
+    w = "model.decoder.layers.0.fc1.weight"
+    assert torch.equal(hf.language_model.state_dict()[w], model.llm.state_dict()[w])

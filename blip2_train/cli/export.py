@@ -54,7 +54,7 @@ def reference_config(a):
         size = math.isqrt(pos.shape[1] - 1) * int(cfg.model.vision.patch_size)
     cfg.data.image_size = size
     if a.prompt is not None:
-        cfg.model.prompt = a.prompt
+        cfg.model.text.prompt = a.prompt
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
 
 
@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = OmegaConf.load(a.config) if a.config else run_config_of(a.checkpoint)
         target = str(cfg.module.get("_target_", ""))
+        if "Stage2" in target and cfg.model.get("freeze_vision", False) and not reference:
+            # The frozen tower ran in arch.frozen_dtype (bf16) but was never trained: export it in its source
+            # precision (rebuilt from the stage-1 result), so fine-tuning that unfreezes it starts from the
+            # original weights rather than bf16-rounded ones. The LLM stays as trained (config.json says so).
+            cfg.model.vision_dtype = "float32"
         try:
             model = instantiate(cfg.model)
         except Exception as e:  # noqa: BLE001 - our own error, wrapped by hydra's instantiate
@@ -98,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         if not reference:  # a reference .pth was read by the model's builder (model.stage2_checkpoint)
             load_lightning_checkpoint(model, a.checkpoint)
         if "Stage1" in target:
-            out = export_stage1(model, load_qformer_tokenizer(cfg.model.tokenizer), a.out, int(cfg.data.image_size),
-                                parse_dtype(a.dtype or "float32"))
+            from blip2_train.models.build import qformer_tokenizer_source
+
+            tok = load_qformer_tokenizer(qformer_tokenizer_source(cfg.model.tokenizer, cfg.model.stage1_checkpoint))
+            out = export_stage1(model, tok, a.out, int(cfg.data.image_size), parse_dtype(a.dtype or "float32"))
         elif "Stage2" in target:
             from blip2_train.eval.captioning import CAPTION_GENERATION
             from blip2_train.models.export import export_stage2

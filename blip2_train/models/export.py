@@ -87,6 +87,7 @@ def export_stage2(model, tokenizer, out_dir: str | Path, image_size: int, prompt
     if dtype is not None:
         hf = copy.deepcopy(hf).to(dtype)
     hf.save_pretrained(str(out))
+    record_dtype(out / "config.json", hf.language_model.dtype)
     tok = copy.deepcopy(tokenizer)
     tok.padding_side = "right" if model.is_encoder_decoder else "left"
     tok.init_kwargs["padding_side"] = tok.padding_side  # what save_pretrained writes
@@ -99,6 +100,18 @@ def export_stage2(model, tokenizer, out_dir: str | Path, image_size: int, prompt
             "generate_kwargs": dict(generate_kwargs or {})}
     (out / META).write_text(json.dumps(meta, indent=1))
     return out
+
+
+def record_dtype(config_json: Path, dtype: torch.dtype) -> None:
+    """config.json names the dtype of the bulk of the weights (the LLM's), so `from_pretrained` (dtype "auto")
+    loads a bf16 export in bf16 instead of upcasting billions of frozen parameters to fp32."""
+    cfg = json.loads(config_json.read_text())
+    name = str(dtype).removeprefix("torch.")
+    cfg["dtype"] = name
+    for sub in ("text_config", "vision_config", "qformer_config"):
+        if isinstance(cfg.get(sub), dict):
+            cfg[sub]["dtype"] = name
+    config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def export_meta(directory: str | Path) -> dict:
