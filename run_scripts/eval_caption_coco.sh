@@ -1,5 +1,4 @@
 #!/usr/bin/env bash
-# blip2-eval experiment=caption_coco_eval on this machine (one process; the evaluation shards itself under torchrun:
-#   torchrun --nproc_per_node=8 -m blip2_train.cli.evaluate experiment=caption_coco_eval ...).
-# Extra arguments are Hydra overrides, e.g. model.stage1_checkpoint=exports/stage1 paths.data_dir=/data
+# blip2-eval experiment=caption_coco_eval on this machine, one process per GPU (torchrun; under srun, one per task).
+# Extra arguments are Hydra overrides, e.g. paths.stage2_checkpoint=exports/caption paths.data_dir=/data
 exec bash "$(dirname "$0")/_launch.sh" eval caption_coco_eval "$@"

@@ -32,11 +32,16 @@ def test_the_matrix_covers_every_experiment_file():
     assert sorted({n.split("+")[0] for n in TRAIN} | set(EVAL)) == EXPERIMENTS
 
 
-def run(tool: str, args: list[str], nproc: int = 1, timeout: int = 300, **env) -> subprocess.CompletedProcess:
-    """`blip2-<tool>` (as `python -m`) on one process, or under torchrun on `nproc` (gloo, CPU)."""
+def run(tool: str, args: list[str], nproc: int = 1, timeout: int = 300, script: str | None = None,
+        **env) -> subprocess.CompletedProcess:
+    """`blip2-<tool>` (as `python -m`) on one process, or under torchrun on `nproc` (gloo, CPU), or through a
+    `run_scripts/` launcher with GPUS=nproc."""
     module = "blip2_train.cli." + {"eval": "evaluate"}.get(tool, tool)
     cmd = [sys.executable, "-m", module, *args]
-    if nproc > 1:
+    if script:
+        cmd = ["bash", str(REPO / "run_scripts" / script), *args]
+        env.update(GPUS=str(nproc), BIN=str(Path(sys.executable).parent), PYTHON=sys.executable)
+    elif nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={next(PORTS)}", "-m", module, *args]
         if tool == "train":
@@ -148,7 +153,10 @@ def eval_args(name, chain, synth, tiny_llms, out):
 @pytest.mark.parametrize("name", EVAL)
 def test_eval_experiment_one_and_two_processes_agree(name, chain, synth, tiny_llms, tmp_path):
     run("eval", eval_args(name, chain, synth, tiny_llms, tmp_path / "one"))
-    r = run("eval", eval_args(name, chain, synth, tiny_llms, tmp_path / "two"), nproc=2)
+    # 2 processes through the shipped launcher: run_scripts/eval_<kind>_<set>.sh starts torchrun with GPUS=2
+    kind, dataset = name.split("_")[:2]
+    r = run("eval", eval_args(name, chain, synth, tiny_llms, tmp_path / "two")[1:], nproc=2,
+            script=f"eval_{kind}_{dataset}.sh")
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert "rank 0/2 encodes images [0, 3) of 6" in r.stderr and "rank 1/2 encodes images [3, 6) of 6" in r.stderr
     timing = ("eval_seconds", "eval_itc_seconds")

@@ -51,7 +51,7 @@ def test_nonexistent_llm_path_is_one_line(synth, tmp_path, stage1_export, capsys
 
 
 def test_checkpoint_of_the_other_stage_is_refused(synth, tiny_llms, stage1_export, tmp_path):
-    from blip2_train.cli.checkpoints import load_lightning_checkpoint
+    from blip2_train.utils.checkpoints import load_lightning_checkpoint
     from blip2_train.utils.errors import CheckpointError
     from conftest import tiny_stage2
 
@@ -75,7 +75,7 @@ def test_checkpoint_of_the_other_stage_is_refused(synth, tiny_llms, stage1_expor
     qformer = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                    max_position_embeddings=64)
     m = tiny_stage2(tiny_llms["opt"], ckpt, vision=vision, qformer=qformer, num_query_tokens=8)
-    from blip2_train.cli.checkpoints import run_config_of
+    from blip2_train.utils.checkpoints import run_config_of
     from hydra.utils import instantiate
 
     s1_model = instantiate(run_config_of(ckpt).model)

@@ -143,3 +143,21 @@ def test_fsdp_style_sharded_checkpoint_exports_consolidated(synth, tmp_path):
     assert export_main([str(ckpt), "--out", str(tmp_path / "export")]) == 0
     exported = read_stage1_export_weights(tmp_path / "export")
     torch.testing.assert_close(exported["hf.query_tokens"], module.model.hf.query_tokens.detach())
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed_zero3", "fsdp"])
+def test_evaluation_under_sharded_parameters_is_refused_before_any_work(strategy, synth, tmp_path):
+    """Periodic / final evaluation call the model outside the engine; under ZeRO-3 or FSDP its parameters are
+    sharded there. blip2-train refuses in one line, before creating anything, and says what to do instead."""
+    from conftest import tiny_cli
+    from test_robustness import cli, one_line
+
+    line = one_line(cli("experiment=stage1_pretrain", *tiny_cli(synth, f"strategy={strategy}",
+                                                                f"paths.output_dir={tmp_path / 'run'}")))
+    assert "ZeRO-3 / FSDP" in line and "eval.enabled=false" in line and "blip2-eval" in line
+    assert not (tmp_path / "run").exists()
+    from blip2_train.cli.train import check_evaluation_fits_strategy
+
+    ok = compose("train", ["experiment=stage1_pretrain", f"strategy={strategy}", "eval.enabled=false",
+                           "callbacks.periodic_eval.every_n_steps=0"])
+    check_evaluation_fits_strategy(ok)  # without evaluation the run goes ahead

@@ -18,7 +18,7 @@ log = logging.getLogger("blip2_train.eval")
 def evaluate(cfg: DictConfig) -> dict:
     """One process, or one per device under torchrun / srun: each rank encodes and scores its share of the
     images, results are gathered, and rank 0 alone writes metrics.json and the predictions."""
-    from blip2_train.cli.checkpoints import load_lightning_checkpoint
+    from blip2_train.utils.checkpoints import load_lightning_checkpoint
     from blip2_train.eval.runner import run_evaluation
     from blip2_train.utils.launch import init_distributed, shutdown_distributed
 

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         from hydra.utils import instantiate
         from omegaconf import OmegaConf
 
-        from blip2_train.cli.checkpoints import load_lightning_checkpoint, run_config_of
+        from blip2_train.utils.checkpoints import load_lightning_checkpoint, run_config_of
         from blip2_train.models.build import parse_dtype
         from blip2_train.models.export import export_stage1
         from blip2_train.models.tokenizer import load_qformer_tokenizer

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from blip2_train.models.vision import CLIP_MEAN, CLIP_STD
+
 
 # Decompression-bomb guard: PIL only warns between 1x and 2x its limit. We make any image above
 # `max_pixels` a hard error so a 20000x20000 JPEG is refused before its pixels are decoded.

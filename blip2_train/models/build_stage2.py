@@ -34,7 +34,7 @@ def read_stage1_source(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     if src.suffix == ".ckpt" and src.exists():  # a Lightning checkpoint: a file or a DeepSpeed/FSDP directory
         from hydra.utils import instantiate
 
-        from blip2_train.cli.checkpoints import load_lightning_checkpoint, run_config_of
+        from blip2_train.utils.checkpoints import load_lightning_checkpoint, run_config_of
 
         cfg = run_config_of(src)
         if "Stage1" not in str(cfg.module.get("_target_", "")):
@@ -136,7 +136,7 @@ def load_stage2_weights(model: Blip2Stage2, source: str | os.PathLike, vision_lo
     """Vision, Q-Former, queries and projection of a stage-2 result (export directory, e.g. a saved
     Salesforce/blip2-opt-2.7b, a stage-2 .ckpt, or a reference stage-2 .pth). The LLM stays the one loaded
     from model.llm. `vision_loaded`: the ViT already came from elsewhere (a reference .pth may lack it)."""
-    from blip2_train.cli.checkpoints import read_lightning_checkpoint
+    from blip2_train.utils.checkpoints import read_lightning_checkpoint
 
     src = Path(str(source))
     if src.is_dir() and src.suffix != ".ckpt":  # an export (a .ckpt directory is a sharded checkpoint)

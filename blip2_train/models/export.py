@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from blip2_train import __version__
-from blip2_train.data.transforms import CLIP_MEAN, CLIP_STD
 from blip2_train.models.convert import load_hf_weights
+from blip2_train.models.vision import CLIP_MEAN, CLIP_STD
 from blip2_train.utils.errors import CheckpointError
 
 EXTRAS = "blip2_train_extras.safetensors"

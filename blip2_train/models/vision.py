@@ -13,6 +13,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+# The image normalisation the EVA-CLIP ViT was trained with (the reference's, and the exported processor's).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 def encode_image(vision_model, pixel_values: torch.Tensor, frozen: bool,
                  interpolate_pos_encoding: bool = False) -> torch.Tensor:
