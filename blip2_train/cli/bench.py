@@ -106,7 +106,8 @@ def bench_eval(a) -> None:
     torch.manual_seed(0)
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg = compose("train", [f"arch={a.arch}", "model=stage1_vitg", f"paths.bert_dir={a.tokenizer}", "paths.vision_checkpoint=null",
+    cfg = compose("train", [f"arch={a.arch}", "model=stage1_vitg", f"paths.bert_dir={a.tokenizer}",
+                            "paths.vision_checkpoint=null", "model.bert_checkpoint=null",
                             f"data.image_size={a.image_size}", *a.override])
     model = instantiate(cfg.model)
     if a.checkpoint:

@@ -19,8 +19,7 @@ from typing import Callable
 
 import torch
 
-NEG = -100.0
-# Below every candidate (ITM + ITC > -100 in practice): non-candidates keep their ITC order there.
+# Below every candidate's ITM + ITC score: non-candidates keep their ITC order there (the reference: a flat -100).
 TAIL = -1.0e4
 
 

@@ -28,7 +28,6 @@ def evaluate_retrieval_one_at_a_time(model, data, image_loader, tokenizer, k_tes
     text_feat = encode_texts(model, ids, mask, device)
     sim = retrieval.itc_similarity(image_feats, text_feat).cpu()
     n_img, n_txt = sim.shape
-    k = min(k_test, n_txt, n_img)
     # non-candidates in ITC order below the candidates (exact R@K); float64 so that TAIL + itc keeps every digit
     score_i2t = sim.double() + retrieval.TAIL
     score_t2i = sim.t().double() + retrieval.TAIL
