@@ -7,6 +7,7 @@ ln_vision trainable while the tower is frozen; `encode_image` reproduces exactly
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -23,11 +24,13 @@ def vision_tokens(vision_model, pixel_values: torch.Tensor, frozen: bool,
                   interpolate_pos_encoding: bool = False) -> torch.Tensor:
     """[B, 3, H, W] -> image tokens [B, N, Dv] BEFORE ln_vision, in the tower's dtype (bf16/fp16/fp32).
 
-    A frozen tower runs without autograd (no activations kept). Stage 1 moves these tokens between ranks for
-    the ITM negatives: half the bytes of the fp32 output, and no gradient when the tower is frozen.
+    A frozen tower runs without autograd (no activations kept), in its own dtype, autocast off. An unfrozen
+    tower (fine-tuning) keeps fp32 master weights and computes under the caller's autocast (bf16 with
+    `trainer.precision=bf16-mixed`), as the reference fine-tunes under AMP. Stage 1 moves these tokens between
+    ranks for the ITM negatives: half the bytes of the fp32 output, and no gradient when the tower is frozen.
     """
     with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-        with torch.autocast(pixel_values.device.type, enabled=False):
+        with torch.autocast(pixel_values.device.type, enabled=False) if frozen else contextlib.nullcontext():
             x = vision_model.embeddings(pixel_values.to(vision_model.embeddings.patch_embedding.weight.dtype),
                                         interpolate_pos_encoding=interpolate_pos_encoding)
             return vision_model.encoder(inputs_embeds=x).last_hidden_state
