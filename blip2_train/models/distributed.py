@@ -41,8 +41,11 @@ class _FetchRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, idx):
         world, me, b = dist.get_world_size(), dist.get_rank(), t.shape[0]
-        idx_all = gather_no_grad(idx.contiguous())  # [W * M]: every rank requests M rows
-        wanted = idx_all.view(world, -1)
+        # [W, 1 + M]: every rank's batch size (global indices assume equal ones) and the M rows it requests
+        table = gather_no_grad(torch.cat([idx.new_tensor([b]), idx])).view(world, -1)
+        if (table[:, 0] != b).any():
+            raise ValueError(f"fetch_rows needs the same batch size on every rank, got {table[:, 0].tolist()}")
+        wanted = table[:, 1:]
         # rows of mine that each rank wants, grouped by requester, in the requester's order
         send_rows = [r[r // b == me] - me * b for r in wanted]
         send_idx = torch.cat(send_rows)
