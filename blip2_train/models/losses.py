@@ -155,6 +155,8 @@ def lm_loss_from_hidden(hidden: torch.Tensor, labels: torch.Tensor, head, vocab_
     targets = labels[:, 1:]
     keep = targets != -100
     rows, targets = hidden[:, :-1][keep], targets[keep]  # [M, H], [M]
+    if rows.shape[0] == 0:  # no label at all: NaN, as F.cross_entropy's mean (the step is then skipped)
+        return hidden.sum() * float("nan")
     step = max(1, chunk_bytes // (4 * vocab_size))
 
     def chunk_ce_sum(h, t):
@@ -162,4 +164,4 @@ def lm_loss_from_hidden(hidden: torch.Tensor, labels: torch.Tensor, head, vocab_
 
     total = sum(checkpoint(chunk_ce_sum, rows[i : i + step], targets[i : i + step], use_reentrant=False)
                 for i in range(0, rows.shape[0], step))
-    return total / rows.shape[0]  # the mean over labelled positions (NaN when none, as F.cross_entropy)
+    return total / rows.shape[0]  # the mean over labelled positions
