@@ -126,3 +126,29 @@ def test_wrong_paths_fail_clearly(tmp_path, tiny_model):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         init_vision_from(tiny_model, tmp_path / "empty")
+
+
+def test_training_keeps_the_last_three_periodic_checkpoints_trainable_weights_only(synth, tmp_path):
+    """Through blip2-train with the default callbacks: a save every step keeps only the newest 3 step files plus
+    last.ckpt (not one file per save), and each holds the trainable weights, not the frozen ViT."""
+    import subprocess
+    import sys
+
+    from conftest import tiny_cli
+    from test_ddp import REPO, clean_env
+
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "blip2_train.cli.train", "experiment=stage1_pretrain",
+         *tiny_cli(synth, "trainer.max_steps=6", "module.max_steps=6", "data.batch_size=4",
+                   "data.samples_per_epoch=64", "eval.enabled=false", "callbacks.periodic_eval.every_n_steps=0",
+                   "callbacks.model_checkpoint.every_n_train_steps=1", f"paths.output_dir={out}")],
+        cwd=REPO, env=clean_env(), timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step0000004.ckpt", "step0000005.ckpt", "step0000006.ckpt"], names
+    ckpt = torch.load(out / "checkpoints" / "step0000006.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["frozen_weights_omitted"] and ckpt["global_step"] == 6
+    keys = ckpt["state_dict"].keys()
+    assert "model.hf.vision_model.post_layernorm.weight" in keys
+    assert not any(k.startswith("model.hf.vision_model.encoder.") for k in keys)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -75,3 +76,58 @@ def test_two_process_ddp_fit_through_cli_and_its_resume(synth, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 6
     r = fit(8)  # without ckpt_path the existing checkpoints are protected
     assert r.returncode == 2 and "already holds checkpoints" in r.stderr
+
+
+
+@pytest.mark.parametrize("freeze", ["frozen", "unfrozen"])
+def test_itm_negatives_across_ranks_same_gradients_and_only_needed_rows_move(synth, tmp_path, freeze):
+    """Stage 1 under real DDP (2 gloo processes), ITM negatives on both ranks. The averaged gradient of every
+    trainable parameter (ln_vision; the ViT too when unfrozen) equals the former path's (every rank's fp32
+    ln_vision output gathered with gradient, its gradient all-reduced), and the loss equals one process over
+    the concatenated batch; per rank only the B negative rows of image tokens travel, in the tower's dtype,
+    their gradient back only when the tower trains."""
+    from ddp_itm_worker import B, NEG_IMAGE, NEG_TEXT, inputs
+
+    from blip2_train.models.tokenizer import load_qformer_tokenizer
+    from conftest import tiny_stage1
+
+    out = tmp_path / "res"
+    port = 29541 if freeze == "frozen" else 29542
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        str(REPO / "tests" / "ddp_itm_worker.py"), str(synth["tokenizer"]), str(out), freeze],
+                       cwd=REPO, env=clean_env(), timeout=180, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(f"{out}.{k}") for k in range(2)]
+
+    frozen = freeze == "frozen"
+    model = tiny_stage1(synth["tokenizer"], seed=5, freeze_vision=frozen,
+                        vision_dtype="bfloat16" if frozen else "float32")
+    model.set_train_modes(True)
+    parts = [inputs(load_qformer_tokenizer(synth["tokenizer"]), k) for k in range(2)]
+    pixels, ids, mask = (torch.cat([p[i] for p in parts]) for i in range(3))
+    with torch.no_grad():
+        single = model(pixels, ids, mask, neg_idx=(torch.tensor(NEG_IMAGE).flatten(), torch.tensor(NEG_TEXT).flatten()))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "hf.vision_model.post_layernorm.weight" in trainable
+    assert any(n.startswith("hf.vision_model.encoder") for n in trainable) == (not frozen)
+    for k in range(2):
+        new, former = ranks[k]["new"], ranks[k]["former"]
+        torch.testing.assert_close((ranks[0]["new"]["loss"] + ranks[1]["new"]["loss"]) / 2, single.loss,
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(new["loss"], former["loss"], rtol=0, atol=0)
+        assert new["grads"].keys() == former["grads"].keys() == trainable
+        for n in trainable:
+            torch.testing.assert_close(new["grads"][n], former["grads"][n], rtol=1e-5, atol=1e-7, msg=n)
+
+    # bytes: the image tokens move as B rows per rank (forward; and their gradient back only when unfrozen)
+    vcfg = model.hf.vision_model.config
+    fp32_rows = B * ((vcfg.image_size // vcfg.patch_size) ** 2 + 1) * vcfg.hidden_size * 4  # B rows [N, D] fp32
+    row_bytes = fp32_rows // 2 if frozen else fp32_rows  # the frozen tower runs in bf16
+    for k in range(2):
+        fwd, step = ranks[k]["new"]["forward_moved"], ranks[k]["new"]["moved"]
+        assert fwd.get("all_to_all_single") == row_bytes
+        assert step.get("all_to_all_single") == row_bytes * (1 if frozen else 2)
+        assert step.get("all_reduce", 0) == 0  # no all-reduced [W*B, N, D] gradient
+        assert step["all_gather"] < row_bytes  # ITC features, ids, indices: no image tokens gathered
+        former = ranks[k]["former"]["moved"]  # W*B rows gathered in fp32 and their gradient all-reduced
+        assert former["all_reduce"] == 2 * fp32_rows and former["all_gather"] > 2 * fp32_rows

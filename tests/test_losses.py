@@ -184,3 +184,22 @@ def test_temperature_is_clamped(tiny_model):
         tiny_model.temp.fill_(-1.0)
     assert tiny_model.clamped_temp().item() == pytest.approx(0.001)
     assert math.isfinite(tiny_model.temp.item())
+
+
+def test_lm_loss_from_hidden_equals_lm_loss_over_full_logits():
+    """Chunked, labelled rows only, with label smoothing too; a batch without any label is NaN in both."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 11)
+    hidden = torch.randn(3, 7, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7), generator=g)
+    labels[:, :3] = -100
+    labels[1, 5:] = -100
+    for smoothing in (0.0, 0.1):
+        ref = losses.lm_loss(head(hidden), labels, smoothing)
+        (g_ref,) = torch.autograd.grad(ref, hidden)
+        ours = losses.lm_loss_from_hidden(hidden, labels, head, 11, chunk_bytes=4 * 11 * 2, label_smoothing=smoothing)
+        (g_ours,) = torch.autograd.grad(ours, hidden)
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-6, atol=1e-7)
+    none = torch.full_like(labels, -100)
+    assert losses.lm_loss(head(hidden), none, 0.0).isnan() and losses.lm_loss_from_hidden(hidden, none, head, 11).isnan()

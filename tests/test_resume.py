@@ -91,3 +91,65 @@ def test_same_seed_same_numbers(synth):
     fresh = tiny_stage1(synth["tokenizer"], seed=7).state_dict()
     moved = sum(not torch.equal(a[k], fresh[k]) for k in a)
     assert moved > 10  # it did train
+
+
+def test_micro_batches_of_one_accumulation_window_draw_different_randomness(synth):
+    """With trainer.accumulate_grad_batches=2 both micro-batches of a step run under the same global_step: each
+    must still get its own random stream (dropout masks, hard negatives), not a repeat of the first's."""
+    import lightning as L
+    import torch
+
+    from blip2_train.data.datamodule import Blip2DataModule
+    from blip2_train.lit.stage1 import Stage1Module
+    from conftest import tiny_stage1
+
+    dm = Blip2DataModule(str(synth["tokenizer"]), [{"name": "s", "urls": str(synth["train_shards"])}],
+                         batch_size=8, num_workers=0, image_size=32, samples_per_epoch=64, seed=7)
+    module = Stage1Module(tiny_stage1(synth["tokenizer"], seed=7), lr=1e-3, warmup_steps=0, max_steps=3, seed=7)
+    states = []  # the generator state each forward starts from (read only: draws nothing)
+    module.model.register_forward_pre_hook(lambda m, a: states.append(torch.get_rng_state()))
+    L.Trainer(max_steps=3, accumulate_grad_batches=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+              limit_val_batches=0).fit(module, datamodule=dm)
+    assert len(states) == 6
+    assert len({bytes(s.numpy()) for s in states}) == 6  # 3 steps x 2 micro-batches, all distinct
+
+
+@pytest.mark.timeout(600)
+def test_killed_stage1_run_with_gradient_accumulation_resumes_with_the_same_losses(synth, tmp_path):
+    """Stage 1 (random hard negatives), two micro-batches per step, killed and resumed through the CLI."""
+    steps = 20
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "blip2_train.cli.train", "experiment=stage1_pretrain",
+                *tiny_cli(synth, "trainer.accumulate_grad_batches=2", "data.batch_size=8", "data.num_workers=1",
+                          "data.samples_per_epoch=160", "logger=csv", "trainer.log_every_n_steps=1",
+                          "callbacks.model_checkpoint.every_n_train_steps=5", f"trainer.max_steps={steps}",
+                          f"module.max_steps={steps}", "module.warmup_steps=5", "eval.enabled=false",
+                          "callbacks.periodic_eval.every_n_steps=0", f"paths.output_dir={out}", *extra)]
+
+    full = tmp_path / "full"
+    r = subprocess.run(cmd(full), cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reference = losses(full)
+    assert len(reference) == steps
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(killed), cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step0000010.ckpt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+
+    resumed = tmp_path / "resumed"
+    r = subprocess.run(cmd(resumed, f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}"), cwd=REPO, env=clean_env(),
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = losses(resumed)
+    assert 5 <= min(after) < steps - 5 and max(after) == steps - 1  # last.ckpt: step 5 or 10
+    for step, value in after.items():
+        assert value == pytest.approx(reference[step], rel=1e-4, abs=1e-5), f"step {step}"

@@ -137,3 +137,29 @@ def test_fast_protocol_equals_reference_style_baseline_with_duplicate_captions(s
     base = evaluate_retrieval_one_at_a_time(model, data, dm.eval_image_loader(), dm.tokenizer, 8)
     for k in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10"):
         assert fast[k] == base[k], k
+
+
+def test_itc_similarity_blocks_stay_under_the_budget_and_match_the_full_product(monkeypatch):
+    """Chunked over images AND texts: no [images, Q, texts] block above ITC_BLOCK_BYTES, same matrix as one
+    full product (bitwise up to the summation order of the matmul)."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.nn.functional.normalize(torch.randn(37, 4, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(53, 8, generator=g), dim=-1)
+    full = torch.einsum("iqd,td->iqt", feats, txt).amax(dim=1)
+    blocks, einsum = [], torch.einsum
+
+    def recording_einsum(*args):  # pass-through: records the size of every block
+        out = einsum(*args)
+        blocks.append(out.nbytes)
+        return out
+
+    monkeypatch.setattr(torch, "einsum", recording_einsum)
+    budget = 4 * 4 * 10  # ten (image, text) columns of Q=4 fp32 values
+    monkeypatch.setattr(retrieval, "ITC_BLOCK_BYTES", budget, raising=False)
+    sim = retrieval.itc_similarity(feats, txt)
+    assert max(blocks) <= budget and len(blocks) >= 37 * 53 // 10
+    torch.testing.assert_close(sim, full, rtol=1e-6, atol=1e-7)
+    monkeypatch.setattr(retrieval, "ITC_BLOCK_BYTES", 4 * 4 * 1000, raising=False)  # 18 images x all texts
+    blocks.clear()
+    torch.testing.assert_close(retrieval.itc_similarity(feats, txt), full, rtol=1e-6, atol=1e-7)
+    assert len(blocks) == 3 and max(blocks) <= 4 * 4 * 1000

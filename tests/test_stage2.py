@@ -144,6 +144,36 @@ def test_loss_equals_transformers_forward(tiny_llms, stage1_export, family):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["opt", "llama", "gpt2"])
+def test_lm_head_runs_only_at_labelled_positions_in_chunks(tiny_llms, stage1_export, family):
+    """Decoder-only loss: the LM head sees only the rows whose shifted label exists (no image or prompt rows),
+    in chunks under the byte budget; loss and every gradient equal transformers' forward over full logits."""
+    model = tiny_stage2(tiny_llms[family], stage1_export)
+    model.set_train_modes(True)
+    _, col = collator_for(model, tiny_llms[family], prompt="a photo of")
+    b = col(samples(3))
+    vocab = model.llm.config.vocab_size
+    model.logits_chunk_bytes = 5 * 4 * vocab  # 5 rows of fp32 logits per chunk
+    seen = []
+    hook = model.llm.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape[:-1]))
+    ours = model(b["image"], b["input_ids"], b["attention_mask"], b["labels"])
+    hook.remove()
+    labelled = int((b["labels"][:, 1:] != -100).sum())
+    assert labelled <= b["labels"].numel() - 3 * model.num_query_tokens  # image tokens, prompt, padding: none
+    assert all(len(s) == 1 and s[0] <= 5 for s in seen) and sum(s[0] for s in seen) == labelled
+    ours.loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ref = model.hf(pixel_values=b["image"], input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                   labels=b["labels"]).loss
+    torch.testing.assert_close(ours.loss, ref, rtol=1e-5, atol=1e-6)
+    ref.backward()
+    assert got.keys() == {n for n, p in model.named_parameters() if p.grad is not None} and got
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
 def test_wrong_image_token_count_is_refused(tiny_llms):
     from blip2_train.utils.errors import DataError
 

@@ -64,11 +64,12 @@ class Blip2LitModule(L.LightningModule):
         self.model.set_train_modes(True)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        # Every step draws its randomness (dropout, hard negatives) from a seed of (seed, step, rank), so a
-        # resumed run repeats the uninterrupted one exactly without saving RNG states.
+        # Every micro-batch draws its randomness (dropout, hard negatives) from a seed of (seed, step, rank,
+        # batch index), so a resumed run repeats the uninterrupted one exactly without saving RNG states. The
+        # batch index keeps the micro-batches of one gradient-accumulation window (same step) apart.
         from blip2_train.data.stream import stable_hash
 
-        torch.manual_seed(stable_hash("step", self.hparams.seed, self.global_step, self.global_rank))
+        torch.manual_seed(stable_hash("step", self.hparams.seed, self.global_step, self.global_rank, batch_idx))
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, extras = self.compute(batch)

@@ -29,26 +29,55 @@ def gather_no_grad(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t):
-        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, t.contiguous())
-        return tuple(out)
+class _FetchRows(torch.autograd.Function):
+    """Rows `idx` of the rank-order concatenation of every rank's `t`, moving only those rows (all_to_all).
+
+    Forward: each rank publishes the indices it wants (a few ints), then every rank sends the requested rows
+    of its own `t` to the requester. Backward (only when `t` requires grad, e.g. an unfrozen ViT): the row
+    gradients travel back the same way and are summed into the owner's rows, so every rank's rows receive
+    the gradient of every use, exactly as a gather-with-grad would give.
+    """
 
     @staticmethod
-    def backward(ctx, *grads):
-        # Every rank used every rank's slice: sum the gradients of all ranks, keep our own slice.
-        g = torch.stack(grads)
-        dist.all_reduce(g)
-        return g[dist.get_rank()]
+    def forward(ctx, t, idx):
+        world, me, b = dist.get_world_size(), dist.get_rank(), t.shape[0]
+        # [W, 1 + M]: every rank's batch size (global indices assume equal ones) and the M rows it requests
+        table = gather_no_grad(torch.cat([idx.new_tensor([b]), idx])).view(world, -1)
+        if (table[:, 0] != b).any():
+            raise ValueError(f"fetch_rows needs the same batch size on every rank, got {table[:, 0].tolist()}")
+        wanted = table[:, 1:]
+        # rows of mine that each rank wants, grouped by requester, in the requester's order
+        send_rows = [r[r // b == me] - me * b for r in wanted]
+        send_idx = torch.cat(send_rows)
+        owner = idx // b
+        order = torch.argsort(owner, stable=True)  # my requests grouped by owner, as they arrive
+        send_splits = [len(r) for r in send_rows]
+        recv_splits = torch.bincount(owner, minlength=world).tolist()
+        recv = t.new_empty((idx.shape[0], *t.shape[1:]))
+        dist.all_to_all_single(recv, t[send_idx].contiguous(), recv_splits, send_splits)
+        out = torch.empty_like(recv)
+        out[order] = recv
+        ctx.save_for_backward(send_idx, order)
+        ctx.splits, ctx.rows = (send_splits, recv_splits), b
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_idx, order = ctx.saved_tensors
+        send_splits, recv_splits = ctx.splits
+        back = grad.new_empty((send_idx.shape[0], *grad.shape[1:]))
+        dist.all_to_all_single(back, grad[order].contiguous(), send_splits, recv_splits)
+        g = grad.new_zeros((ctx.rows, *grad.shape[1:]))
+        return g.index_add_(0, send_idx, back), None
 
 
-def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate along dim 0 keeping the gradient path to every rank's slice (ITM hard-negative images)."""
+def fetch_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """`cat(t of every rank)[idx]` without the concatenation: [M, ...] for M indices into the global batch
+    (every rank passes the same M and the same t.shape). Per rank it moves M rows, not (W - 1) * B rows:
+    the ITM negatives need one image per text, not every rank's images. Differentiable in `t`."""
     if not is_dist():
-        return t
-    return torch.cat(_GatherWithGrad.apply(t), dim=0)
+        return t[idx]
+    return _FetchRows.apply(t, idx)
 
 
 def gather_padded(t: torch.Tensor, pad_value: int = 0) -> tuple[torch.Tensor, int]:

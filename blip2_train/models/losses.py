@@ -10,10 +10,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from blip2_train.models.distributed import gather_no_grad, rank
 
 MASKED = -10000.0  # the reference's fill value for positives before the hard-negative softmax
+# fp32 logits per chunk of the chunked LM loss; its peak is about 3x this (fp32 logits, log-softmax, gradient)
+LOGITS_CHUNK_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -138,3 +141,27 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float 
     """
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
                            label_smoothing=label_smoothing)
+
+
+def lm_loss_from_hidden(hidden: torch.Tensor, labels: torch.Tensor, head, vocab_size: int,
+                        chunk_bytes: int = LOGITS_CHUNK_BYTES, label_smoothing: float = 0.0) -> torch.Tensor:
+    """`lm_loss(head(hidden), labels)` without the [B, L, V] logits: the head runs only where a (shifted) label
+    exists, in chunks of at most `chunk_bytes` of fp32 logits, each recomputed in backward (activation
+    checkpointing) so that only the hidden rows are kept. hidden: [B, L, H]; labels: [B, L] (-100 = ignored).
+
+    Stage 2 puts Q image positions and the prompt before the caption: the full logits (2 GB at B=64 with a
+    128k vocabulary, plus their fp32 copy) are mostly positions that carry no label.
+    """
+    targets = labels[:, 1:]
+    keep = targets != -100
+    rows, targets = hidden[:, :-1][keep], targets[keep]  # [M, H], [M]
+    if rows.shape[0] == 0:  # no label at all: NaN, as F.cross_entropy's mean (the step is then skipped)
+        return hidden.sum() * float("nan")
+    step = max(1, chunk_bytes // (4 * vocab_size))
+
+    def chunk_ce_sum(h, t):
+        return F.cross_entropy(head(h).float(), t, reduction="sum", label_smoothing=label_smoothing)
+
+    total = sum(checkpoint(chunk_ce_sum, rows[i : i + step], targets[i : i + step], use_reentrant=False)
+                for i in range(0, rows.shape[0], step))
+    return total / rows.shape[0]  # the mean over labelled positions

@@ -17,7 +17,7 @@ from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerCo
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
 from blip2_train.models import losses, vision
-from blip2_train.models.distributed import gather_padded, gather_with_grad, pad_to
+from blip2_train.models.distributed import fetch_rows, gather_padded, pad_to
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
 
@@ -165,7 +165,8 @@ class Blip2Stage1(nn.Module):
                 image_ids: torch.Tensor | None = None, neg_idx: tuple[torch.Tensor, torch.Tensor] | None = None,
                 generator: torch.Generator | None = None) -> Stage1Output:
         """ITC + ITM + LM on a batch. `neg_idx` fixes the hard negatives (tests); otherwise they are sampled."""
-        image_embeds = self.encode_image(pixel_values)
+        tokens = vision.vision_tokens(self.hf.vision_model, pixel_values, self.freeze_vision)
+        image_embeds = vision.ln_vision(self.hf.vision_model, tokens)
 
         # ITC image side and LM in one pass; ITC text side in a text-only pass.
         dec_ids = input_ids.clone()
@@ -179,13 +180,13 @@ class Blip2Stage1(nn.Module):
         if neg_idx is None:
             neg_idx = losses.sample_hard_negatives(itc.sim_i2t.detach(), itc.sim_t2i.detach(), itc.pos_mask, generator)
         neg_image_idx, neg_text_idx = neg_idx
-        image_embeds_all = gather_with_grad(image_embeds)
+        neg_image_embeds = self.negative_image_embeds(tokens, neg_image_idx)
         ids_all, t_max = gather_padded(input_ids, self.pad_token_id)
         mask_all, _ = gather_padded(attention_mask, 0)
         ids_local, mask_local = pad_to(input_ids, t_max, self.pad_token_id), pad_to(attention_mask, t_max, 0)
         pair_ids = torch.cat([ids_local, ids_local, ids_all[neg_text_idx]], dim=0)
         pair_mask = torch.cat([mask_local, mask_local, mask_all[neg_text_idx]], dim=0)
-        pair_images = torch.cat([image_embeds, image_embeds_all[neg_image_idx], image_embeds], dim=0)
+        pair_images = torch.cat([image_embeds, neg_image_embeds, image_embeds], dim=0)
         itm_logits = self.itm_forward(pair_images, pair_ids, pair_mask)
         loss_itm = losses.itm_loss(itm_logits)
 
@@ -193,6 +194,15 @@ class Blip2Stage1(nn.Module):
         loss = itc.loss + loss_itm + loss_lm
         return Stage1Output(loss, itc.loss.detach(), loss_itm.detach(), loss_lm.detach(), itc.sim_i2t.detach(),
                             itm_logits.detach())
+
+    def negative_image_embeds(self, tokens: torch.Tensor, neg_image_idx: torch.Tensor) -> torch.Tensor:
+        """ITM negative images [B, N, Dv] (fp32, after ln_vision) at `neg_image_idx` of the global batch.
+
+        They may live on other ranks: fetch just those rows BEFORE ln_vision (`tokens`, tower dtype, no gradient
+        when the tower is frozen) and apply ln_vision here. LayerNorm is per token, so every gradient equals
+        that of gathering every rank's fp32 output of ln_vision with gradient, for 1/W of the rows moved.
+        """
+        return vision.ln_vision(self.hf.vision_model, fetch_rows(tokens, neg_image_idx))
 
     # -- retrieval scoring (evaluation) -----------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 Built on `transformers.Blip2ForConditionalGeneration` (vision_model, query_tokens, qformer,
 language_projection, language_model) so that an export is that class's checkpoint. What this module adds:
 the frozen-ViT/ln_vision handling of the reference (`vision.encode_image`), a check of the image-token count
-(transformers has none), the loss computed in fp32 from the LLM's logits, and generation that returns exactly
-what `Blip2ForConditionalGeneration.generate` returns for the same inputs.
+(transformers has none), the loss in fp32 (decoder-only: the LM head only at labelled positions, chunked), and
+generation that returns exactly what `Blip2ForConditionalGeneration.generate` returns for the same inputs.
 
 Input layout (what `Blip2Processor` produces and `data.collate.Stage2Collator` builds):
 - decoder-only: `[<image> x Q] [bos] prompt caption end [pad ...]`, labels on caption + end only;
@@ -20,6 +20,9 @@ import torch.nn as nn
 
 from blip2_train.models import losses, vision
 from blip2_train.utils.errors import DataError
+
+# config fields of LLM families whose forward transforms the head's output (Gemma, Cohere, Granite)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Blip2Stage2(nn.Module):
         self.config = hf.config
         self.image_token_id, self.end_token_id, self.pad_token_id = image_token_id, end_token_id, pad_token_id
         self.freeze_vision, self.vision_dtype = freeze_vision, vision_dtype
+        self.logits_chunk_bytes = losses.LOGITS_CHUNK_BYTES
         self.freeze()
 
     # -- structure ------------------------------------------------------------------------------------
@@ -68,6 +72,14 @@ class Blip2Stage2(nn.Module):
     @property
     def num_query_tokens(self) -> int:
         return self.hf.query_tokens.shape[1]
+
+    @property
+    def plain_lm_head(self) -> bool:
+        """Decoder-only logits = output embeddings(last hidden state), so the loss may apply the head itself
+        (`losses.lm_loss_from_hidden`); families that scale or soft-cap their logits go through forward."""
+        cfg = self.llm.config
+        return not self.is_encoder_decoder and all(getattr(cfg, k, None) in (None, 1.0)
+                                                   for k in LOGIT_TRANSFORMS)
 
     def freeze(self) -> None:
         """LLM frozen always; the ViT frozen unless fine-tuning; Q-Former, queries and projection train."""
@@ -119,9 +131,15 @@ class Blip2Stage2(nn.Module):
             out = self.llm(inputs_embeds=emb, attention_mask=attention_mask, decoder_input_ids=dec_in,
                            decoder_attention_mask=decoder_attention_mask, use_cache=False)
             loss = losses.token_ce(out.logits, labels)
+        elif self.plain_lm_head:
+            hidden = self.llm.base_model(inputs_embeds=emb, attention_mask=attention_mask,
+                                         use_cache=False).last_hidden_state
+            loss = losses.lm_loss_from_hidden(hidden, labels, self.llm.get_output_embeddings(),
+                                              self.llm.config.vocab_size, self.logits_chunk_bytes)
+            return Stage2Output(loss)  # the reference: no label smoothing
         else:
             out = self.llm(inputs_embeds=emb, attention_mask=attention_mask, use_cache=False)
-            loss = losses.lm_loss(out.logits, labels, label_smoothing=0.0)  # the reference: no smoothing
+            loss = losses.lm_loss(out.logits, labels, label_smoothing=0.0)
         return Stage2Output(loss, out.logits)
 
     @torch.no_grad()

@@ -20,19 +20,31 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def encode_image(vision_model, pixel_values: torch.Tensor, frozen: bool,
                  interpolate_pos_encoding: bool = False) -> torch.Tensor:
-    """[B, 3, H, W] -> image tokens [B, N, Dv] in fp32, after ln_vision.
+    """[B, 3, H, W] -> image tokens [B, N, Dv] in fp32, after ln_vision."""
+    return ln_vision(vision_model, vision_tokens(vision_model, pixel_values, frozen, interpolate_pos_encoding))
 
-    A frozen tower runs without autograd (no activations kept), in its own dtype (bf16/fp16/fp32), autocast off.
-    An unfrozen tower (fine-tuning) keeps fp32 master weights and computes under the caller's autocast (bf16
-    with `trainer.precision=bf16-mixed`), as the reference fine-tunes under AMP.
+
+def vision_tokens(vision_model, pixel_values: torch.Tensor, frozen: bool,
+                  interpolate_pos_encoding: bool = False) -> torch.Tensor:
+    """[B, 3, H, W] -> image tokens [B, N, Dv] BEFORE ln_vision, in the tower's dtype (bf16/fp16/fp32).
+
+    A frozen tower runs without autograd (no activations kept), in its own dtype, autocast off. An unfrozen
+    tower (fine-tuning) keeps fp32 master weights and computes under the caller's autocast (bf16 with
+    `trainer.precision=bf16-mixed`), as the reference fine-tunes under AMP. Stage 1 moves these tokens between
+    ranks for the ITM negatives: half the bytes of the fp32 output, and no gradient when the tower is frozen.
     """
     with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
         with torch.autocast(pixel_values.device.type, enabled=False) if frozen else contextlib.nullcontext():
             x = vision_model.embeddings(pixel_values.to(vision_model.embeddings.patch_embedding.weight.dtype),
                                         interpolate_pos_encoding=interpolate_pos_encoding)
-            x = vision_model.encoder(inputs_embeds=x).last_hidden_state
+            return vision_model.encoder(inputs_embeds=x).last_hidden_state
+
+
+def ln_vision(vision_model, x: torch.Tensor) -> torch.Tensor:
+    """The trainable ln_vision (`post_layernorm`) in fp32, as the reference; per token, so it can be applied
+    to any subset of rows (e.g. only the ITM negatives a rank fetched) with the same result."""
     ln = vision_model.post_layernorm
-    with torch.autocast(pixel_values.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False):
         return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps)
 
 
