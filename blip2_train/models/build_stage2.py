@@ -111,6 +111,13 @@ def build_stage2_hf(vision_cfg: dict, qformer_cfg: dict, llm_model, num_query_to
     return hf
 
 
+def check_reference_llm(src, family: str, llm_type: str) -> None:
+    """A reference stage-2 file was trained into one LLM family (`opt_proj` / `t5_proj`): refuse another."""
+    if (family == "t5") != (llm_type in llm_lib.NO_FP16) or (family == "opt" and llm_type != "opt"):
+        raise CheckpointError(f"{src} holds {family}_proj.* (the reference's {family.upper()} stage 2) but model.llm "
+                              f"is of model_type {llm_type}: use the LLM it was trained with")
+
+
 def reference_stage2_weights(src: Path, ref: dict[str, torch.Tensor], model: Blip2Stage2) -> dict[str, torch.Tensor]:
     """A reference stage-2 state dict (`blip2_pretrained_opt2.7b.pth`, `blip2_caption_flant5xl.pth`, ...) ->
     transformers names, after checking it is stage 2 and was trained into this kind of LLM."""
@@ -121,10 +128,7 @@ def reference_stage2_weights(src: Path, ref: dict[str, torch.Tensor], model: Bli
                                   "model.stage1_checkpoint")
         raise CheckpointError(f"{src}: no stage-2 weights (neither the reference's opt_proj.* / t5_proj.* nor a "
                               "blip2-train checkpoint's model.hf.*)")
-    llm_type = model.llm.config.model_type
-    if (family == "t5") != (llm_type in llm_lib.NO_FP16) or (family == "opt" and llm_type != "opt"):
-        raise CheckpointError(f"{src} holds {family}_proj.* (the reference's {family.upper()} stage 2) but model.llm "
-                              f"is of model_type {llm_type}: use the LLM it was trained with")
+    check_reference_llm(src, family, model.llm.config.model_type)
     mapped, unmatched = convert.reference_stage2_to_ours(ref)
     stray = unmatched + [k for k in mapped if not k.startswith("hf.")]
     if stray:
