@@ -81,6 +81,35 @@ def test_only_shard_unreadable_ends_in_one_line_naming_it(synth, tmp_path):
     assert len(r.stderr.splitlines()) < 40, r.stderr[-3000:]
 
 
+@pytest.mark.timeout(LIMIT)
+def test_unreadable_shards_count_toward_the_skip_rate(tmp_path, tokenizer):
+    """One readable shard among three of random bytes: each unreadable shard counts as a skipped sample, so the
+    repeating (resampled) stream stops at the skip-rate bound instead of training on quietly."""
+    from PIL import Image
+
+    from blip2_train.utils.errors import DataError
+    from test_data import _tar, make_jpeg
+
+    good = make_jpeg(Image.new("RGB", (20, 20), (0, 200, 0)))
+    _tar(tmp_path / "good.tar", [(f"g{i}", {"jpg": good, "json": b'{"caption": "a green square"}'}) for i in range(4)])
+    urls = [str(tmp_path / "good.tar")]
+    for i in range(3):
+        (tmp_path / f"bad{i}.tar").write_bytes(os.urandom(5000))
+        urls.append(str(tmp_path / f"bad{i}.tar"))
+    from blip2_train.data.collate import CaptionCollator
+    from blip2_train.data.stream import SampleDecoder, ShardStream, Source
+    from blip2_train.data.transforms import TrainTransform
+
+    stream = ShardStream([Source("t", urls)], SampleDecoder(TrainTransform(16, hflip=False)),
+                         CaptionCollator(tokenizer), 4, resampled=True, shuffle_buffer=0, batches_per_epoch=1000,
+                         max_skip_rate=0.2, min_samples_for_skip_check=20)
+    with pytest.raises(DataError, match=r"unreadable tar.*max_skip_rate=0.2"):
+        list(stream)
+    # below the bound it trains on: the readable shard's samples come through, no "no readable sample" error
+    stream.max_skip_rate, stream.min_samples_for_skip_check, stream.batches_per_epoch = 0.9, 50, 20
+    assert sum(b["image"].shape[0] for b in stream) == 80
+
+
 def test_identical_warnings_are_rate_limited_with_a_count():
     import logging
 

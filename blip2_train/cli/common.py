@@ -195,6 +195,14 @@ def _read_lock(path: Path) -> dict | None:
     return None
 
 
+def _launcher_job_id() -> str | None:
+    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        v = os.environ.get(var)
+        if v and v != "none":
+            return f"{var}={v}"
+    return None
+
+
 def acquire_run_lock(run_dir: Path) -> None:
     """Take `run_dir`'s lock or raise ConfigError naming its holder. A lock left by a dead process on this host
     (a killed run) is taken over; a lock held by this process is re-entered."""
@@ -202,7 +210,8 @@ def acquire_run_lock(run_dir: Path) -> None:
 
     path = run_dir / LOCK_NAME
     host = socket.gethostname()
-    me = {"host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    job = _launcher_job_id()
+    me = {"host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "job": job}
     for _ in range(5):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -210,12 +219,16 @@ def acquire_run_lock(run_dir: Path) -> None:
             holder = _read_lock(path)
             if holder is not None and holder.get("host") == host and holder["pid"] == os.getpid():
                 return
-            if holder is not None and (holder.get("host") != host or _pid_alive(int(holder["pid"]))):
+            # a job requeued onto another node (same SLURM job id) succeeds itself; on this host the pid tells
+            requeued = holder is not None and holder.get("host") != host and job is not None and holder.get("job") == job
+            if holder is not None and not requeued and (holder.get("host") != host or _pid_alive(int(holder["pid"]))):
                 raise ConfigError(
                     f"{run_dir} is in use by another run (pid {holder['pid']} on {holder.get('host')}, started "
-                    f"{holder.get('started')}; lock {path}): wait for it to end, or choose another paths.output_dir")
+                    f"{holder.get('started')}): wait for it to end, or choose another paths.output_dir (if that run "
+                    f"is gone, delete {path})")
             log.warning("taking over the stale lock %s (%s)", path,
-                        f"pid {holder['pid']} on this host is gone" if holder else "unreadable")
+                        "unreadable" if holder is None else f"an earlier attempt of job {job}" if requeued
+                        else f"pid {holder['pid']} on this host is gone")
             if _read_lock(path) != holder:
                 continue  # someone else took it over meanwhile
             try:  # a rename is atomic: of two processes taking over the same stale lock, one wins
