@@ -141,6 +141,8 @@ def test_identical_warnings_are_rate_limited_with_a_count():
                                           ("model.num_query_tokens=0", "model.num_query_tokens"),
                                           ("final_eval.k_test=0", "final_eval.k_test"),
                                           ("trainer.max_steps=0", "trainer.max_steps"),
+                                          # -1 is Lightning's "no limit", but the schedule needs a length
+                                          ("trainer.max_steps=-1", "module.max_steps=-1 (from ${trainer.max_steps})"),
                                           ("data.image_size=-32", "data.image_size"),
                                           ("data.num_workers=-1", "data.num_workers"),
                                           ("data.max_skip_rate=1.5", "data.max_skip_rate")])
@@ -275,4 +277,4 @@ def test_zero_byte_eval_image_names_the_file(synth, tmp_path):
     ann.write_text(json.dumps(records))
     line = one_line(cli(*eval_args(synth, tmp_path / "ev", f"data.eval_set.annotation={ann}",
                                    f"data.eval_set.image_root={root}"), tool="evaluate"))
-    assert records[3]["image"] in line and "DataLoader worker" not in line
+    assert records[3]["image"] in line and "empty file" in line and "DataLoader worker" not in line
