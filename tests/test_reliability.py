@@ -127,10 +127,14 @@ def test_identical_warnings_are_rate_limited_with_a_count():
     for _ in range(1234):
         w.warn("shard a.tar unreadable")
     w.warn("another")
+    for i in range(25):  # distinct messages of one kind: the first 10 in full, then counted
+        w.warn(f"skip s{i}: cannot decode image", "bad image")
     w.summary()
     assert records == ["shard a.tar unreadable", "shard a.tar unreadable (10 times so far)",
                        "shard a.tar unreadable (100 times so far)", "shard a.tar unreadable (1000 times so far)",
-                       "another", "shard a.tar unreadable (1234 times in all)"]
+                       "another", *[f"skip s{i}: cannot decode image" for i in range(10)],
+                       "shard a.tar unreadable (1234 times in all)",
+                       "25 'bad image' warnings in all (latest: skip s24: cannot decode image)"]
 
 
 # -- config values checked for range before any work -----------------------------------------------------------

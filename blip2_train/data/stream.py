@@ -63,28 +63,37 @@ class SkipCounter:
 
 
 class WarningLimiter:
-    """Logs the 1st, 10th, 100th... occurrence of each identical warning, and on `summary()` one line per
-    message repeated since it was last logged: a stream re-reading a bad shard cannot flood the log."""
+    """Rate-limited warnings: a stream re-reading a bad shard, or a source full of bad images, cannot flood
+    the log. Warnings of one key (the message itself, or a `kind` such as "bad image") are logged in full the
+    first `first` times, then at the 10th, 100th, 1000th... with the count; `summary()` gives one line per key
+    with its total when more occurred than were logged."""
 
-    def __init__(self, logger: logging.Logger = log):
-        self.logger = logger
+    def __init__(self, logger: logging.Logger = log, first_of_kind: int = 10):
+        self.logger, self.first_of_kind = logger, first_of_kind
         self.counts: dict[str, int] = {}
         self.logged: dict[str, int] = {}
+        self.latest: dict[str, str] = {}
 
-    def warn(self, msg: str) -> None:
-        n = self.counts[msg] = self.counts.get(msg, 0) + 1
-        if n == 1:
+    def warn(self, msg: str, kind: str | None = None) -> None:
+        key = kind or msg
+        n = self.counts[key] = self.counts.get(key, 0) + 1
+        self.latest[key] = msg
+        if n <= (self.first_of_kind if kind else 1):
             self.logger.warning(msg)
-            self.logged[msg] = n
         elif n == 10 ** (len(str(n)) - 1):  # 10, 100, 1000, ...
-            self.logger.warning("%s (%d times so far)", msg, n)
-            self.logged[msg] = n
+            self.logger.warning("%s (%d %s so far)", msg, n, f"'{kind}' warnings" if kind else "times")
+        else:
+            return
+        self.logged[key] = n
 
     def summary(self) -> None:
-        for msg, n in self.counts.items():
-            if n > self.logged.get(msg, 0):
-                self.logger.warning("%s (%d times in all)", msg, n)
-                self.logged[msg] = n
+        for key, n in self.counts.items():
+            if n > self.logged.get(key, 0):
+                if key == self.latest[key]:
+                    self.logger.warning("%s (%d times in all)", key, n)
+                else:
+                    self.logger.warning("%d '%s' warnings in all (latest: %s)", n, key, self.latest[key])
+                self.logged[key] = n
 
 
 class EmptyRoundGuard:
@@ -165,27 +174,27 @@ class SampleDecoder:
         return caps, (meta.get("image_id") if isinstance(meta, dict) else None)
 
     def __call__(self, sample: dict, rng: random.Random, counter: SkipCounter,
-                 warn: Callable[[str], None] | None = None) -> dict | None:
-        warn = warn or log.warning
+                 warn: Callable[..., None] | None = None) -> dict | None:
+        warn = warn or (lambda msg, kind=None: log.warning(msg))
         counter.seen += 1
         key = sample.get("__key__", "?")
         image_bytes = sample.get("jpg") or sample.get("jpeg") or sample.get("png") or sample.get("webp")
         if image_bytes is None:
             counter.skip("no image")
-            warn(f"skip {key} in {sample.get('__url__')}: sample has no image")
+            warn(f"skip {key} in {sample.get('__url__')}: sample has no image", "no image")
             return None
         caps, image_id = self.captions_of(sample)
         cleaned = [c for c in (clean_caption(c, self.max_words) for c in caps) if c]
         if not cleaned:
             counter.skip("no caption")
-            warn(f"skip {key} in {sample.get('__url__')}: no non-empty caption")
+            warn(f"skip {key} in {sample.get('__url__')}: no non-empty caption", "no caption")
             return None
         try:
             draft = self.transform.draft_size if self.jpeg_draft else None
             img = decode_image(image_bytes, self.max_pixels, draft_size=draft)
         except ImageDecodeError as e:
             counter.skip("bad image")
-            warn(f"skip {key} in {sample.get('__url__')}: {e}")
+            warn(f"skip {key} in {sample.get('__url__')}: {e}", "bad image")
             return None
         return {
             "image": self.transform(img, rng),
