@@ -282,3 +282,39 @@ def test_zero_byte_eval_image_names_the_file(synth, tmp_path):
     line = one_line(cli(*eval_args(synth, tmp_path / "ev", f"data.eval_set.annotation={ann}",
                                    f"data.eval_set.image_root={root}"), tool="evaluate"))
     assert records[3]["image"] in line and "empty file" in line and "DataLoader worker" not in line
+
+
+def test_run_lock_holder_rules(tmp_path, monkeypatch):
+    """Who may take a lock that exists: a dead or reused pid on this host and a requeued SLURM job on another
+    node take it over; a live process here or an unknown one elsewhere is named in the refusal."""
+    import socket
+
+    from blip2_train.cli.common import LOCK_NAME, _pid_start, acquire_run_lock, release_run_locks
+    from blip2_train.utils.errors import ConfigError
+
+    lock = tmp_path / LOCK_NAME
+    host = socket.gethostname()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        def holder(**kw):
+            lock.write_text(json.dumps({"host": host, "pid": sleeper.pid, "started": "earlier",
+                                        "pid_start": _pid_start(sleeper.pid), "job": None, **kw}))
+
+        holder()
+        with pytest.raises(ConfigError, match=f"in use by another run \\(pid {sleeper.pid} on {host}, started earlier"):
+            acquire_run_lock(tmp_path)
+        holder(pid_start="1")  # the pid now belongs to another process
+        acquire_run_lock(tmp_path)
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        release_run_locks()
+        assert not lock.exists()
+        holder(host="node-17")
+        with pytest.raises(ConfigError, match="on node-17"):
+            acquire_run_lock(tmp_path)
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        holder(host="node-17", job="SLURM_JOB_ID=4242")  # the same job, requeued onto this node
+        acquire_run_lock(tmp_path)
+        release_run_locks()
+    finally:
+        sleeper.kill()
+        sleeper.wait()

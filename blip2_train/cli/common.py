@@ -173,14 +173,24 @@ LOCK_NAME = ".run.lock"
 _held: list[Path] = []
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid from the holder."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_alive(holder: dict) -> bool:
+    pid = int(holder["pid"])
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # someone else's live process
-    return True
+        pass  # someone else's live process
+    start = _pid_start(pid)
+    return not (holder.get("pid_start") and start and start != holder["pid_start"])  # else: pid reused
 
 
 def _read_lock(path: Path) -> dict | None:
@@ -211,7 +221,8 @@ def acquire_run_lock(run_dir: Path) -> None:
     path = run_dir / LOCK_NAME
     host = socket.gethostname()
     job = _launcher_job_id()
-    me = {"host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "job": job}
+    me = {"host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "job": job,
+          "pid_start": _pid_start(os.getpid())}
     for _ in range(5):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -221,7 +232,7 @@ def acquire_run_lock(run_dir: Path) -> None:
                 return
             # a job requeued onto another node (same SLURM job id) succeeds itself; on this host the pid tells
             requeued = holder is not None and holder.get("host") != host and job is not None and holder.get("job") == job
-            if holder is not None and not requeued and (holder.get("host") != host or _pid_alive(int(holder["pid"]))):
+            if holder is not None and not requeued and (holder.get("host") != host or _holder_alive(holder)):
                 raise ConfigError(
                     f"{run_dir} is in use by another run (pid {holder['pid']} on {holder.get('host')}, started "
                     f"{holder.get('started')}): wait for it to end, or choose another paths.output_dir (if that run "
