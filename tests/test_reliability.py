@@ -52,9 +52,10 @@ def steps_on_disk(run: Path) -> list[int]:
 def base_run(synth, tmp_path_factory) -> Path:
     """A finished 10-step run: step0000005.ckpt, step0000010.ckpt, last.ckpt, metrics.csv with steps 0-9."""
     out = tmp_path_factory.mktemp("base") / "run"
-    r = cli(*train_args(synth, out, "trainer.max_steps=10"))
+    r = cli(*train_args(synth, out, "trainer.max_steps=10", "logger=[csv,tensorboard]"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert logged_steps(out) == list(range(10))
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
     return out
 
 
@@ -206,8 +207,9 @@ def test_auto_skips_a_truncated_last_ckpt_and_resumes_from_the_intact_one(synth,
     out = copy_run(base_run, tmp_path)
     last = out / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    r = cli(*train_args(synth, out, "trainer.max_steps=15", "ckpt_path=auto"))
+    r = cli(*train_args(synth, out, "trainer.max_steps=15", "ckpt_path=auto", "logger=[csv,tensorboard]"))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # the run continues beside the first
     warn = [l for l in r.stderr.splitlines() if "skipping unreadable checkpoint" in l]
     assert len(warn) == 1 and "last.ckpt" in warn[0] and "step0000010.ckpt" in warn[0]
     assert logged_steps(out) == list(range(15))
