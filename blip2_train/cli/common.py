@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
 from pathlib import Path
@@ -83,7 +86,10 @@ def run_cli(config_name: str, body: Callable[[DictConfig], dict], argv: list[str
         return 0
     setup_logging()
     try:
+        from blip2_train.utils.config_ranges import check_ranges
+
         cfg = compose(config_name, argv)
+        check_ranges(cfg)  # before any work: nothing created, nothing written
         result = body(cfg)
     except Exception as e:  # noqa: BLE001 - turned into one readable line below
         if os.environ.get("BLIP2_FULL_ERROR") or os.environ.get("HYDRA_FULL_ERROR"):
@@ -95,13 +101,25 @@ def run_cli(config_name: str, body: Callable[[DictConfig], dict], argv: list[str
                 any(isinstance(c, (OmegaConfBaseException, Blip2TrainError)) for c in _causes(e)):
             ours = e if isinstance(e, Blip2TrainError) else next(
                 (c for c in _causes(e) if isinstance(c, Blip2TrainError)), None)  # e.g. wrapped by instantiate
-            msg = str(ours).splitlines()[0] if ours is not None else describe_config_error(e)
+            msg = first_line(ours) if ours is not None else describe_config_error(e)
             print(f"error: {msg}", file=sys.stderr)
             return 2
         raise
+    finally:
+        release_run_locks()
     if result is not None and result.get("output_dir") and is_rank_zero():
         print(f"output directory: {result['output_dir']}")
     return 0
+
+
+def first_line(e: BaseException) -> str:
+    """The message's first line; for an error re-raised from a DataLoader worker ("Caught DataError in
+    DataLoader worker process 0." + the worker's traceback), the worker's own message."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = [l for l in text.splitlines() if l.strip()][-1]
+        return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _causes(e: BaseException):
@@ -143,7 +161,109 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
         cfg.paths.output_dir = str(run_dir)
     if is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
+        acquire_run_lock(run_dir)
     return run_dir
+
+
+# -- one run per output directory ---------------------------------------------------------------------------
+# Two runs writing into one directory interleave metrics.csv and leave one run's last.ckpt beside the other's
+# config.yaml. Rank 0 takes `<run_dir>/.run.lock` (host, pid, start time) before writing anything; the other
+# ranks of the same run never take it (they are not rank 0), so they are not refused by their own rank 0.
+LOCK_NAME = ".run.lock"
+_held: list[Path] = []
+
+
+def _pid_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid from the holder."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_alive(holder: dict) -> bool:
+    pid = int(holder["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's live process
+    start = _pid_start(pid)
+    return not (holder.get("pid_start") and start and start != holder["pid_start"])  # else: pid reused
+
+
+def _read_lock(path: Path) -> dict | None:
+    for _ in range(20):  # the holder may be between creating the file and writing it
+        try:
+            holder = json.loads(path.read_text())
+            if isinstance(holder, dict) and "pid" in holder:
+                return holder
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    return None
+
+
+def _launcher_job_id() -> str | None:
+    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        v = os.environ.get(var)
+        if v and v != "none":
+            return f"{var}={v}"
+    return None
+
+
+def acquire_run_lock(run_dir: Path) -> None:
+    """Take `run_dir`'s lock or raise ConfigError naming its holder. A lock left by a dead process on this host
+    (a killed run) is taken over; a lock held by this process is re-entered."""
+    from blip2_train.utils.errors import ConfigError
+
+    path = run_dir / LOCK_NAME
+    host = socket.gethostname()
+    job = _launcher_job_id()
+    me = {"host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "job": job,
+          "pid_start": _pid_start(os.getpid())}
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if holder is not None and holder.get("host") == host and holder["pid"] == os.getpid():
+                return
+            # a job requeued onto another node (same SLURM job id) succeeds itself; on this host the pid tells
+            requeued = holder is not None and holder.get("host") != host and job is not None and holder.get("job") == job
+            if holder is not None and not requeued and (holder.get("host") != host or _holder_alive(holder)):
+                raise ConfigError(
+                    f"{run_dir} is in use by another run (pid {holder['pid']} on {holder.get('host')}, started "
+                    f"{holder.get('started')}): wait for it to end, or choose another paths.output_dir (if that run "
+                    f"is gone, delete {path})")
+            log.warning("taking over the stale lock %s (%s)", path,
+                        "unreadable" if holder is None else f"an earlier attempt of job {job}" if requeued
+                        else f"pid {holder['pid']} on this host is gone")
+            if _read_lock(path) != holder:
+                continue  # someone else took it over meanwhile
+            try:  # a rename is atomic: of two processes taking over the same stale lock, one wins
+                os.replace(path, path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}"))
+                path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}").unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        _held.append(path)
+        return
+    raise ConfigError(f"could not take the lock {path}: other runs keep taking it")
+
+
+def release_run_locks() -> None:
+    while _held:
+        path = _held.pop()
+        holder = _read_lock(path) if path.exists() else None
+        if holder is not None and holder.get("pid") == os.getpid():
+            path.unlink(missing_ok=True)
+
+
+atexit.register(release_run_locks)
 
 
 def to_floats(metrics: dict) -> dict:

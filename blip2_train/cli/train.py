@@ -58,24 +58,41 @@ def build_strategy(cfg: DictConfig):
 
 
 def resolve_ckpt_path(cfg: DictConfig, run_dir) -> str | None:
-    """`ckpt_path`: null (fresh run), a file, or `auto` (the run directory's last.ckpt if there is one: what a
-    requeued SLURM job uses). A fresh run refuses a directory that already holds checkpoints: Lightning would
-    write `last-v1.ckpt` beside the old `last.ckpt` and a later export would silently take the old one."""
-    from blip2_train.utils.errors import ConfigError
+    """`ckpt_path`: null (fresh run), a file, or `auto` (the run directory's newest intact checkpoint if there is
+    one: what a requeued SLURM job uses). A fresh run refuses a directory that already holds checkpoints:
+    Lightning would write `last-v1.ckpt` beside the old `last.ckpt` and a later export would silently take the
+    old one. Unreadable checkpoints are refused (explicit path) or skipped with a warning (`auto`) before
+    anything is written, and the temporary files of killed saves are removed."""
+    from blip2_train.utils.checkpoint_io import checkpoint_problem, remove_save_debris
+    from blip2_train.utils.errors import CheckpointError, ConfigError
 
+    if is_rank_zero() and (run_dir / "checkpoints").is_dir():
+        for tmp in remove_save_debris(run_dir / "checkpoints"):  # the run lock is ours: no save is in flight
+            log.info("removed %s, left by a killed save", tmp.name)
     want = cfg.get("ckpt_path")
     if want == "auto":
-        # last.ckpt, or the checkpoint Lightning writes when SLURM signals a preemption (hpc_ckpt_N.ckpt):
-        # whichever is newer
-        found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
-        if found:
-            newest = max(found, key=lambda p: p.stat().st_mtime)
-            log.info("resuming from %s", newest)
-            return str(newest)
+        # any checkpoint of this run, or the one Lightning writes when SLURM signals a preemption
+        # (hpc_ckpt_N.ckpt): the newest intact one. A kill between step*.ckpt and last.ckpt leaves the step
+        # file newer; a truncated last.ckpt falls back to the one before.
+        found = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+        bad = []
+        for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+            problem = checkpoint_problem(p)
+            if problem is None:
+                if bad:
+                    log.warning("skipping unreadable checkpoint(s) %s; resuming from %s", "; ".join(bad), p)
+                log.info("resuming from %s", p)
+                return str(p)
+            bad.append(f"{p}: {problem}")
+        if bad:
+            raise CheckpointError(f"ckpt_path=auto: no intact checkpoint in {run_dir}: {'; '.join(bad)}")
         return None
     if want:
-        if not os.path.isfile(str(want)):
+        if not os.path.exists(str(want)):
             raise ConfigError(f"ckpt_path: checkpoint not found: {want}")
+        problem = checkpoint_problem(want)
+        if problem is not None:
+            raise CheckpointError(f"ckpt_path: checkpoint {want} is unreadable: {problem}")
         return str(want)
     ckpts = list((run_dir / "checkpoints").glob("*.ckpt")) if (run_dir / "checkpoints").is_dir() else []
     if ckpts and is_rank_zero():

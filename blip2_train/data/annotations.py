@@ -66,7 +66,12 @@ def read_karpathy(path: Path) -> list[ImageRecord]:
     data = _load_json(path)
     if isinstance(data, dict) and "images" in data:  # the original Karpathy dataset_coco.json layout
         entries = []
-        for img in data["images"]:
+        for i, img in enumerate(data["images"] if isinstance(data["images"], list) else [data["images"]]):
+            if not isinstance(img, dict) or "filename" not in img:
+                hint = " (this looks like a COCO caption file: use format=coco)" if isinstance(img, dict) and \
+                    "file_name" in img else ""
+                raise DataError(f"{path}: images[{i}] has no 'filename' field: expected a list of {{image, caption}} "
+                                f"objects or the Karpathy dataset_*.json layout{hint}")
             image = f"{img['filepath']}/{img['filename']}" if "filepath" in img else img["filename"]
             caps = [s["raw"] for s in img.get("sentences", [])]
             entries.append({"image": image, "caption": caps, "image_id": img.get("cocoid", img.get("imgid"))})

@@ -94,15 +94,17 @@ class EvalImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         src = self.data.images[i]
+        image_id = self.data.image_ids[i]
+        where = f"{src} (image_id {image_id})" if isinstance(src, str) else f"image_id {image_id} (from shards)"
         if isinstance(src, str):
             if not os.path.exists(src):
-                raise DataError(f"image file not found: {src} (image_id {self.data.image_ids[i]})")
+                raise DataError(f"image file not found: {where}")
             with open(src, "rb") as f:
                 src = f.read()
         try:
             img = decode_image(src, draft_size=self.transform.draft_size)
         except ValueError as e:
-            raise DataError(f"image {self.data.image_ids[i]}: {e}") from e
+            raise DataError(f"evaluation image {where}: {e}") from e
         return self.transform(img), i
 
 

@@ -12,6 +12,9 @@ Design (why each piece is here)
   computes identically: all ranks train on the same mixture within a step.
 - Corrupt samples are skipped and counted; each batch carries the counts since the previous batch, so the
   Lightning module can log `data/skipped`, and the stream stops with a DataError past `max_skip_rate`.
+  An unreadable shard counts as one sample seen and skipped, and a round of shards that yields nothing
+  (every shard the slot can draw, in a row) is a DataError naming them: a repeating stream over bad shards
+  would otherwise re-read them forever. Identical warnings are rate-limited (`WarningLimiter`).
 """
 
 from __future__ import annotations
@@ -59,6 +62,78 @@ class SkipCounter:
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
 
+class WarningLimiter:
+    """Rate-limited warnings: a stream re-reading a bad shard, or a source full of bad images, cannot flood
+    the log. Warnings of one key (the message itself, or a `kind` such as "bad image") are logged in full the
+    first `first` times, then at the 10th, 100th, 1000th... with the count; `summary()` gives one line per key
+    with its total when more occurred than were logged."""
+
+    def __init__(self, logger: logging.Logger = log, first_of_kind: int = 10):
+        self.logger, self.first_of_kind = logger, first_of_kind
+        self.counts: dict[str, int] = {}
+        self.logged: dict[str, int] = {}
+        self.latest: dict[str, str] = {}
+
+    def warn(self, msg: str, kind: str | None = None) -> None:
+        key = kind or msg
+        n = self.counts[key] = self.counts.get(key, 0) + 1
+        self.latest[key] = msg
+        if n <= (self.first_of_kind if kind else 1):
+            self.logger.warning(msg)
+        elif n == 10 ** (len(str(n)) - 1):  # 10, 100, 1000, ...
+            self.logger.warning("%s (%d %s so far)", msg, n, f"'{kind}' warnings" if kind else "times")
+        else:
+            return
+        self.logged[key] = n
+
+    def summary(self) -> None:
+        for key, n in self.counts.items():
+            if n > self.logged.get(key, 0):
+                if key == self.latest[key]:
+                    self.logger.warning("%s (%d times in all)", key, n)
+                else:
+                    self.logger.warning("%d '%s' warnings in all (latest: %s)", n, key, self.latest[key])
+                self.logged[key] = n
+
+
+class EmptyRoundGuard:
+    """Raises DataError once every shard of a source that this slot can draw has yielded nothing, in a row."""
+
+    def __init__(self, source_name: str, reachable: set[str]):
+        self.source_name, self.reachable = source_name, reachable
+        self.current: str | None = None
+        self.got = False
+        self.empty: set[str] = set()
+        self.any_sample = False
+
+    def next_shard(self, url: str) -> None:
+        self._close_current()
+        self.current, self.got = url, False
+
+    def sample(self) -> None:
+        self.got = self.any_sample = True
+
+    def finished(self) -> None:
+        self._close_current()
+        if not self.any_sample and self.empty:
+            self._raise(self.empty)
+
+    def _close_current(self) -> None:
+        if self.current is None:
+            return
+        if self.got:
+            self.empty.clear()
+        else:
+            self.empty.add(self.current)
+            if self.empty >= self.reachable:
+                self._raise(self.reachable)
+
+    def _raise(self, urls) -> None:
+        names = sorted(urls)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise DataError(f"source {self.source_name!r}: no readable sample in any of its {len(names)} shard(s): {shown}")
+
+
 @dataclass
 class Source:
     """One training source: a list of shard paths and its mixing weight."""
@@ -97,26 +172,28 @@ class SampleDecoder:
             caps = [sample["txt"].decode("utf-8", errors="replace")]
         return caps, (meta.get("image_id") if isinstance(meta, dict) else None)
 
-    def __call__(self, sample: dict, rng: random.Random, counter: SkipCounter) -> dict | None:
+    def __call__(self, sample: dict, rng: random.Random, counter: SkipCounter,
+                 warn: Callable[..., None] | None = None) -> dict | None:
+        warn = warn or (lambda msg, kind=None: log.warning(msg))
         counter.seen += 1
         key = sample.get("__key__", "?")
         image_bytes = sample.get("jpg") or sample.get("jpeg") or sample.get("png") or sample.get("webp")
         if image_bytes is None:
             counter.skip("no image")
-            log.warning("skip %s in %s: sample has no image", key, sample.get("__url__"))
+            warn(f"skip {key} in {sample.get('__url__')}: sample has no image", "no image")
             return None
         caps, image_id = self.captions_of(sample)
         cleaned = [c for c in (clean_caption(c, self.max_words) for c in caps) if c]
         if not cleaned:
             counter.skip("no caption")
-            log.warning("skip %s in %s: no non-empty caption", key, sample.get("__url__"))
+            warn(f"skip {key} in {sample.get('__url__')}: no non-empty caption", "no caption")
             return None
         try:
             draft = self.transform.draft_size if self.jpeg_draft else None
             img = decode_image(image_bytes, self.max_pixels, draft_size=draft)
         except ImageDecodeError as e:
             counter.skip("bad image")
-            log.warning("skip %s in %s: %s", key, sample.get("__url__"), e)
+            warn(f"skip {key} in {sample.get('__url__')}: {e}", "bad image")
             return None
         return {
             "image": self.transform(img, rng),
@@ -191,14 +268,31 @@ class ShardStream(IterableDataset):
                 return
             epoch += 1_000_003  # a fresh shard order for the wrap-around, still identical on every rank
 
-    def _raw_samples(self, source: Source, slot: int, num_slots: int, repeat: bool, counter: SkipCounter):
+    def _raw_samples(self, source: Source, slot: int, num_slots: int, repeat: bool, counter: SkipCounter,
+                     warnings: WarningLimiter):
+        # every shard when they repeat or are resampled; a one-pass stream may draw only its own share
+        reachable = set(source.urls) if repeat or self.resampled else set(
+            shards_for_slot(source.urls, slot, num_slots, self.seed, self.epoch))
+        guard = EmptyRoundGuard(source.name, reachable)
+
         def on_error(exn: Exception) -> bool:
+            counter.seen += 1  # an unreadable shard counts as a sample seen and skipped: the skip rate sees it
             counter.skip("unreadable tar")
-            log.warning("source %s: %s: %s (rest of that shard skipped)", source.name, type(exn).__name__, exn)
+            what = exn.args[0] if exn.args else exn
+            warnings.warn(f"source {source.name}: unreadable shard {guard.current}: {type(exn).__name__}: {what} "
+                          "(rest of that shard skipped)")
+            self._check_skip_rate(counter, {"__url__": guard.current})
             return True
 
-        urls = ({"url": u} for u in self._shard_urls(source, slot, num_slots, repeat))
-        return tarfile_samples(urls, handler=on_error)
+        def urls():
+            for u in self._shard_urls(source, slot, num_slots, repeat):
+                guard.next_shard(u)
+                yield {"url": u}
+            guard.finished()
+
+        for sample in tarfile_samples(urls(), handler=on_error):
+            guard.sample()
+            yield sample
 
     def _shuffled(self, samples, rng: random.Random):
         if self.shuffle_buffer <= 1:
@@ -215,9 +309,9 @@ class ShardStream(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def _decoded(self, source, slot, num_slots, repeat, rng, counter):
-        for raw in self._shuffled(self._raw_samples(source, slot, num_slots, repeat, counter), rng):
-            out = self.decoder(raw, rng, counter)
+    def _decoded(self, source, slot, num_slots, repeat, rng, counter, warnings):
+        for raw in self._shuffled(self._raw_samples(source, slot, num_slots, repeat, counter, warnings), rng):
+            out = self.decoder(raw, rng, counter, warnings.warn)
             self._check_skip_rate(counter, raw)
             if out is not None:
                 yield out
@@ -237,9 +331,15 @@ class ShardStream(IterableDataset):
         worker = (worker + self.skip_batches) % num_workers
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
         rng = random.Random(stable_hash("samples", self.seed, self.epoch, slot))
-        counter = SkipCounter()
+        counter, warnings = SkipCounter(), WarningLimiter()
+        try:
+            yield from self._batches(worker, num_workers, slot, num_slots, rng, counter, warnings)
+        finally:
+            warnings.summary()
+
+    def _batches(self, worker, num_workers, slot, num_slots, rng, counter, warnings) -> Iterator[dict]:
         repeat = self.batches_per_epoch is not None
-        streams = [iter(self._decoded(s, slot, num_slots, repeat, rng, counter)) for s in self.sources]
+        streams = [iter(self._decoded(s, slot, num_slots, repeat, rng, counter, warnings)) for s in self.sources]
         weights = [s.weight for s in self.sources]
         reported = (0, 0)
 

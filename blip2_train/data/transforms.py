@@ -35,6 +35,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: 
     `draft_size`: let libjpeg decode at a reduced DCT scale that still covers this many pixels per side:
     much faster for large photos that are cropped and resized to 224/364 anyway.
     """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -51,6 +53,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: 
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"image exceeds the decompression-bomb limit ({e})") from e
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(f"cannot decode image: not an image format PIL knows ({len(data)} bytes)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"cannot decode image: {e}") from e
     return to_rgb(img)

@@ -37,3 +37,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.close(fd)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def checkpoint_problem(path) -> str | None:
+    """None when `path` looks like a whole checkpoint, else why not, without reading the tensors.
+
+    torch.save writes a zip archive whose directory sits at the END of the file: a truncated copy (a crash
+    mid-copy, a full disk) has no directory, or members that reach past the end of the file. DeepSpeed
+    checkpoints are directories and are taken as they are.
+    """
+    import zipfile
+
+    path = Path(path)
+    if path.is_dir():
+        return None if any(path.iterdir()) else "empty checkpoint directory"
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file"
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.header_offset + info.compress_size > size:
+                    return f"truncated (member {info.filename} runs past the end of the file)"
+    except zipfile.BadZipFile:
+        return "truncated or not a torch checkpoint (no zip directory at its end)"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    return None
+
+
+def remove_save_debris(directory) -> list[Path]:
+    """Delete the `.NAME.tmp-PID` files that killed saves left in `directory`; only call this while no other
+    process can be saving there (the run lock is held)."""
+    removed = []
+    for tmp in Path(directory).glob(".*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
