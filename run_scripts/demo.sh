@@ -11,7 +11,8 @@ PY=${PY:-.venv/bin/python}
 BIN=$(dirname "$PY")
 OUT=outputs/demo
 DATA=${BLIP2_DATA_DIR:-data}/synthetic
-TINY=(preset=tiny trainer=cpu logger=csv)
+TINY=(preset=tiny trainer=cpu logger=csv)  # training runs
+EVAL=(preset=tiny)                         # evaluation runs (blip2-eval has no trainer)
 step() { echo; echo "== $* =="; }
 
 step "0/10 synthetic world in the real data layout, with the demo stand-ins for BERT and the LLM"
@@ -28,7 +29,7 @@ $BIN/blip2-train experiment=retrieval_coco_ft "${TINY[@]}" paths.stage1_checkpoi
 step "4/10 export the retrieval model"
 $BIN/blip2-export "$OUT/retrieval_ft/checkpoints/last.ckpt" --out "$OUT/export_retrieval"
 step "5/10 retrieval evaluation of the export (ITC top-k + ITM re-ranking)  [experiment=retrieval_coco_eval]"
-$BIN/blip2-eval experiment=retrieval_coco_eval "${TINY[@]}" paths.stage1_checkpoint="$OUT/export_retrieval" \
+$BIN/blip2-eval experiment=retrieval_coco_eval "${EVAL[@]}" paths.stage1_checkpoint="$OUT/export_retrieval" \
   paths.output_dir="$OUT/eval_retrieval"
 step "6/10 stage 2: stage-1 Q-Former -> frozen demo LLM  [experiment=stage2_pretrain]"
 $BIN/blip2-train experiment=stage2_pretrain "${TINY[@]}" paths.stage1_checkpoint="$OUT/export_stage1" paths.llm_dir="$DATA/llm" \
@@ -40,7 +41,7 @@ $BIN/blip2-train experiment=caption_coco_ft "${TINY[@]}" paths.stage2_checkpoint
   trainer.max_steps=300 eval.enabled=false paths.output_dir="$OUT/caption_ft" "$@"
 $BIN/blip2-export "$OUT/caption_ft/checkpoints/last.ckpt" --out "$OUT/export_caption"
 step "9/10 captioning evaluation of the export, with the image-blind baseline  [experiment=caption_coco_eval]"
-$BIN/blip2-eval experiment=caption_coco_eval "${TINY[@]}" paths.stage2_checkpoint="$OUT/export_caption" \
+$BIN/blip2-eval experiment=caption_coco_eval "${EVAL[@]}" paths.stage2_checkpoint="$OUT/export_caption" \
   eval.image_blind_baseline=true paths.output_dir="$OUT/eval_caption"
 step "10/10 captions from plain transformers, then the summary"
 $PY run_scripts/demo_transformers_caption.py "$OUT/export_caption" "$DATA" 4
