@@ -83,6 +83,8 @@ def starts(name: str, chain: dict) -> list[str]:
         return [f"paths.stage1_checkpoint={chain['export/retrieval_coco_ft']}", "data.image_size=48"]
     if name == "retrieval_flickr_eval":  # the official .pth layout of the 32 px stage-1 result, at 48 px
         return [f"paths.stage1_checkpoint={chain['pth']}", "data.image_size=48"]
+    if name == "caption_coco_eval":  # as make demo runs it: with the image-blind baseline
+        return [f"paths.stage2_checkpoint={chain['export/caption_coco_ft']}", "eval.image_blind_baseline=true"]
     assert name.startswith("caption_") and name.endswith("_eval"), name
     return [f"paths.stage2_checkpoint={chain['export/caption_coco_ft']}"]
 
@@ -169,6 +171,8 @@ def test_eval_experiment_one_and_two_processes_agree(name, chain, synth, tiny_ll
         p2 = json.loads((tmp_path / "two" / "captions_predictions.json").read_text())
         assert p1 == p2 and len(p1) == 6  # written once, by rank 0, all images
         assert not any(p["caption"].startswith("a photo of") for p in p1)  # the prompt is not generated again
+        if name == "caption_coco_eval":
+            assert "blind/cider" in one and "blind/bleu4" in one
         if name == "caption_nocaps_eval":
             assert any(k.startswith(("in-domain", "near-domain", "out-domain")) for k in one), one.keys()
     else:
