@@ -79,8 +79,9 @@ def starts(name: str, chain: dict) -> list[str]:
         return [f"paths.stage2_checkpoint={chain['export/stage2_pretrain']}"]
     if name == "retrieval_coco_ft":  # fine-tuned at a higher resolution than stage 1 (the reference: 224 -> 364 px)
         return [f"paths.stage1_checkpoint={chain['export/stage1_pretrain']}", "data.image_size=48"]
-    if name == "retrieval_coco_eval":
-        return [f"paths.stage1_checkpoint={chain['export/retrieval_coco_ft']}", "data.image_size=48"]
+    if name == "retrieval_coco_eval":  # an export holds the Q-Former tokenizer: no paths.bert_dir needed
+        return [f"paths.stage1_checkpoint={chain['export/retrieval_coco_ft']}", "data.image_size=48",
+                "paths.bert_dir=???"]
     if name == "retrieval_flickr_eval":  # the official .pth layout of the 32 px stage-1 result, at 48 px
         return [f"paths.stage1_checkpoint={chain['pth']}", "data.image_size=48"]
     if name == "caption_coco_eval":  # as make demo runs it: with the image-blind baseline
@@ -225,6 +226,7 @@ def test_nonfinite_step_on_one_or_all_ranks_is_skipped_together(where, synth, tm
         report = tagged(out, r)
         assert report["global_step"] == 12 and report["nonfinite_total"] == 1, report
         assert report["adamw_steps"] == 11, report  # 12 steps, one of them skipped on this rank too
+        assert report["finite"], report  # no NaN reached the weights
     assert metrics(tmp_path / "run")["nonfinite_skipped"] == 1
 
 

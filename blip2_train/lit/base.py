@@ -119,10 +119,18 @@ class Blip2LitModule(L.LightningModule):
         are dropped (None), so AdamW leaves weights and moments untouched; the schedule still advances.
         DeepSpeed keeps gradients in its own buffers: its bf16 `check_overflow` (set by our config) skips there."""
 
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) if self._trainer is not None else None
+
         def closure():
             out = optimizer_closure() if optimizer_closure is not None else None
             if self._skip_optimizer_step:
-                optimizer.zero_grad(set_to_none=True)
+                if scaler is None:
+                    optimizer.zero_grad(set_to_none=True)
+                else:  # fp16 AMP: GradScaler skips a step whose gradients hold an inf (and lowers its scale)
+                    for g in optimizer.param_groups:
+                        for p in g["params"]:
+                            if p.grad is not None:
+                                p.grad.fill_(float("inf"))
             return out
 
         try:

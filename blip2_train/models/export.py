@@ -87,7 +87,7 @@ def export_stage2(model, tokenizer, out_dir: str | Path, image_size: int, prompt
     if dtype is not None:
         hf = copy.deepcopy(hf).to(dtype)
     hf.save_pretrained(str(out))
-    record_dtype(out / "config.json", hf.language_model.dtype)
+    record_dtypes(out / "config.json", hf)
     tok = copy.deepcopy(tokenizer)
     tok.padding_side = "right" if model.is_encoder_decoder else "left"
     tok.init_kwargs["padding_side"] = tok.padding_side  # what save_pretrained writes
@@ -102,15 +102,19 @@ def export_stage2(model, tokenizer, out_dir: str | Path, image_size: int, prompt
     return out
 
 
-def record_dtype(config_json: Path, dtype: torch.dtype) -> None:
-    """config.json names the dtype of the bulk of the weights (the LLM's), so `from_pretrained` (dtype "auto")
-    loads a bf16 export in bf16 instead of upcasting billions of frozen parameters to fp32."""
+def record_dtypes(config_json: Path, hf) -> None:
+    """config.json names the dtype of the bulk of the weights (the LLM's) and each part its own, so
+    `from_pretrained` (dtype "auto") loads a bf16 export in bf16 instead of upcasting billions of frozen
+    parameters to fp32, while an fp32 ViT is not rounded."""
+    def name(module) -> str:
+        return str(next(module.parameters()).dtype).removeprefix("torch.")
+
     cfg = json.loads(config_json.read_text())
-    name = str(dtype).removeprefix("torch.")
-    cfg["dtype"] = name
-    for sub in ("text_config", "vision_config", "qformer_config"):
+    cfg["dtype"] = name(hf.language_model)
+    for sub, module in (("text_config", hf.language_model), ("vision_config", hf.vision_model.encoder),
+                        ("qformer_config", hf.qformer)):
         if isinstance(cfg.get(sub), dict):
-            cfg[sub]["dtype"] = name
+            cfg[sub]["dtype"] = name(module)
     config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 

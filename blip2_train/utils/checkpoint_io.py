@@ -44,13 +44,18 @@ def checkpoint_problem(path) -> str | None:
 
     torch.save writes a zip archive whose directory sits at the END of the file: a truncated copy (a crash
     mid-copy, a full disk) has no directory, or members that reach past the end of the file. DeepSpeed
-    checkpoints are directories and are taken as they are.
+    checkpoints are directories: DeepSpeed writes its `latest` tag file, torch.distributed.checkpoint (FSDP) its
+    `.metadata`, after the shards; a directory without it is a save that was cut short.
     """
     import zipfile
 
     path = Path(path)
     if path.is_dir():
-        return None if any(path.iterdir()) else "empty checkpoint directory"
+        if not any(path.iterdir()):
+            return "empty checkpoint directory"
+        if (path / "latest").exists() or (path / ".metadata").exists():
+            return None
+        return "incomplete sharded checkpoint (no DeepSpeed `latest` tag or distributed-checkpoint `.metadata`)"
     try:
         size = path.stat().st_size
         if size == 0:

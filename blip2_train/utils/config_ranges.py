@@ -58,7 +58,7 @@ RANGES: dict[str, Range] = {
     "module.lr": Range(gt=0),
     "module.min_lr": NON_NEGATIVE,
     "module.warmup_steps": NON_NEGATIVE,
-    "module.max_steps": POSITIVE,
+    "module.max_steps": Range(ge=1, also=(-1,)),  # -1: from the epochs (trainer.max_epochs)
     "callbacks.model_checkpoint.every_n_train_steps": NON_NEGATIVE,
     # evaluation (both roots' eval)
     "eval.k_test": POSITIVE,
