@@ -29,6 +29,18 @@ def cli(out: Path, synth, llm, *extra) -> list[str]:
                       *extra)]
 
 
+def run_killed_after(cmd: list[str], run: Path, checkpoint: str = "step0000010.ckpt") -> None:
+    """Start `cmd` and SIGKILL it as soon as `checkpoint` exists: mid-run, as a preemption would."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / checkpoint).exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "metrics.json").exists()  # it really was interrupted
+
+
 def losses(run: Path) -> dict[int, float]:
     (f,) = run.glob("csv/**/metrics.csv")
     return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f.open()) if r.get("train/loss")}
@@ -44,15 +56,7 @@ def test_killed_run_resumes_with_the_same_loss_sequence(synth, tiny_llms, tmp_pa
     assert len(reference) == STEPS
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cli(killed, synth, tiny_llms["opt"]), cwd=REPO, env=clean_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step0000010.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "metrics.json").exists()  # it really was interrupted
+    run_killed_after(cli(killed, synth, tiny_llms["opt"]), killed)
 
     resumed = tmp_path / "resumed"
     r = subprocess.run(cli(resumed, synth, tiny_llms["opt"], f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}"),
@@ -135,15 +139,7 @@ def test_killed_stage1_run_with_gradient_accumulation_resumes_with_the_same_loss
     assert len(reference) == steps
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(killed), cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step0000010.ckpt").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "metrics.json").exists()
+    run_killed_after(cmd(killed), killed)
 
     resumed = tmp_path / "resumed"
     r = subprocess.run(cmd(resumed, f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}"), cwd=REPO, env=clean_env(),
