@@ -20,9 +20,7 @@ def main() -> None:
     p.add_argument("--format", default="karpathy")
     p.add_argument("--out", required=True)
     p.add_argument("--family", default="opt", choices=["opt", "llama", "gpt2", "t5"])
-    # large enough for whole words (~1 token a word, as OPT's 50k BPE on COCO captions): with a character-level
-    # vocabulary, captions exceed max_txt_len and the reference's truncation drops their end token
-    p.add_argument("--vocab-size", type=int, default=1000)
+    p.add_argument("--vocab-size", type=int, default=300)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=300)
