@@ -153,7 +153,7 @@ def test_identical_warnings_are_rate_limited_with_a_count():
                                           ("eval.k_test=0", "eval.k_test"),
                                           ("trainer.max_steps=0", "trainer.max_steps"),
                                           # -1 is Lightning's "no limit", but the schedule needs a length
-                                          ("trainer.max_steps=-1", "module.max_steps=-1 (from ${trainer.max_steps})"),
+                                          ("trainer.max_steps=-1", "trainer.max_steps=-1 is out of range without trainer.max_epochs"),
                                           ("data.image_size=-32", "data.image_size"),
                                           ("data.num_workers=-1", "data.num_workers"),
                                           ("data.max_skip_rate=1.5", "data.max_skip_rate")])
@@ -326,3 +326,13 @@ def test_run_lock_holder_rules(tmp_path, monkeypatch):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_epoch_based_runs_pass_the_range_check():
+    """caption_coco_ft / retrieval_coco_ft count epochs: max_steps=-1 with max_epochs is a length."""
+    from blip2_train.cli.common import compose
+    from blip2_train.utils.config_ranges import check_ranges
+
+    for exp in ("caption_coco_ft", "retrieval_coco_ft"):
+        check_ranges(compose("train", [f"experiment={exp}"]))
+    check_ranges(compose("train", ["experiment=stage2_pretrain", "trainer.max_steps=-1", "trainer.max_epochs=5"]))

@@ -127,6 +127,17 @@ def qformer_tokenizer_source(tokenizer: str | None, stage1_checkpoint: str | Non
                       "export directory as the stage-1 checkpoint (it holds the tokenizer)")
 
 
+def stage1_vocab_size(stage1_checkpoint: str | None) -> int | None:
+    """The Q-Former vocabulary of a stage-1 export (its weights' size). The tokenizer saved beside it holds
+    one token more: Blip2Processor adds `<image>` to it, a token no caption produces."""
+    config = Path(str(stage1_checkpoint)) / "config.json" if stage1_checkpoint else None
+    if config is None or not config.is_file():
+        return None
+    import json
+
+    return json.loads(config.read_text()).get("qformer_config", {}).get("vocab_size")
+
+
 def build_stage1_model(
     tokenizer: str | None,
     vision: dict,
@@ -152,7 +163,7 @@ def build_stage1_model(
     """
     tok = load_qformer_tokenizer(qformer_tokenizer_source(tokenizer, stage1_checkpoint))
     qformer = dict(qformer)
-    qformer["vocab_size"] = len(tok)  # BERT vocab + [DEC]
+    qformer["vocab_size"] = stage1_vocab_size(stage1_checkpoint) or len(tok)  # BERT vocab + [DEC]
     cfg = build_stage1_config(dict(vision), qformer, num_query_tokens, embed_dim, attn_implementation)
     if seed is not None:
         torch.manual_seed(seed)

@@ -80,6 +80,11 @@ def check_ranges(cfg, ranges: dict[str, Range] = RANGES) -> None:
             continue
         if not rng.allows(v):
             raise ConfigError(f"config value {key}={v!r}{_source(cfg, key)} is out of range: must be {rng.describe()}")
+    steps, epochs = OmegaConf.select(cfg, "trainer.max_steps", default=None), OmegaConf.select(
+        cfg, "trainer.max_epochs", default=None)
+    if steps == -1 and epochs in (None, -1):  # Lightning's "no limit" twice: the lr schedule needs a length
+        raise ConfigError("config value trainer.max_steps=-1 is out of range without trainer.max_epochs: set one of "
+                          "them (the lr schedule needs a length)")
 
 
 def _source(cfg, key: str) -> str:
