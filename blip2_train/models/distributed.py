@@ -46,12 +46,12 @@ class _FetchRows(torch.autograd.Function):
         if (table[:, 0] != b).any():
             raise ValueError(f"fetch_rows needs the same batch size on every rank, got {table[:, 0].tolist()}")
         wanted = table[:, 1:]
-        # rows of mine that each rank wants, grouped by requester, in the requester's order
-        send_rows = [r[r // b == me] - me * b for r in wanted]
-        send_idx = torch.cat(send_rows)
+        # rows of mine that each rank wants: row-major selection groups them by requester, in its order
+        mine = wanted // b == me
+        send_idx = wanted[mine] - me * b
         owner = idx // b
         order = torch.argsort(owner, stable=True)  # my requests grouped by owner, as they arrive
-        send_splits = [len(r) for r in send_rows]
+        send_splits = mine.sum(dim=1).tolist()  # one host sync for all ranks' counts
         recv_splits = torch.bincount(owner, minlength=world).tolist()
         recv = t.new_empty((idx.shape[0], *t.shape[1:]))
         dist.all_to_all_single(recv, t[send_idx].contiguous(), recv_splits, send_splits)
