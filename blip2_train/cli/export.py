@@ -41,10 +41,10 @@ def reference_config(a):
     from transformers import AutoConfig
 
     from blip2_train.models.build_stage2 import check_reference_llm
+    from blip2_train.models.llm import require_model_dir
 
-    if not Path(a.llm).is_dir():
-        raise ConfigError(f"--llm {a.llm}: not a local LLM directory")
-    check_reference_llm(a.checkpoint, family, AutoConfig.from_pretrained(a.llm).model_type)  # before its tokenizer
+    llm_dir = require_model_dir(a.llm, "LLM directory")
+    check_reference_llm(a.checkpoint, family, AutoConfig.from_pretrained(llm_dir).model_type)  # before its tokenizer
     model = a.model or next((o.split("=", 1)[1] for o in a.overrides if o.startswith("model=")), None)
     overrides = [f"model={model or ('stage2_flant5' if family == 't5' else 'stage2_opt')}", f"paths.llm_dir={a.llm}",
                  "paths.stage1_checkpoint=null", "module=stage2",

@@ -21,7 +21,8 @@ IMAGE_TOKEN = "<image>"
 NO_FP16 = ("t5", "mt5", "umt5", "longt5")
 
 
-def _require_dir(path, what: str) -> Path:
+def require_model_dir(path, what: str) -> Path:
+    """A local transformers directory, or one line saying what it is instead (no model hub here)."""
     p = Path(str(path))
     if p.is_file():
         raise CheckpointError(f"{what} {p} is a file, not a transformers directory (a reference .pth holds no LLM: "
@@ -40,7 +41,7 @@ def load_llm_tokenizer(path: str | os.PathLike, padding_side: str = "right"):
     we reuse unk, else eos; label masks come from the attention mask, so pad == eos is harmless)."""
     from transformers import AddedToken, AutoTokenizer
 
-    p = _require_dir(path, "LLM tokenizer directory")
+    p = require_model_dir(path, "LLM tokenizer directory")
     tok = AutoTokenizer.from_pretrained(str(p))
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
@@ -82,7 +83,7 @@ def load_llm(path: str | os.PathLike, dtype: torch.dtype, attn_implementation: s
     `config_overrides` first."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    p = _require_dir(path, "LLM directory")
+    p = require_model_dir(path, "LLM directory")
     cfg = AutoConfig.from_pretrained(str(p))
     if cfg.model_type == "blip-2":  # a whole BLIP-2 checkpoint (e.g. a saved Salesforce/blip2-opt-2.7b)
         override_config(cfg.text_config, config_overrides, p)
