@@ -23,18 +23,66 @@ log = logging.getLogger("blip2_train")
 RUN_DIR_ENV = "BLIP2_RUN_DIR"
 
 
+CONFIG_MODULE = "blip2_train.conf"  # conf/ ships in the package (blip2_train/conf -> ../conf)
+
+
 def config_dir() -> Path:
-    """`conf/` at the repository root (the package is installed editable), or $BLIP2_CONF_DIR."""
-    env = os.environ.get("BLIP2_CONF_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    """The shipped configs: `conf/` of a source checkout, or `blip2_train/conf` of an installed wheel."""
+    import importlib
+
+    return Path(importlib.import_module(CONFIG_MODULE).__file__).resolve().parent
+
+
+# -- the run directory, as Hydra's hydra.run.dir ---------------------------------------------------------------
+_stamp: list[str] = []
+
+
+def run_stamp() -> str:
+    """The launcher's job id under torchrun / SLURM (every rank of one run computes the same directory), else
+    the start time; fixed for the process until the next CLI call."""
+    if not _stamp:
+        job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
+        _stamp.append(job if job and job != "none" else time.strftime("%Y-%m-%d_%H-%M-%S"))
+    return _stamp[0]
+
+
+def default_run_dir(output_dir, log_dir, task_name) -> str:
+    """paths.output_dir when set; else the directory this run's rank 0 chose ($BLIP2_RUN_DIR, inherited by the
+    processes Lightning launches); else <log_dir>/<task_name>/<stamp>."""
+    if output_dir:
+        return str(output_dir)
+    if os.environ.get(RUN_DIR_ENV):
+        return os.environ[RUN_DIR_ENV]
+    return str(Path(str(log_dir)) / str(task_name) / run_stamp())
+
+
+def _original_cwd() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
 
 
 def _register_resolvers() -> None:
-    if not OmegaConf.has_resolver("wandb_offline"):
+    new = {
         # W&B runs online only when the user configured it; otherwise offline, never a crash for lack of a key.
-        OmegaConf.register_new_resolver(
-            "wandb_offline",
-            lambda: os.environ.get("WANDB_MODE", "") != "online" and not os.environ.get("WANDB_API_KEY"))
+        "wandb_offline": lambda: os.environ.get("WANDB_MODE", "") != "online" and not os.environ.get("WANDB_API_KEY"),
+        "blip2_run_dir": default_run_dir,
+        "blip2_stamp": run_stamp,
+        # .hydra/ (the composed config) is written by rank 0 only: the other ranks would race on the same files
+        "blip2_rank_zero": lambda value: value if is_rank_zero() else None,
+        "blip2_cwd": _original_cwd,
+    }
+    for name, fn in new.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def register() -> None:
+    """What composition needs: our resolvers and the structured-config schemas."""
+    from blip2_train.cli.schemas import register_schemas
+
+    _register_resolvers()
+    register_schemas()
 
 
 def describe_config_error(e: BaseException) -> str:
@@ -55,11 +103,11 @@ def describe_config_error(e: BaseException) -> str:
         if isinstance(c, ConfigKeyError):
             return f"unknown config key '{key}' (check the spelling; to add a new key use +{key}=...)"
         if isinstance(c, ValidationError):
-            return f"invalid value for config key '{key}': {str(c).splitlines()[0]}"
+            return describe_type_error(c, key)
     text = str(e)
     everything = " ".join(str(c) for c in chain)
     m = re.search(r"Could not override '([^']+)'", text)
-    if m and not re.search(r"could not be converted|Validation", everything):
+    if m and not re.search(r"could not be converted|Validation|is not a valid", everything):
         return f"unknown config key '{m.group(1)}' (check the spelling; to add a new key use +{m.group(1)}=...)"
     m = re.search(r"Could not (?:find|load) '([^']+)'", text)
     if m:
@@ -67,49 +115,173 @@ def describe_config_error(e: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
-def compose(config_name: str, overrides: list[str]) -> DictConfig:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+_TYPE_WORDS = {"Integer": "int", "Float": "float", "String": "str", "Boolean": "bool", "bool": "bool"}
 
-    _register_resolvers()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+
+def describe_type_error(c: BaseException, key: str | None) -> str:
+    """A schema's ValidationError -> `config value data.batch_size='abc' must be int (str given)`."""
+    msg = str(c).splitlines()[0]
+    m = re.search(r"could not be converted to (\w+)|is not a valid (\w+)", msg)
+    value = getattr(c, "value", None)
+    if m and key:
+        want = _TYPE_WORDS.get(m.group(1) or m.group(2), m.group(1) or m.group(2))
+        return f"config value {key}={value!r} must be {want} ({type(value).__name__} given)"
+    return f"invalid value for config key '{key}': {msg}"
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """The job config of `blip2-<config_name> <overrides>` without running it (tests, benchmarks, tools)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    register()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
+_OWN_FULL_ERROR = "_BLIP2_SET_HYDRA_FULL_ERROR"
+
+
 def run_cli(config_name: str, body: Callable[[DictConfig], dict], argv: list[str] | None = None) -> int:
-    """Compose, run `body(cfg)`, print the output directory. Known errors -> one line on stderr, exit 2."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: {Path(sys.argv[0]).name} [key=value ...] [experiment=NAME]\n"
-              f"Hydra overrides on conf/{config_name}.yaml; experiments: "
-              + ", ".join(sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))))
-        return 0
-    setup_logging()
+    """A Hydra app (`@hydra.main` on the shipped configs): `key=value` overrides, `--cfg job|hydra|all`
+    [`--resolve`], `--info`, `-m` sweeps and launcher plugins, `--config-dir`, shell completion; the run
+    directory is Hydra's `hydra.run.dir`. Known errors become one line on stderr and exit status 2 (Hydra's
+    HYDRA_FULL_ERROR=1 or BLIP2_FULL_ERROR=1 show the traceback)."""
+    import hydra
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    register()
+    results: list[dict] = []
+
+    def task(cfg: DictConfig):
+        setup_logging()
+        results.append(run_job(cfg, body))
+        return results[-1]
+
+    app = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")(task)
+    user_full_error = bool(os.environ.get("BLIP2_FULL_ERROR") or (
+        os.environ.get("HYDRA_FULL_ERROR") and not os.environ.get(_OWN_FULL_ERROR)))
+    saved_argv, saved_env = sys.argv, {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", _OWN_FULL_ERROR, RUN_DIR_ENV)}
+    sys.argv = [saved_argv[0], *argv]
+    if not user_full_error:  # Hydra then raises, and we print the one line
+        os.environ.update({"HYDRA_FULL_ERROR": "1", _OWN_FULL_ERROR: "1"})
+    _stamp.clear()
+    failed_job: list[str] = []
     try:
-        from blip2_train.utils.config_ranges import check_ranges
-
-        cfg = compose(config_name, argv)
-        check_ranges(cfg)  # before any work: nothing created, nothing written
-        result = body(cfg)
+        with _HydraJobErrorFilter(failed_job):
+            app()
+    except SystemExit as e:  # --help, argparse errors, Hydra's own exits
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:  # noqa: BLE001 - turned into one readable line below
-        if os.environ.get("BLIP2_FULL_ERROR") or os.environ.get("HYDRA_FULL_ERROR"):
+        if user_full_error:
             raise
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
-        if isinstance(e, (HydraException, OmegaConfBaseException, Blip2TrainError, FileNotFoundError)) or \
-                any(isinstance(c, (OmegaConfBaseException, Blip2TrainError)) for c in _causes(e)):
-            ours = e if isinstance(e, Blip2TrainError) else next(
-                (c for c in _causes(e) if isinstance(c, Blip2TrainError)), None)  # e.g. wrapped by instantiate
-            msg = first_line(ours) if ours is not None else describe_config_error(e)
-            print(f"error: {msg}", file=sys.stderr)
-            return 2
-        raise
+        msg = known_error_line(e)
+        if msg is None:
+            raise
+        if failed_job and ("-m" in argv or "--multirun" in argv):
+            msg += f" ({failed_job[0]})"
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
     finally:
+        sys.argv = saved_argv
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         release_run_locks()
-    if result is not None and result.get("output_dir") and is_rank_zero():
-        print(f"output directory: {result['output_dir']}")
+        close_log_files()
+    for result in results:
+        if result and result.get("output_dir") and is_rank_zero():
+            print(f"output directory: {result['output_dir']}")
     return 0
+
+
+class _HydraJobErrorFilter:
+    """Hydra writes "Error executing job with overrides: [...]" to stderr before re-raising a job's error; the
+    one-line error replaces it (a sweep's error line names the job's overrides instead)."""
+
+    PREFIX = "Error executing job with overrides: "
+
+    def __init__(self, seen: list[str]):
+        self.seen, self.stream = seen, None
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.PREFIX):
+            self.seen.append("job " + text[len(self.PREFIX):].strip())
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+    def __enter__(self):
+        self.stream, sys.stderr = sys.stderr, self
+        return self
+
+    def __exit__(self, *exc):
+        if sys.stderr is self:
+            sys.stderr = self.stream
+
+
+def run_job(cfg: DictConfig, body: Callable[[DictConfig], dict]) -> dict:
+    """One job: Hydra's run directory becomes paths.output_dir, the ranges are checked before any work, then
+    `body`. A job refused before it wrote anything leaves no directory behind (Hydra creates it up front)."""
+    from blip2_train.utils.config_ranges import check_ranges
+
+    created = adopt_hydra_run_dir(cfg)
+    try:
+        check_ranges(cfg)
+        return body(cfg)
+    except Exception:
+        if created is not None:
+            remove_if_only_hydra_files(created)
+        raise
+
+
+def adopt_hydra_run_dir(cfg: DictConfig) -> Path | None:
+    """Under Hydra, its job directory (hydra.run.dir, or the sweep's sub-directory) is the run directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    out = Path(HydraConfig.get().runtime.output_dir)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return out
+
+
+def remove_if_only_hydra_files(run_dir: Path) -> None:
+    import shutil
+
+    if run_dir.is_dir() and all(p.name == ".hydra" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+        try:
+            run_dir.rmdir()
+        except OSError:
+            pass
+
+
+def known_error_line(e: BaseException) -> str | None:
+    """One line for configuration / input errors (ours, Hydra's, OmegaConf's, a missing file); None otherwise."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(e, (HydraException, OmegaConfBaseException, Blip2TrainError, FileNotFoundError)) or \
+            any(isinstance(c, (OmegaConfBaseException, Blip2TrainError)) for c in _causes(e)):
+        ours = e if isinstance(e, Blip2TrainError) else next(
+            (c for c in _causes(e) if isinstance(c, Blip2TrainError)), None)  # e.g. wrapped by instantiate
+        return first_line(ours) if ours is not None else describe_config_error(e)
+    if isinstance(e, ValueError) and _raised_by_hydra(e):  # usage: "Only one of --run, --multirun, --cfg ..."
+        return first_line(e)
+    return None
+
+
+def _raised_by_hydra(e: BaseException) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}hydra{os.sep}" in tb.tb_frame.f_code.co_filename
 
 
 def first_line(e: BaseException) -> str:
@@ -141,20 +313,13 @@ def is_rank_zero() -> bool:
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
-    """One output directory per run, also under DDP.
+    """One output directory per run, also under DDP: Hydra's job directory (set into paths.output_dir by
+    `run_job`), else `default_run_dir` for a config composed without Hydra's runtime (tools, tests).
 
-    Explicit `paths.output_dir` wins. Otherwise rank 0 picks `<paths.log_dir>/<task>/<time>` and exports it in
-    $BLIP2_RUN_DIR, which the processes that Lightning launches inherit; under torchrun/SLURM, where all ranks
-    start at once, the launcher's run id names the directory so that every rank computes the same one.
+    It is exported in $BLIP2_RUN_DIR, which the processes that Lightning launches inherit. Rank 0 creates it,
+    takes its lock and logs into `<run_dir>/<task_name>.log`.
     """
-    if cfg.paths.get("output_dir"):
-        run_dir = Path(cfg.paths.output_dir)
-    elif os.environ.get(RUN_DIR_ENV):
-        run_dir = Path(os.environ[RUN_DIR_ENV])
-    else:
-        launcher_id = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
-        stamp = launcher_id if launcher_id and launcher_id != "none" else time.strftime("%Y-%m-%d_%H-%M-%S")
-        run_dir = Path(cfg.paths.log_dir) / str(cfg.get("task_name", "run")) / stamp
+    run_dir = Path(default_run_dir(cfg.paths.get("output_dir"), cfg.paths.log_dir, cfg.get("task_name", "run")))
     run_dir = run_dir.resolve()
     os.environ[RUN_DIR_ENV] = str(run_dir)
     with open_dict(cfg):
@@ -162,7 +327,25 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     if is_rank_zero():
         run_dir.mkdir(parents=True, exist_ok=True)
         acquire_run_lock(run_dir)
+        log_to_file(run_dir / f"{cfg.get('task_name', 'run')}.log")
     return run_dir
+
+
+_file_handlers: list[logging.Handler] = []
+
+
+def log_to_file(path: Path) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logging.getLogger().addHandler(handler)
+    _file_handlers.append(handler)
+
+
+def close_log_files() -> None:
+    while _file_handlers:
+        h = _file_handlers.pop()
+        logging.getLogger().removeHandler(h)
+        h.close()
 
 
 # -- one run per output directory ---------------------------------------------------------------------------
@@ -285,48 +468,4 @@ def instantiate_logged(node, **kwargs):
     target = node.get("_target_") if isinstance(node, DictConfig) else None
     if target:
         log.info("instantiating <%s>", target)
-        check_types(node, target)
     return instantiate(node, **kwargs)
-
-
-_SIMPLE = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
-
-
-def check_types(node: DictConfig, target: str) -> None:
-    """Values given for parameters annotated int/float/bool/str (optionally `| None`) must have that type, so
-    `data.batch_size=abc` is one line naming the key instead of a traceback deep inside training."""
-    import inspect
-    import typing
-
-    from hydra.utils import get_object
-
-    from blip2_train.utils.errors import ConfigError
-
-    try:
-        obj = get_object(target)
-        sig = inspect.signature(obj)
-        hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
-    except Exception:  # noqa: BLE001 - third-party targets without usable hints are not checked
-        return
-    prefix = node._get_full_key("") if hasattr(node, "_get_full_key") else ""
-    for name in sig.parameters:
-        if name not in node or name not in hints:
-            continue
-        value = node._get_node(name)._value() if hasattr(node, "_get_node") else node[name]
-        if value is None or OmegaConf.is_config(value) or (isinstance(value, str) and "${" in value):
-            continue
-        try:
-            value = node[name]
-        except Exception:  # noqa: BLE001 - an unresolvable interpolation is reported elsewhere
-            continue
-        hint = hints[name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
-            typing.Union, getattr(__import__("types"), "UnionType", typing.Union)) else [hint]
-        allowed = tuple(t for a in args for t in _SIMPLE.get(a, ()))
-        if len(allowed) != sum(len(_SIMPLE.get(a, ())) for a in args) or not allowed:
-            continue  # a hint we do not check (lists, dicts, objects)
-        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
-        if not ok:
-            key = f"{prefix}.{name}" if prefix else name
-            want = " or ".join(sorted({a.__name__ for a in args}))
-            raise ConfigError(f"config value {key}={value!r} must be {want} ({type(value).__name__} given)")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from blip2_train.cli.common import (check_types, instantiate_logged, is_rank_zero, resolve_run_dir, run_cli,
+from blip2_train.cli.common import (instantiate_logged, is_rank_zero, resolve_run_dir, run_cli,
                                     to_floats, write_json_atomic)
 
 log = logging.getLogger("blip2_train.train")
@@ -136,9 +136,6 @@ def train(cfg: DictConfig) -> dict:
 
     # Our data module restores the exact data position itself (state_dict / load_state_dict).
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-    for group in ("data", "model", "module"):  # wrong value types fail here, before any work
-        if cfg.get(group) is not None and cfg[group].get("_target_"):
-            check_types(cfg[group], cfg[group]._target_)
     check_evaluation_fits_strategy(cfg)
     run_dir = resolve_run_dir(cfg)
     ckpt_path = resolve_ckpt_path(cfg, run_dir)

@@ -1,0 +1,199 @@
+"""The entry points behave as Hydra apps (`--cfg`, `--resolve`, `--info`, `-m` sweeps, launcher configs,
+`--config-dir`, Hydra's run directory, `python -m blip2_train.train`), the configs ship in the package (a wheel
+installed in a fresh venv outside the repository composes every experiment and trains), and the structured-config
+schemas refuse wrong types and unknown keys at composition, in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "BLIP2_", "PL_", "TORCHELASTIC",
+                                "HYDRA_FULL_ERROR", "_BLIP2"))}
+    env.update({"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **extra})
+    return env
+
+
+def app(*args, module="blip2_train.cli.train", cwd=REPO, python=sys.executable, timeout=300):
+    return subprocess.run([python, "-m", module, *args], cwd=cwd, env=clean_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def small_train(synth, *over):
+    return ["experiment=stage1_pretrain", *tiny_cli(synth, "trainer.max_steps=2", "data.batch_size=4",
+                                                    "eval.enabled=false", *over)]
+
+
+def test_cfg_job_prints_the_composed_config_and_resolve_resolves_it(synth):
+    r = app("experiment=caption_coco_eval", "preset=tiny", "--cfg", "job", module="blip2_train.cli.evaluate")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["eval"]["kind"] == "caption" and cfg["model"]["text"]["prompt"] == "a photo of"
+    assert "${" in r.stdout  # unresolved without --resolve
+    r = app("experiment=caption_coco_eval", "preset=tiny", f"paths.data_dir={synth['dir']}",
+            "paths.stage2_checkpoint=/ckpt/stage2", "--cfg", "job", "--resolve", module="blip2_train.cli.evaluate")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert "${" not in r.stdout and cfg["model"]["llm"] == "/ckpt/stage2"
+    assert cfg["data"]["eval_set"]["annotation"] == f"{synth['dir']}/coco/annotations/coco_karpathy_test.json"
+    # an unknown key is still one line, exit 2, under --cfg too
+    r = app("experiment=caption_coco_eval", "data.batch_sze=3", "--cfg", "job", module="blip2_train.cli.evaluate")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "data.batch_sze" in r.stderr, r.stderr
+
+
+def test_info_and_help_name_the_packaged_configs():
+    r = app("--info", "searchpath")
+    assert r.returncode == 0 and "pkg://blip2_train.conf" in r.stdout, r.stdout + r.stderr
+    r = app("--help")
+    assert r.returncode == 0 and "blip2-train" in r.stdout and "stage1_pretrain" in r.stdout
+
+
+def test_submitit_slurm_launcher_config_composes():
+    """`hydra/launcher=slurm` (ours, on hydra-submitit-launcher's submitit_slurm) composes; it is not run."""
+    r = app("experiment=stage1_pretrain", "hydra/launcher=slurm", "hydra.launcher.nodes=2",
+            "hydra.launcher.partition=gpu", "--cfg", "hydra", "--resolve")
+    assert r.returncode == 0, r.stderr
+    launcher = yaml.safe_load(r.stdout)["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == (2, 8, 8)
+    assert launcher["partition"] == "gpu" and launcher["max_num_timeout"] > 0
+    r = app("-m", "experiment=stage1_pretrain", "--cfg", "job")  # Hydra's usage errors are one line too
+    assert r.returncode == 2 and r.stderr.startswith("error: Only one of") and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_multirun_sweep_runs_each_value_in_its_own_job_directory(synth, tmp_path):
+    r = app("-m", *small_train(synth, "data.batch_size=4,6", f"paths.log_dir={tmp_path}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sorted((tmp_path / "stage1_pretrain" / "multirun").glob("*/[0-9]"))
+    assert [j.name for j in jobs] == ["0", "1"], r.stdout
+    sizes = [yaml.safe_load((j / "config.yaml").read_text())["data"]["batch_size"] for j in jobs]
+    assert sizes == [4, 6]
+    for j in jobs:  # each job trained, wrote its metrics and Hydra's record of its overrides
+        assert json.loads((j / "metrics.json").read_text())["global_step"] == 2
+        assert f"data.batch_size={sizes[int(j.name)]}" in (j / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_run_directory_is_hydras_and_chdir_keeps_paths_relative_to_the_start(synth, tmp_path):
+    """hydra.run.dir places the run; with hydra.job.chdir=true the shipped relative paths (data/, outputs/) are
+    still the starting directory's: preset=tiny finds <cwd>/data/synthetic."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic").symlink_to(synth["dir"])
+    over = [a for a in small_train(synth) if not a.startswith("paths.data_dir=")]
+    r = app(*over, "hydra.job.chdir=true", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = Path(r.stdout.strip().splitlines()[-1].split("output directory: ")[1])
+    assert run.parent == tmp_path / "outputs" / "stage1_pretrain" and (run / "metrics.json").is_file()
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / "stage1_pretrain.log").is_file()
+    r = app(*small_train(synth, f"hydra.run.dir={tmp_path / 'here'}"), module="blip2_train.train")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "here" / "metrics.json").is_file()
+
+
+def test_user_config_dir_adds_experiments(synth, tmp_path):
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "my_caption.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - caption_coco_eval\n  - _self_\nmodel:\n  text:\n    prompt: a picture of\n")
+    r = app("--config-dir", str(tmp_path), "experiment=my_caption", "--cfg", "job", module="blip2_train.cli.evaluate")
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load(r.stdout)
+    assert cfg["model"]["text"]["prompt"] == "a picture of" and cfg["eval"]["kind"] == "caption"
+
+
+def test_a_refused_job_leaves_no_directory(synth, tmp_path):
+    r = app(*small_train(synth, "data.batch_size=0", f"paths.output_dir={tmp_path / 'run'}"))
+    assert r.returncode == 2 and "data.batch_size" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_schemas_follow_the_targets_signatures():
+    """A schema is generated from its target: every parameter is a key with the signature's type; a parameter of
+    a type no config holds is left to the target's default."""
+    import inspect
+
+    from hydra.utils import get_object
+    from omegaconf import OmegaConf
+
+    from blip2_train.cli.schemas import PASSED_AT_INSTANTIATION, SCHEMAS, schema_for
+
+    for entries in SCHEMAS.values():
+        for target in entries.values():
+            schema = OmegaConf.structured(schema_for(target))
+            obj = get_object(target)
+            params = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj).parameters
+            wanted = {n for n, p in params.items() if n != "self" and n not in PASSED_AT_INSTANTIATION
+                      and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+            assert set(schema) - {"_target_"} <= wanted and schema._target_ == target
+            if target.startswith("blip2_train."):
+                assert set(schema) - {"_target_"} == wanted, target  # ours: every parameter is configurable
+    s = OmegaConf.structured(schema_for("blip2_train.data.datamodule.Blip2DataModule"))
+    with pytest.raises(Exception, match="could not be converted to Integer"):
+        s.batch_size = "abc"
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory) -> Path:
+    """The wheel built from this checkout, installed (no dependencies) into a fresh venv outside the repository.
+    Its dependencies come from this environment's site-packages through a .pth line, which does not run this
+    environment's own .pth files, so the editable install of the checkout is not visible there."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO),
+                    "-w", str(tmp / "dist")], check=True, cwd=tmp, capture_output=True, timeout=300)
+    wheel = next((tmp / "dist").glob("blip2_train-*.whl"))
+    subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True, timeout=300)
+    py = tmp / "venv" / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "_blip2_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    return tmp / "venv"
+
+
+def test_wheel_outside_the_repository_composes_every_experiment_and_trains_stage1(wheel_venv, synth, tmp_path):
+    py = wheel_venv / "bin" / "python"
+    experiments = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+    script = (
+        "import json, blip2_train\n"
+        "from blip2_train.cli.common import compose, config_dir\n"
+        "out = {'package': blip2_train.__file__, 'conf': str(config_dir()), 'composed': []}\n"
+        f"for exp in {experiments!r}:\n"
+        "    root = 'eval' if '# root: eval' in (config_dir() / 'experiment' / f'{exp}.yaml').read_text() else 'train'\n"
+        "    cfg = compose(root, [f'experiment={exp}', 'preset=tiny'])\n"
+        "    out['composed'].append((exp, cfg.task_name))\n"
+        "print(json.dumps(out))\n")
+    r = subprocess.run([str(py), "-c", script], cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["package"].startswith(str(wheel_venv)) and out["conf"].startswith(str(wheel_venv))
+    assert [e for e, _ in out["composed"]] == experiments
+    # make demo's first stage, with the console script the wheel installed, from a directory outside the repo
+    r = subprocess.run([str(wheel_venv / "bin" / "blip2-train"), *small_train(synth)], cwd=tmp_path,
+                       env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = Path(r.stdout.strip().splitlines()[-1].split("output directory: ")[1])
+    assert run.is_relative_to(tmp_path) and json.loads((run / "metrics.json").read_text())["global_step"] == 2
+
+
+def test_lightning_launched_ranks_share_hydras_run_directory(synth, tmp_path):
+    """strategy=ddp with trainer.devices=2 and no launcher: Lightning re-runs the command for rank 1 with
+    hydra.run.dir set to rank 0's; the run has one directory, written once."""
+    r = app(*small_train(synth, "trainer.devices=2", "strategy=ddp", f"paths.log_dir={tmp_path}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((tmp_path / "stage1_pretrain").iterdir())
+    assert len(runs) == 1 and json.loads((runs[0] / "metrics.json").read_text())["global_step"] == 2
+    assert sorted(p.name for p in (runs[0] / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
