@@ -71,6 +71,7 @@ def test_submitit_slurm_launcher_config_composes():
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
     assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == (2, 8, 8)
     assert launcher["partition"] == "gpu" and launcher["max_num_timeout"] > 0
+    assert "export SLURM_KILL_BAD_EXIT=1" in launcher["setup"]
     r = app("-m", "experiment=stage1_pretrain", "--cfg", "job")  # Hydra's usage errors are one line too
     assert r.returncode == 2 and r.stderr.startswith("error: Only one of") and r.stderr.count("\n") == 1, r.stderr
 
