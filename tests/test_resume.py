@@ -47,24 +47,30 @@ def losses(run: Path) -> dict[int, float]:
 
 
 @pytest.mark.timeout(600)
-def test_killed_run_resumes_with_the_same_loss_sequence(synth, tiny_llms, tmp_path):
+@pytest.mark.parametrize("kill_at,length", [(10, "steps"), (45, "epochs")], ids=["epoch0", "epoch1-max_epochs"])
+def test_killed_run_resumes_with_the_same_loss_sequence(synth, tiny_llms, tmp_path, kill_at, length):
+    """30 batches per epoch: killed in epoch 0, or mid-way through epoch 1, with the run's length given in steps
+    or in epochs (trainer.max_steps=-1, as caption_coco_ft): the data position of a later epoch is restored too
+    (the resumed epoch skips its consumed batches instead of starting over)."""
+    extra = ["trainer.max_steps=-1", f"trainer.max_epochs={STEPS // 30}"] if length == "epochs" else []
     full = tmp_path / "full"
-    r = subprocess.run(cli(full, synth, tiny_llms["opt"]), cwd=REPO, env=clean_env(), capture_output=True, text=True,
+    r = subprocess.run(cli(full, synth, tiny_llms["opt"], *extra), cwd=REPO, env=clean_env(), capture_output=True, text=True,
                        timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     reference = losses(full)
     assert len(reference) == STEPS
 
     killed = tmp_path / "killed"
-    run_killed_after(cli(killed, synth, tiny_llms["opt"]), killed)
+    run_killed_after(cli(killed, synth, tiny_llms["opt"], *extra), killed, f"step{kill_at:07d}.ckpt")
 
     resumed = tmp_path / "resumed"
-    r = subprocess.run(cli(resumed, synth, tiny_llms["opt"], f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}"),
+    r = subprocess.run(cli(resumed, synth, tiny_llms["opt"], *extra,
+                           f"ckpt_path={killed / 'checkpoints' / 'last.ckpt'}"),
                        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     after = losses(resumed)
     first = min(after)
-    assert 5 <= first < STEPS - 20 and max(after) == STEPS - 1  # last.ckpt: step 5 or 10
+    assert kill_at - 5 <= first <= kill_at + 5 and max(after) == STEPS - 1  # last.ckpt: kill_at or the one before
     for step, value in after.items():
         assert value == pytest.approx(reference[step], rel=1e-4, abs=1e-5), f"step {step}"
 
