@@ -54,8 +54,8 @@ def test_killed_run_resumes_with_the_same_loss_sequence(synth, tiny_llms, tmp_pa
     (the resumed epoch skips its consumed batches instead of starting over)."""
     extra = ["trainer.max_steps=-1", f"trainer.max_epochs={STEPS // 30}"] if length == "epochs" else []
     full = tmp_path / "full"
-    r = subprocess.run(cli(full, synth, tiny_llms["opt"], *extra), cwd=REPO, env=clean_env(), capture_output=True, text=True,
-                       timeout=400)
+    r = subprocess.run(cli(full, synth, tiny_llms["opt"], *extra), cwd=REPO, env=clean_env(), capture_output=True,
+                       text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     reference = losses(full)
     assert len(reference) == STEPS
