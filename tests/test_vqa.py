@@ -112,11 +112,13 @@ def vqa_world(synth, tiny_llms, tmp_path_factory):
     from omegaconf import open_dict
 
     from blip2_train.cli.common import compose
-    from blip2_train.data.synthetic_vqa import write_vqa_sets
+    from blip2_train.data.synthetic_vqa import GQA_FILE, VQA_FILES
     from blip2_train.models.export import export_stage2
     from blip2_train.models.llm import load_llm_tokenizer
 
-    sets = write_vqa_sets(synth["dir"], "test", per_image=2)
+    d = Path(synth["dir"])  # conftest's synth writes the VQA sets as make_synthetic.py does
+    sets = {k: d / k / "annotations" / f for k, f in
+            (("vqav2", VQA_FILES["vqav2"][0]), ("okvqa", VQA_FILES["okvqa"][0]), ("gqa", GQA_FILE))}
     cfg = compose("eval", ["experiment=caption_coco_eval", "preset=tiny", f"paths.data_dir={synth['dir']}",
                            f"paths.llm_dir={tiny_llms['opt']}", "paths.stage2_checkpoint=null"])
     with open_dict(cfg):
@@ -138,7 +140,7 @@ def test_synthetic_vqa_set_is_in_the_official_format(vqa_world, synth):
     d = Path(synth["dir"])
     v = read_vqa(vqa_world["sets"]["vqav2"], d / "vqav2/annotations/v2_mscoco_val2014_annotations.json",
                  d / "vqav2/images")
-    assert len(v) == 2 * 24 and all(len(a) == 10 for a in v.answers)
+    assert len(v) == 3 * 24 and all(len(a) == 10 for a in v.answers)
     assert {"how many", "what shape is", "where is the", "is there a"} & set(v.question_types)
     assert all(Path(p).exists() for p in v.images)  # COCO-named links to the synthetic images
     g = read_gqa(vqa_world["sets"]["gqa"], d / "gqa/images")
@@ -227,3 +229,65 @@ def test_generate_bad_input_is_one_line(vqa_world, tmp_path):
     bad.write_text('{"image": "a.jpg"}\n')
     r = cli("generate", vqa_world["export"], "--questions", bad)
     assert r.returncode == 2 and f"{bad}:1: expected a JSON object" in r.stderr
+
+
+def test_demo_vqa_step_writes_what_the_summary_reads(vqa_world, synth, tmp_path):
+    """run_scripts/demo_vqa.sh as make demo calls it (on a data dir made before the VQA sets existed: it writes
+    them), then the summary's VQA function on its output."""
+    import shutil
+
+    data = tmp_path / "data"
+    (data / "synthetic").mkdir(parents=True)
+    for part in ("coco", "bert"):  # the rest of the world, without vqav2/
+        (data / "synthetic" / part).symlink_to(Path(synth["dir"]) / part)
+    out = tmp_path / "demo"
+    out.mkdir()
+    shutil.copytree(vqa_world["export"], out / "export_stage2")
+    r = subprocess.run(["bash", "run_scripts/demo_vqa.sh", str(out)], cwd=REPO, capture_output=True, text=True,
+                       env=clean_env(PY=sys.executable, BLIP2_DATA_DIR=str(data)), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (data / "synthetic" / "vqav2" / "annotations" / "v2_mscoco_val2014_annotations.json").exists()
+    m = json.loads((out / "eval_vqa" / "metrics.json").read_text())
+    assert m["num_questions"] == 3 * 24 and "blind/accuracy" in m
+    # the summary's function, read from the script (which runs the whole summary when executed)
+    src = (REPO / "run_scripts" / "demo_summary.py").read_text()
+    fn = src[src.index("def vqa_results"):src.index("\n\n\nvqa, vqa_rows")]
+    ns: dict = {"Path": Path, "json": json}
+    exec(fn, ns)  # noqa: S102 - our own script's function
+    vqa_metrics, rows, bars = ns["vqa_results"](out)
+    assert vqa_metrics == m and rows[0][1:3] == (m["accuracy"], m["blind/accuracy"])
+    assert bars == {"zero-shot VQA accuracy above the image-blind baseline": m["accuracy"] > m["blind/accuracy"]}
+    assert ns["vqa_results"](tmp_path)[2] == {"zero-shot VQA was evaluated (run_scripts/demo_vqa.sh)": False}
+
+
+def test_nocaps_script_writes_the_layout_nocaps_eval_reads(tmp_path):
+    """data_scripts/download_nocaps.sh offline: a local copy of the official annotation file, DRY_RUN (no
+    downloads): the file lands where conf/data/nocaps_eval.yaml reads it, the image list names every missing
+    image, and a malformed file is one line."""
+    from blip2_train.data.annotations import read_annotations
+
+    script = REPO / "data_scripts" / "download_nocaps.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    ann = {"images": [{"id": i, "file_name": f"{i:016x}.jpg", "domain": d,
+                       "coco_url": f"https://s3.amazonaws.com/nocaps/val/{i:016x}.jpg"}
+                      for i, d in enumerate(["in-domain", "near-domain", "out-domain"])],
+           "annotations": [{"image_id": i, "id": 10 * i + k, "caption": f"caption {k} of {i}"}
+                           for i in range(3) for k in range(2)]}
+    local = tmp_path / "official.json"
+    local.write_text(json.dumps(ann))
+    dest = tmp_path / "data" / "nocaps"
+    (dest / "images").mkdir(parents=True)
+    (dest / "images" / f"{1:016x}.jpg").write_bytes(b"present")
+    env = clean_env(PY=sys.executable, NOCAPS_ANNOTATION=str(local), DRY_RUN="1")
+    r = subprocess.run(["bash", str(script), str(dest)], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "3 images, 6 captions; 2 image(s) to fetch" in r.stdout
+    urls = [line.split("\t") for line in (dest / "image_urls.tsv").read_text().splitlines()]
+    assert [u for u, _ in urls] == [ann["images"][0]["coco_url"], ann["images"][2]["coco_url"]]
+    assert [p for _, p in urls] == [str(dest / "images" / ann["images"][i]["file_name"]) for i in (0, 2)]
+    recs = read_annotations(dest / "annotations" / "nocaps_val_4500_captions.json", "coco")
+    assert [r.domain for r in recs] == ["in-domain", "near-domain", "out-domain"] and len(recs[0].captions) == 2
+    del ann["images"][1]["domain"]
+    local.write_text(json.dumps(ann))
+    r = subprocess.run(["bash", str(script), str(dest)], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode != 0 and "images[1] has no 'domain'" in r.stderr and "Traceback" not in r.stderr

@@ -50,8 +50,11 @@ def scenes_from_captions(data_dir: str | Path, split: str) -> list[dict]:
     ann = Path(data_dir) / "coco" / "annotations" / f"coco_karpathy_{split}.json"
     if not ann.exists():
         raise DataError(f"no scenes.json and no {ann} to read the scenes from")
-    scenes = []
+    scenes, seen = [], set()
     for e in json.loads(ann.read_text()):
+        if e["image"] in seen:  # the train split lists an image once per caption
+            continue
+        seen.add(e["image"])
         caption = e["caption"][0] if isinstance(e["caption"], list) else e["caption"]
         objects = []
         for m in _PART.finditer(caption):
@@ -62,7 +65,7 @@ def scenes_from_captions(data_dir: str | Path, split: str) -> list[dict]:
         if not objects:
             raise DataError(f"{ann}: image {e['image']}: no object found in caption {caption!r}")
         scenes.append({"image": e["image"], "image_id": e["image_id"], "split": split, "background": None,
-                       "objects": objects})
+                       "objects": objects, "caption": caption})
     return scenes
 # -- end of ADAPTER ------------------------------------------------------------------------------------------------
 
