@@ -96,7 +96,8 @@ class Blip2Captioner(_Images):
         frozen = dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
         self.model = build_stage2_model(
             llm=str(path), vision=cfg["vision_config"], qformer=cfg["qformer_config"],
-            num_query_tokens=int(cfg["num_query_tokens"]), llm_dtype=frozen, vision_dtype=dtype or "float32",
+            num_query_tokens=int(cfg["num_query_tokens"]), llm_dtype=frozen,
+            vision_dtype=dtype or cfg["vision_config"].get("dtype") or "float32",
             stage2_checkpoint=str(path), ln_vision_eps=meta.get("ln_vision_eps"))
         # where generation stops: what the export recorded (OPT: "\n"), else the config's (official: "\n" too)
         end = meta.get("end_token_id", cfg.get("text_config", {}).get("eos_token_id"))

@@ -291,3 +291,28 @@ def test_nocaps_script_writes_the_layout_nocaps_eval_reads(tmp_path):
     local.write_text(json.dumps(ann))
     r = subprocess.run(["bash", str(script), str(dest)], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode != 0 and "images[1] has no 'domain'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_api_scores_are_the_retrieval_evaluations(stage1_export, synth):
+    """`score(head="itc")` is the retrieval evaluation's ITC similarity of each pair, `head="itm"` its ITM match
+    logit: computed here with the evaluation's own functions on the evaluation's image pipeline."""
+    from torch.utils.data import DataLoader
+
+    import blip2_train
+    from blip2_train.data.eval_sets import CaptionedImages, EvalImageDataset, collate_eval_images
+    from blip2_train.eval.retrieval import itc_similarity
+    from blip2_train.eval.runner import encode_images, encode_texts
+
+    data = CaptionedImages.from_karpathy(synth["ann"]["test"], synth["root"], limit=4)
+    texts = [data.texts[data.img2txt[i][0]] for i in range(4)]
+    s = blip2_train.load(stage1_export, device="cpu")
+    itc, itm = s.score(data.images, texts, head="itc"), s.score(data.images, texts, head="itm")
+    loader = DataLoader(EvalImageDataset(data, 32), batch_size=2, collate_fn=collate_eval_images)
+    embeds, feats = encode_images(s.model, loader, s.device)
+    tok = s.tokenizer(texts, padding="longest", truncation=True, max_length=35, return_tensors="pt")
+    sim = itc_similarity(feats, encode_texts(s.model, tok["input_ids"], tok["attention_mask"], s.device))
+    assert itc == pytest.approx(sim.diagonal().tolist(), abs=1e-6)
+    logits = s.model.itm_forward(embeds.float(), tok["input_ids"], tok["attention_mask"])[:, 1]
+    assert itm == pytest.approx(logits.tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="head must be"):
+        s.score(data.images, texts, head="lm")
