@@ -80,8 +80,9 @@ Synthetic captioned shapes ({len(test)} held-out images), tiny models, CPU. Ever
 `caption_coco_eval`, `vqa_vqav2_eval`), with the size/data overlay `preset=tiny`.
 
 **Demo stand-ins, not pretrained models:** the frozen ViT is randomly initialised (frozen, as in BLIP-2), and the
-frozen "LLM" is a tiny OPT-architecture model trained on the training captions' text only
-(`data_scripts/train_demo_llm.py`) before stage 2: it knows how captions are worded, not what any image shows.
+frozen "LLM" is a tiny OPT-architecture model trained on the training captions' text only, and on text-only
+questions about train scenes answered from their caption (`data_scripts/train_demo_llm.py`) before stage 2: it
+knows how captions and answers are worded, not what any image shows; it never saw a question with an image.
 
 ## Results
 

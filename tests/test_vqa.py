@@ -229,6 +229,8 @@ def test_generate_bad_input_is_one_line(vqa_world, tmp_path):
     bad.write_text('{"image": "a.jpg"}\n')
     r = cli("generate", vqa_world["export"], "--questions", bad)
     assert r.returncode == 2 and f"{bad}:1: expected a JSON object" in r.stderr
+    r = cli("generate", vqa_world["export"], tmp_path, "--prompt", "Question: {} Answer:")
+    assert r.returncode == 2 and "is a question template: give --question" in r.stderr
 
 
 def test_demo_vqa_step_writes_what_the_summary_reads(vqa_world, synth, tmp_path):

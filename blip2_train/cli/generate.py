@@ -97,11 +97,13 @@ def generate(a) -> int:
     from blip2_train.eval.answering import VQA_GENERATION, check_template, question_prompt
     from blip2_train.eval.captioning import CAPTION_GENERATION
 
-    todo = jobs(a)
     asks = a.question is not None or a.questions is not None
     template = a.prompt if a.prompt is not None else VQA_PROMPT
     if asks:
         check_template(template)
+    elif a.prompt is not None and "{}" in a.prompt:
+        raise ConfigError(f"--prompt {a.prompt!r} is a question template: give --question or --questions with it")
+    todo = jobs(a)
     model = load(a.model, device=a.device, dtype=a.dtype)
     if not isinstance(model, Blip2Captioner):
         raise ConfigError(f"{a.model} is a stage-1 export: blip2-generate needs a stage-2 model")
