@@ -45,7 +45,9 @@ def vqa_results(out: Path) -> tuple[dict, list, dict]:
     rows = [("VQA accuracy", vqa["accuracy"], vqa["blind/accuracy"], "image-blind")]
     rows += [(f"  {t.split('/', 1)[1]}", v, vqa.get(f"blind/{t}"), "image-blind") for t, v in sorted(vqa.items())
              if t.startswith("answer_type/")]
-    return vqa, rows, {"zero-shot VQA accuracy above the image-blind baseline": vqa["accuracy"] > vqa["blind/accuracy"]}
+    # above the baseline by a margin (10%) that noise does not give
+    return vqa, rows, {"zero-shot VQA accuracy >= 1.1x the image-blind baseline":
+                       vqa["accuracy"] >= 1.1 * vqa["blind/accuracy"]}
 
 
 vqa, vqa_rows, vqa_bars = vqa_results(out)

@@ -258,7 +258,8 @@ def test_demo_vqa_step_writes_what_the_summary_reads(vqa_world, synth, tmp_path)
     exec(fn, ns)  # noqa: S102 - our own script's function
     vqa_metrics, rows, bars = ns["vqa_results"](out)
     assert vqa_metrics == m and rows[0][1:3] == (m["accuracy"], m["blind/accuracy"])
-    assert bars == {"zero-shot VQA accuracy above the image-blind baseline": m["accuracy"] > m["blind/accuracy"]}
+    assert bars == {"zero-shot VQA accuracy >= 1.1x the image-blind baseline":
+                    m["accuracy"] >= 1.1 * m["blind/accuracy"]}
     assert ns["vqa_results"](tmp_path)[2] == {"zero-shot VQA was evaluated (run_scripts/demo_vqa.sh)": False}
 
 
