@@ -21,21 +21,22 @@ def qa_texts(data_dir: str) -> list[tuple[str, str]]:
     from blip2_train.eval.answering import question_prompt
 
     scenes = read_scenes(data_dir, "train")
-    captions = {s["image"]: s.get("caption") for s in scenes}
+    grid = max(2, 1 + max(max(o["row"], o["col"]) for s in scenes for o in s["objects"]))  # as build_questions
     out = []
     for q in build_questions(scenes, per_image=3, noise=0.0, seed=1):
         scene = scenes[q["image_index"]]
-        context = captions[scene["image"]] or scene_words(scene)
+        context = scene.get("caption") or scene_words(scene, grid)  # the adapter keeps a caption; scenes.json not
         out.append((context, question_prompt("Question: {} Short answer:", q["question"]) + " " + q["answers"][0]))
     return out
 
 
-def scene_words(scene: dict) -> str:
+def scene_words(scene: dict, grid: int) -> str:
+    """A caption-like description of a scene record: every object's colour, shape and cell, the background."""
     from blip2_train.data.synthetic_vqa import cell_name
 
-    grid = 3 if any(max(o["row"], o["col"]) > 1 for o in scene["objects"]) else 2
-    return " and ".join(f"a {o['color']} {o['shape']} in the {cell_name(o['row'], o['col'], grid)}"
+    text = " and ".join(f"a {o['color']} {o['shape']} in the {cell_name(o['row'], o['col'], grid)}"
                         for o in scene["objects"])
+    return text + (f" on a {scene['background']} background" if scene.get("background") else "")
 
 
 def main() -> None:
