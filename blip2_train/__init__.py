@@ -5,3 +5,10 @@ Pipeline layout: data -> models (pure nn.Modules, losses as functions) -> lit (L
 """
 
 __version__ = "0.1.0"
+
+
+def load(path, device=None, dtype=None):
+    """`blip2_train.api.load`: an export -> an object with caption / answer (stage 2) or score (stage 1)."""
+    from blip2_train.api import load as _load
+
+    return _load(path, device=device, dtype=dtype)

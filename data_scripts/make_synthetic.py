@@ -8,6 +8,7 @@ used by the demo, the tests and `preset=tiny`.
 import argparse
 
 from blip2_train.data.synthetic import add_dataset_views, make_synthetic
+from blip2_train.data.synthetic_vqa import write_vqa_sets
 
 
 def main() -> None:
@@ -21,6 +22,7 @@ def main() -> None:
     a = p.parse_args()
     paths = make_synthetic(a.out, a.num_train, a.num_val, a.num_test, a.seed, a.image_size)
     paths.update(add_dataset_views(a.out))
+    paths.update(write_vqa_sets(a.out))  # vqav2/, okvqa/, gqa/ questions on the test split
     for split, path in paths.items():
         print(f"{split}: {path}")
 

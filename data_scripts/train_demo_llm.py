@@ -14,6 +14,31 @@ import json
 from pathlib import Path
 
 
+def qa_texts(data_dir: str) -> list[tuple[str, str]]:
+    """(caption, "Question: q Short answer: a") for questions about the train scenes, in the VQA evaluation's
+    template: the LM learns the format and to read the answer from its context, never from an image."""
+    from blip2_train.data.synthetic_vqa import build_questions, read_scenes
+    from blip2_train.eval.answering import question_prompt
+
+    scenes = read_scenes(data_dir, "train")
+    grid = max(2, 1 + max(max(o["row"], o["col"]) for s in scenes for o in s["objects"]))  # as build_questions
+    out = []
+    for q in build_questions(scenes, per_image=3, noise=0.0, seed=1):
+        scene = scenes[q["image_index"]]
+        context = scene.get("caption") or scene_words(scene, grid)  # the adapter keeps a caption; scenes.json not
+        out.append((context, question_prompt("Question: {} Short answer:", q["question"]) + " " + q["answers"][0]))
+    return out
+
+
+def scene_words(scene: dict, grid: int) -> str:
+    """A caption-like description of a scene record: every object's colour, shape and cell, the background."""
+    from blip2_train.data.synthetic_vqa import cell_name
+
+    text = " and ".join(f"a {o['color']} {o['shape']} in the {cell_name(o['row'], o['col'], grid)}"
+                        for o in scene["objects"])
+    return text + (f" on a {scene['background']} background" if scene.get("background") else "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--annotations", required=True)
@@ -25,6 +50,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--qa-data-dir", default=None,
+                   help="also teach the question-answer format: questions about the train scenes of this synthetic "
+                        "data dir, each after its caption's words (what a real LLM brings to zero-shot VQA)")
     p.add_argument("--end-text", default="\n",
                    help='what ends a caption: "\\n" as OPT in the reference (model.text.end_text); "" = eos')
     a = p.parse_args()
@@ -38,14 +66,15 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(a.out)
     texts = [c for r in read_annotations(a.annotations, a.format) for c in r.captions]
-    train_llm_tokenizer(texts, out / "tokenizer", a.family, a.vocab_size)
+    qa = qa_texts(a.qa_data_dir) if a.qa_data_dir else []
+    train_llm_tokenizer(texts + [t for _, t in qa], out / "tokenizer", a.family, a.vocab_size)
     make_tiny_llm(a.family, out / "tokenizer", out, seed=a.seed, hidden=a.hidden, layers=a.layers)
     if a.family == "t5":
         print(f"tiny {a.family} saved to {out} (not pretrained: caption pretraining is for decoder-only models)")
         return
     tok = AutoTokenizer.from_pretrained(str(out))
     model = AutoModelForCausalLM.from_pretrained(str(out))
-    losses = pretrain_on_captions(model, tok, texts, steps=a.steps, seed=a.seed, end_text=a.end_text or None)
+    losses = pretrain_on_captions(model, tok, texts + qa, steps=a.steps, seed=a.seed, end_text=a.end_text or None)
     model.save_pretrained(str(out))
     (out / "demo_llm_losses.json").write_text(json.dumps(losses))
     print(f"demo LLM ({a.family}, text-only) saved to {out}: loss {losses[0]:.2f} -> {sum(losses[-20:]) / 20:.2f}")

@@ -45,4 +45,5 @@ $BIN/blip2-eval experiment=caption_coco_eval "${EVAL[@]}" paths.stage2_checkpoin
   eval.image_blind_baseline=true paths.output_dir="$OUT/eval_caption"
 step "10/10 captions from plain transformers, then the summary"
 $PY run_scripts/demo_transformers_caption.py "$OUT/export_caption" "$DATA" 4
+PY=$PY bash run_scripts/demo_vqa.sh "$OUT"  # zero-shot VQA of the stage-2 export, with the image-blind baseline
 $PY run_scripts/demo_summary.py "$OUT" "$DATA"

@@ -33,6 +33,26 @@ bars = {
     'no generated caption repeats the prompt "a photo of"': not any(p["caption"].startswith("a photo of")
                                                                    for p in preds),
 }
+
+
+def vqa_results(out: Path) -> tuple[dict, list, dict]:
+    """Zero-shot VQA on the synthetic questions (run_scripts/demo_vqa.sh): the stage-2 export against the
+    image-blind baseline (same model, blank images). -> (metrics, table rows, bars); nothing if it did not run."""
+    path = out / "eval_vqa" / "metrics.json"
+    if not path.exists():
+        return {}, [], {"zero-shot VQA was evaluated (run_scripts/demo_vqa.sh)": False}
+    vqa = json.loads(path.read_text())
+    rows = [("VQA accuracy", vqa["accuracy"], vqa["blind/accuracy"], "image-blind")]
+    rows += [(f"  {t.split('/', 1)[1]}", v, vqa.get(f"blind/{t}"), "image-blind") for t, v in sorted(vqa.items())
+             if t.startswith("answer_type/")]
+    # above the baseline by a margin (10%) that noise does not give
+    return vqa, rows, {"zero-shot VQA accuracy >= 1.1x the image-blind baseline":
+                       vqa["accuracy"] >= 1.1 * vqa["blind/accuracy"]}
+
+
+vqa, vqa_rows, vqa_bars = vqa_results(out)
+rows += vqa_rows
+bars.update(vqa_bars)
 lines = [f"| metric | value | baseline | ratio |", "| --- | ---: | ---: | ---: |"]
 print(f"\nblip2-train demo: {len(test)} held-out synthetic images")
 print(f"{'metric':<18}{'value':>9}{'baseline':>10}  {'':<12}{'ratio':>7}")
@@ -59,11 +79,12 @@ report = f"""# blip2-train demo report
 Synthetic captioned shapes ({len(test)} held-out images), tiny models, CPU. Every step ran through the same
 `blip2-train` / `blip2-eval` / `blip2-export` commands and the same experiment files a real run uses
 (`stage1_pretrain`, `retrieval_coco_ft`, `retrieval_coco_eval`, `stage2_pretrain`, `caption_coco_ft`,
-`caption_coco_eval`), with the size/data overlay `preset=tiny`.
+`caption_coco_eval`, `vqa_vqav2_eval`), with the size/data overlay `preset=tiny`.
 
 **Demo stand-ins, not pretrained models:** the frozen ViT is randomly initialised (frozen, as in BLIP-2), and the
-frozen "LLM" is a tiny OPT-architecture model trained on the training captions' text only
-(`data_scripts/train_demo_llm.py`) before stage 2: it knows how captions are worded, not what any image shows.
+frozen "LLM" is a tiny OPT-architecture model trained on the training captions' text only, and on text-only
+questions about train scenes answered from their caption (`data_scripts/train_demo_llm.py`) before stage 2: it
+knows how captions and answers are worded, not what any image shows; it never saw a question with an image.
 
 ## Results
 
@@ -89,7 +110,7 @@ The image-blind baseline is the same stage-2 model and decoding with every image
 ```
 """
 (out / "report.md").write_text(report)
-summary = {"retrieval": retrieval, "caption": caption, "chance_text_to_image_r1": chance_r1,
+summary = {"retrieval": retrieval, "caption": caption, "vqa": vqa, "chance_text_to_image_r1": chance_r1,
            "bars": bars, "stage1_train": load("stage1/metrics.json"), "retrieval_ft_train": load("retrieval_ft/metrics.json"),
            "stage2_train": load("stage2/metrics.json"), "caption_ft_train": load("caption_ft/metrics.json")}
 (out / "metrics.json").write_text(json.dumps(summary, indent=1))

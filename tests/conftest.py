@@ -23,12 +23,14 @@ def synth(tmp_path_factory) -> dict:
     from blip2_train.data.annotations import read_annotations
     from blip2_train.data.shards import build_shards
     from blip2_train.data.synthetic import add_dataset_views, image_root, make_synthetic
+    from blip2_train.data.synthetic_vqa import write_vqa_sets
     from blip2_train.models.tiny_llm import make_tiny_bert
     from blip2_train.models.tokenizer import train_wordpiece_tokenizer
 
     root = tmp_path_factory.mktemp("synthetic")
     ann = make_synthetic(root, num_train=120, num_val=10, num_test=24, seed=1, image_size=32)
     ann.update(add_dataset_views(root))
+    write_vqa_sets(root)  # vqav2/, okvqa/, gqa/: the VQA experiments' files
     texts = [c for r in read_annotations(ann["train"], "karpathy") for c in r.captions]
     train_wordpiece_tokenizer(texts, root / "bert", 300)
     make_tiny_bert(root / "bert", root / "bert")

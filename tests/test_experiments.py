@@ -24,7 +24,8 @@ EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml
 # name[+variant]: the README's FlanT5 workflow is stage2_pretrain with model=stage2_flant5
 TRAIN = ["stage1_pretrain", "stage2_pretrain", "stage2_pretrain+flant5", "caption_coco_ft", "caption_coco_ft_frozen_vit",
          "retrieval_coco_ft"]
-EVAL = ["retrieval_coco_eval", "retrieval_flickr_eval", "caption_coco_eval", "caption_nocaps_eval"]
+EVAL = ["retrieval_coco_eval", "retrieval_flickr_eval", "caption_coco_eval", "caption_nocaps_eval", "vqa_vqav2_eval",
+        "vqa_okvqa_eval", "vqa_gqa_eval"]
 PORTS = iter(range(29611, 29700))
 
 
@@ -86,7 +87,7 @@ def starts(name: str, chain: dict) -> list[str]:
         return [f"paths.stage1_checkpoint={chain['pth']}", "data.image_size=48"]
     if name == "caption_coco_eval":  # as make demo runs it: with the image-blind baseline
         return [f"paths.stage2_checkpoint={chain['export/caption_coco_ft']}", "eval.image_blind_baseline=true"]
-    assert name.startswith("caption_") and name.endswith("_eval"), name
+    assert name.startswith(("caption_", "vqa_")) and name.endswith("_eval"), name
     return [f"paths.stage2_checkpoint={chain['export/caption_coco_ft']}"]
 
 
@@ -176,6 +177,10 @@ def test_eval_experiment_one_and_two_processes_agree(name, chain, synth, tiny_ll
             assert "blind/cider" in one and "blind/bleu4" in one
         if name == "caption_nocaps_eval":
             assert any(k.startswith(("in-domain", "near-domain", "out-domain")) for k in one), one.keys()
+    elif name.startswith("vqa"):
+        p1 = json.loads((tmp_path / "one" / "vqa_predictions.json").read_text())
+        assert p1 == json.loads((tmp_path / "two" / "vqa_predictions.json").read_text()) and len(p1) == 6
+        assert 0.0 <= one["accuracy"] <= 100.0 and any(k.startswith("question_type/") for k in one)
     else:
         assert one["txt_r10"] <= 100.0 and one["img_r1"] <= one["img_r5"] <= one["img_r10"]
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "blip2_train"
 LAYERS = {"utils": 0, "models": 1, "data": 2, "lit": 3, "eval": 4, "cli": 5,
-          # top-level modules: the demo report reads metrics (eval level); the benchmarks drive everything (cli)
-          "report": 4, "bench_train": 5, "bench_memory": 5,
+          # top-level modules: the demo report reads metrics (eval level); the benchmarks and the Python API
+          # drive everything (cli)
+          "report": 4, "bench_train": 5, "bench_memory": 5, "api": 5,
           # `python -m blip2_train.train` / `.evaluate` start the CLI; conf/ (the shipped configs) imports nothing
           "train": 5, "evaluate": 5, "conf": 0}
 

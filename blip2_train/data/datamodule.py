@@ -15,6 +15,7 @@ from blip2_train.data.eval_sets import CaptionedImages, EvalImageDataset, collat
 from blip2_train.data.shards import read_manifest
 from blip2_train.data.stream import SampleDecoder, ShardStream, Source
 from blip2_train.data.transforms import TrainTransform
+from blip2_train.data.vqa import VQA_FORMATS, VqaQuestions, read_vqa_set
 from blip2_train.utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -207,13 +208,15 @@ class Blip2DataModule(L.LightningDataModule):
 
     # -- evaluation ---------------------------------------------------------------------------------
 
-    def eval_data(self) -> CaptionedImages:
+    def eval_data(self) -> CaptionedImages | VqaQuestions:
         if self._eval_data is None:
             cfg = self.eval_set_cfg
             if not cfg:
                 raise ConfigError("data.eval_set is not configured")
             limit = cfg.get("limit")
-            if cfg.get("shards"):
+            if cfg.get("format") in VQA_FORMATS:  # one item per question (VQAv2, OK-VQA, GQA)
+                self._eval_data = read_vqa_set(cfg, self.max_words)
+            elif cfg.get("shards"):
                 self._eval_data = CaptionedImages.from_shards(expand_urls(cfg["shards"]), self.max_words, limit)
             elif cfg.get("annotation"):
                 if not cfg.get("image_root"):

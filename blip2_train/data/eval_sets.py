@@ -93,19 +93,24 @@ class EvalImageDataset(Dataset):
         return len(self.data)
 
     def __getitem__(self, i: int):
-        src = self.data.images[i]
-        image_id = self.data.image_ids[i]
-        where = f"{src} (image_id {image_id})" if isinstance(src, str) else f"image_id {image_id} (from shards)"
-        if isinstance(src, str):
-            if not os.path.exists(src):
-                raise DataError(f"image file not found: {where}")
-            with open(src, "rb") as f:
-                src = f.read()
-        try:
-            img = decode_image(src, draft_size=self.transform.draft_size)
-        except ValueError as e:
-            raise DataError(f"evaluation image {where}: {e}") from e
-        return self.transform(img), i
+        return load_eval_image(self.data.images[i], self.transform, self.data.image_ids[i]), i
+
+
+def load_eval_image(src, transform: EvalTransform, image_id=None) -> torch.Tensor:
+    """A path or encoded bytes -> the normalised tensor evaluation sees (also what blip2-generate and the
+    Python API feed the model: the same decoding, JPEG draft mode included)."""
+    tag = f" (image_id {image_id})" if image_id is not None else ""
+    where = f"{src}{tag}" if isinstance(src, (str, os.PathLike)) else f"image{tag} (encoded bytes)"
+    if isinstance(src, (str, os.PathLike)):
+        if not os.path.exists(src):
+            raise DataError(f"image file not found: {where}")
+        with open(src, "rb") as f:
+            src = f.read()
+    try:
+        img = decode_image(src, draft_size=transform.draft_size)
+    except ValueError as e:
+        raise DataError(f"evaluation image {where}: {e}") from e
+    return transform(img)
 
 
 def collate_eval_images(batch):

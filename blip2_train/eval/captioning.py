@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from blip2_train.eval.generation import generate_texts
 from blip2_train.models.distributed import is_dist, rank
 from blip2_train.utils.io import write_json_atomic
 
@@ -102,27 +103,16 @@ def prediction_image_id(image_id: str):
     return int(image_id) if str(image_id).isdigit() else image_id
 
 
-@torch.no_grad()
 def generate_captions(model, loader, tokenizer, prompt: str, generate_kwargs: dict, device,
                       image_blind: bool = False) -> list[tuple[int, str]]:
     """-> [(eval-set index, caption)] for this rank's images. `image_blind`: every image replaced by the same
     blank (mean-colour) image, the baseline that shows how much of a score comes from the language alone."""
-    from blip2_train.models.stage2 import Blip2Stage2
-
-    if not isinstance(model, Blip2Stage2):
-        raise TypeError("captioning evaluation needs a stage-2 model (an LLM to generate with)")
-    prompt_ids = tokenizer(prompt.strip())["input_ids"]
     out = []
     for images, idx in tqdm(loader, desc="caption", disable=rank() != 0, leave=False):
-        b = images.shape[0]
         if image_blind:
             images = torch.zeros_like(images)
-        ids = torch.tensor([[model.image_token_id] * model.num_query_tokens + prompt_ids] * b, device=device)
-        ac = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-        with ac:
-            gen = model.generate(images.to(device), ids, torch.ones_like(ids), **generate_kwargs)
-        texts = tokenizer.batch_decode(model.new_tokens(gen, ids), skip_special_tokens=True)
-        out.extend((int(i), t.strip()) for i, t in zip(idx.tolist(), texts))
+        texts = generate_texts(model, tokenizer, images, [prompt] * images.shape[0], generate_kwargs)
+        out.extend(zip(idx.tolist(), texts))
     return out
 
 

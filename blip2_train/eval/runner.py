@@ -102,7 +102,7 @@ def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[
 
 
 def run_evaluation(model, datamodule, cfg, out_dir=None) -> dict[str, float]:
-    """`cfg.kind`: retrieval (stage 1) or caption (stage 2). Every rank calls this; metrics are complete on
+    """`cfg.kind`: retrieval (stage 1), caption or vqa (stage 2). Every rank calls this; metrics are complete on
     rank 0 (retrieval: on every rank)."""
     from blip2_train.utils.errors import ConfigError
 
@@ -112,6 +112,9 @@ def run_evaluation(model, datamodule, cfg, out_dir=None) -> dict[str, float]:
     loader = datamodule.eval_image_loader(r, w)
     image_range = shard_range(len(data), r, w)
     log.info("rank %d/%d encodes images [%d, %d) of %d", r, w, *image_range, len(data))
+    if (kind == "vqa") != hasattr(data, "questions"):
+        raise ConfigError(f"eval.kind={kind} does not fit data.eval_set.format={datamodule.eval_set_cfg.get('format')}: "
+                          "eval.kind=vqa goes with the question sets (format vqa or gqa, e.g. data=vqav2_eval) only")
     if kind == "caption":
         from blip2_train.eval.captioning import evaluate_captioning
 
@@ -124,7 +127,18 @@ def run_evaluation(model, datamodule, cfg, out_dir=None) -> dict[str, float]:
                                         dict(gen) if gen else None, out_dir, cfg.get("spice", "auto"), image_blind=True)
             metrics.update({f"blind/{k}": v for k, v in blind.items() if k not in ("num_images", "eval_seconds")})
         return metrics
+    if kind == "vqa":
+        from blip2_train.eval.answering import evaluate_vqa
+
+        template = datamodule.text.get("prompt") or ""  # the model's text.prompt, with the question's place {}
+        gen = dict(cfg.get("vqa_generate") or {})
+        metrics = evaluate_vqa(model, data, loader, datamodule.tokenizer, template, gen, out_dir)
+        if cfg.get("image_blind_baseline", False):  # same model, same decoding, every image blank
+            blind = evaluate_vqa(model, data, datamodule.eval_image_loader(r, w), datamodule.tokenizer, template, gen,
+                                 out_dir, image_blind=True)
+            metrics.update({f"blind/{k}": v for k, v in blind.items() if k not in ("num_questions", "eval_seconds")})
+        return metrics
     if kind != "retrieval":
-        raise ConfigError(f"eval kind must be 'retrieval' or 'caption', not {kind!r}")
+        raise ConfigError(f"eval kind must be 'retrieval', 'caption' or 'vqa', not {kind!r}")
     return evaluate_retrieval(model, data, loader, datamodule.tokenizer, image_range, int(cfg.get("k_test", 128)),
                               int(cfg.get("pair_batch_size", 256)))

@@ -127,7 +127,7 @@ def make_tiny_bert(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
     return model
 
 
-def pretrain_on_captions(model, tokenizer, texts: list[str], steps: int = 300, batch_size: int = 64, lr: float = 3e-3,
+def pretrain_on_captions(model, tokenizer, texts: list, steps: int = 300, batch_size: int = 64, lr: float = 3e-3,
                          seed: int = 0, log_every: int = 50, max_prefix: int = 24,
                          end_text: str | None = None) -> list[float]:
     """Teach a tiny causal LM the captions' language (bos + caption + end): the demo's stand-in for an LLM's
@@ -138,6 +138,9 @@ def pretrain_on_captions(model, tokenizer, texts: list[str], steps: int = 300, b
     context: it continues a prompt. Trained on bare captions, a tiny LM would learn to ignore whatever precedes
     them, and stage 2 could not teach it to read the visual prompt (the LLM is frozen there). The context
     makes it a reader of context, and the Q-Former then learns to write what it reads.
+
+    An item may also be a pair (context, text): `context` (e.g. a caption before a question about it and its
+    answer) is given whole: the LM learns to answer from what precedes, as a real LLM does.
     """
     import random
 
@@ -156,12 +159,15 @@ def pretrain_on_captions(model, tokenizer, texts: list[str], steps: int = 300, b
     model.train()
     losses = []
     for step in range(steps):
-        batch = [rng.choice(texts) for _ in range(batch_size)]
-        rows = [tokenizer(t)["input_ids"] + [end_id] for t in batch]
+        batch = [t if isinstance(t, (tuple, list)) else (t, t) for t in (rng.choice(texts) for _ in range(batch_size))]
+        rows = [tokenizer(t)["input_ids"] + [end_id] for _, t in batch]
         prefixes = []
-        for t in batch:
-            words = [w for w in t.split() if rng.random() < 0.5]  # a subsequence: the words, in order
-            prefixes.append(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"][:max_prefix]
+        for (context, text) in batch:
+            # a subsequence of the caption's own words, in order; a separate context (the caption before a question
+            # about it) is given whole: the answer must be readable from it
+            words = [w for w in context.split() if context != text or rng.random() < 0.5]
+            cap = max_prefix if context == text else 64  # a whole caption is ~30 tokens of the demo tokenizer
+            prefixes.append(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"][:cap]
                             if words else [])
         n = max(len(p) + len(r) for p, r in zip(prefixes, rows))
         ids = torch.full((len(rows), n), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)

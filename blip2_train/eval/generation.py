@@ -1,0 +1,44 @@
+"""Prompted generation from a stage-2 model: one prompt per image, batched, the inputs `Blip2Processor` builds.
+
+Shared by captioning (one prompt for all images), VQA (a question per image), `blip2-generate` and the Python API,
+so that all four give the same text for the same image and prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def prompt_inputs(model, tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `[<image> x Q] tokens(prompt)`, padded to the longest: on the left for decoder-only LLMs (generation
+    continues every row from its last real token), on the right for encoder-decoder ones. -> (ids, mask)."""
+    rows = [[model.image_token_id] * model.num_query_tokens + tokenizer(p.strip())["input_ids"] for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), model.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if not model.is_encoder_decoder else slice(0, len(r))
+        ids[i, span] = torch.tensor(r)
+        mask[i, span] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, pixel_values: torch.Tensor, prompts: list[str], generate_kwargs: dict) -> list[str]:
+    """Images [B, 3, H, W] and B prompts -> B generated texts (the new tokens only, stripped)."""
+    from blip2_train.models.stage2 import Blip2Stage2
+
+    if not isinstance(model, Blip2Stage2):
+        raise TypeError("generation needs a stage-2 model (an LLM to generate with)")
+    device = next(model.parameters()).device
+    ids, mask = prompt_inputs(model, tokenizer, prompts)
+    ids, mask = ids.to(device), mask.to(device)
+    with autocast(device):
+        gen = model.generate(pixel_values.to(device), ids, mask, **generate_kwargs)
+    return [t.strip() for t in tokenizer.batch_decode(model.new_tokens(gen, ids), skip_special_tokens=True)]
