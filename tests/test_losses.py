@@ -73,6 +73,56 @@ def test_hard_negatives_never_pick_positives_and_follow_similarity():
     assert counts[1, 2] > 250
 
 
+def test_itc_identical_captions_are_extra_positives():
+    """false_negatives=caption: identical caption texts of different images are positives of each other."""
+    torch.manual_seed(3)
+    img = F.normalize(torch.randn(4, 2, 6), dim=-1)
+    txt = F.normalize(torch.randn(4, 6), dim=-1)
+    ids = torch.tensor([[5, 8, 9, 0], [5, 7, 0, 0], [5, 8, 9, 0], [5, 8, 9, 4]])  # captions 0 and 2 are equal
+    same = losses.same_text_mask(ids, ids)
+    assert same.equal(torch.eye(4, dtype=torch.bool) | torch.tensor([[0, 0, 1, 0], [0] * 4, [1, 0, 0, 0], [0] * 4]).bool())
+    image_ids = torch.tensor([10, 11, 12, 13])
+    res = losses.itc_loss(img, txt, torch.tensor(0.1), image_ids=image_ids, extra_pos=same)
+    assert res.pos_mask.equal(same)
+    assert res.loss.item() == pytest.approx(manual_itc(img, txt, 0.1, same.float()), rel=1e-5)
+    ref = losses.itc_loss(img, txt, torch.tensor(0.1), image_ids=image_ids)
+    assert ref.loss.item() == pytest.approx(manual_itc(img, txt, 0.1, torch.eye(4)), rel=1e-5)
+    assert abs(ref.loss.item() - res.loss.item()) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["reference", "caption"])
+def test_model_never_draws_an_identical_caption_as_itm_negative(tokenizer, synth, mode):
+    """Two images with the same caption text and different image_ids: with false_negatives=caption the model
+    never samples one as the other's hard negative; the reference's rule (image_id only) does."""
+    from tests.conftest import tiny_stage1
+
+    model = tiny_stage1(synth["tokenizer"], false_negatives=mode)
+    model.eval()
+    caps = [CAPS[0], CAPS[1], CAPS[0]]
+    x, ids, mask = batch_of(tokenizer, caps)
+    x[2] = x[0]  # the same picture twice: the hardest possible negative if it were one
+    g = torch.Generator().manual_seed(0)
+    drawn = torch.zeros(3, 3)
+    with torch.no_grad():
+        for _ in range(40):
+            out = model(x, ids, mask, image_ids=torch.tensor([1, 2, 3]), generator=g)
+            drawn[torch.arange(3), out.neg_idx[0]] += 1
+            drawn[torch.arange(3), out.neg_idx[1]] += 1
+    assert out.pos_mask[0, 2].item() == out.pos_mask[2, 0].item() == (mode == "caption")
+    if mode == "caption":
+        assert drawn[0, 2] == drawn[2, 0] == 0 and drawn[0, 1] == drawn[2, 1] == 80  # only image/text 1 is left
+    else:
+        assert drawn[0, 2] > 0 and drawn[2, 0] > 0
+
+
+def test_unknown_false_negatives_mode_is_one_config_line(synth):
+    from blip2_train.utils.errors import ConfigError
+    from tests.conftest import tiny_stage1
+
+    with pytest.raises(ConfigError, match=r"model.false_negatives='image' is not one of \['reference', 'caption'\]"):
+        tiny_stage1(synth["tokenizer"], false_negatives="image")
+
+
 def test_itm_loss_labels_and_value():
     logits = torch.randn(9, 2)
     labels = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0])
@@ -136,6 +186,7 @@ def test_forward_matches_composition_with_fixed_negatives(tiny_model, tokenizer)
     """The model's total loss == the three loss functions applied to the model's own sub-passes by hand."""
     x, ids, mask = batch_of(tokenizer, CAPS)
     tiny_model.eval()
+    tiny_model.false_negatives = "reference"  # LAVIS's positives: the parity setting
     neg = (torch.tensor([1, 2, 3, 0]), torch.tensor([3, 0, 1, 2]))
     with torch.no_grad():
         out = tiny_model(x, ids, mask, neg_idx=neg)
@@ -203,3 +254,17 @@ def test_lm_loss_from_hidden_equals_lm_loss_over_full_logits():
         torch.testing.assert_close(g_ours, g_ref, rtol=1e-6, atol=1e-7)
     none = torch.full_like(labels, -100)
     assert losses.lm_loss(head(hidden), none, 0.0).isnan() and losses.lm_loss_from_hidden(hidden, none, head, 11).isnan()
+
+
+def test_cli_unknown_false_negatives_mode_is_one_error_line(synth, tmp_path):
+    """model.false_negatives travels from the command line to the model: a wrong value is one line, exit 2."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, tiny_cli
+
+    r = subprocess.run([sys.executable, "-m", "blip2_train.cli.train", "experiment=stage1_pretrain",
+                        *tiny_cli(synth, "model.false_negatives=image", f"paths.output_dir={tmp_path}")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "error: model.false_negatives='image' is not one of ['reference', 'caption']"

@@ -155,6 +155,7 @@ def build_stage1_model(
     seed: int | None = None,
     compile_qformer: bool = False,
     text: dict | None = None,
+    false_negatives: str = "caption",
 ) -> Blip2Stage1:
     """The `_target_` of `conf/model/stage1_vitg.yaml`. `text` is read by the data side (data.text).
 
@@ -168,7 +169,8 @@ def build_stage1_model(
     if seed is not None:
         torch.manual_seed(seed)
     model = Blip2Stage1(cfg, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, temp=temp,
-                        freeze_vision=False, ln_vision_eps=ln_vision_eps)
+                        freeze_vision=False, ln_vision_eps=ln_vision_eps,
+                        false_negatives=false_negatives)
     if bert_checkpoint and not stage1_checkpoint:
         init_qformer_from_bert(model, bert_checkpoint)
     if vision_checkpoint:

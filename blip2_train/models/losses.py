@@ -15,6 +15,11 @@ from torch.utils.checkpoint import checkpoint
 from blip2_train.models.distributed import gather_no_grad, rank
 
 MASKED = -10000.0  # the reference's fill value for positives before the hard-negative softmax
+# Which pairs of a batch count as positives (ITC targets, never drawn as ITM hard negatives), `false_negatives`:
+# - "reference": LAVIS (blip2_qformer.py): the same index, or the same image_id when samples carry it;
+# - "caption": also every pair whose caption text is identical (same token ids): an identical caption of another
+#   image describes this image too (duplicate images, or generic captions), so it is no true negative.
+FALSE_NEGATIVES = ("reference", "caption")
 # fp32 logits per chunk of the chunked LM loss; its peak is about 3x this (fp32 logits, log-softmax, gradient)
 LOGITS_CHUNK_BYTES = 64 * 2**20
 
@@ -43,12 +48,14 @@ def itc_loss(
     temp: torch.Tensor,
     image_ids: torch.Tensor | None = None,
     label_smoothing: float = 0.1,
+    extra_pos: torch.Tensor | None = None,
 ) -> ITCResult:
     """Image-text contrastive loss.
 
     image_feats: [B, Q, D] L2-normalised projected query outputs; text_feat: [B, D] normalised CLS projection.
     Similarity = max over the Q queries of the dot product, / temp. Features of all ranks are gathered WITHOUT
-    gradient; the gradient flows through the local rows, as in the reference.
+    gradient; the gradient flows through the local rows, as in the reference. `extra_pos` [B, G] bool: further
+    positives beyond the reference's (index / image_id), e.g. `same_text_mask` (see FALSE_NEGATIVES).
     """
     b = image_feats.shape[0]
     image_feats_all = gather_no_grad(image_feats)  # [G, Q, D]
@@ -63,6 +70,8 @@ def itc_loss(
     else:
         ids_all = gather_no_grad(image_ids)
         pos_mask = image_ids.view(-1, 1) == ids_all.view(1, -1)
+    if extra_pos is not None:
+        pos_mask = pos_mask | extra_pos
     targets = itc_targets(pos_mask, label_smoothing)
     loss = (soft_cross_entropy(sim_i2t, targets) + soft_cross_entropy(sim_t2i, targets)) / 2
     return ITCResult(loss, sim_i2t, sim_t2i, pos_mask)
@@ -89,6 +98,13 @@ def sample_hard_negatives(
     neg_image_idx = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     neg_text_idx = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
     return neg_image_idx, neg_text_idx
+
+
+@torch.no_grad()
+def same_text_mask(ids_local: torch.Tensor, ids_all: torch.Tensor) -> torch.Tensor:
+    """[B, G] bool: local caption b and gathered caption g are the same text (token ids right-padded to one
+    length). Symmetric in meaning: image b matches text g, and text b matches image g."""
+    return (ids_local[:, None, :] == ids_all[None, :, :]).all(dim=-1)
 
 
 def itm_labels(batch_size: int, device=None) -> torch.Tensor:

@@ -18,6 +18,7 @@ from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
 from blip2_train.models import losses, vision
 from blip2_train.models.distributed import fetch_rows, gather_padded, pad_to
+from blip2_train.utils.errors import ConfigError
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
 
@@ -45,6 +46,8 @@ class Stage1Output:
     loss_lm: torch.Tensor
     sim_i2t: torch.Tensor
     itm_logits: torch.Tensor
+    pos_mask: torch.Tensor | None = None  # [B, G] the ITC positives (also never drawn as ITM negatives)
+    neg_idx: tuple[torch.Tensor, torch.Tensor] | None = None  # the ITM negatives drawn (image per text, text per image)
 
 
 class Blip2Stage1(nn.Module):
@@ -53,8 +56,11 @@ class Blip2Stage1(nn.Module):
     def __init__(self, config: Blip2Config, bos_token_id: int, pad_token_id: int = 0, temp: float = 0.07,
                  freeze_vision: bool = True, vision_dtype: torch.dtype = torch.float32,
                  ln_vision_eps: float | None = None, itc_label_smoothing: float = 0.1,
-                 lm_label_smoothing: float = 0.1):
+                 lm_label_smoothing: float = 0.1, false_negatives: str = "caption"):
         super().__init__()
+        if false_negatives not in losses.FALSE_NEGATIVES:
+            raise ConfigError(f"model.false_negatives={false_negatives!r} is not one of {list(losses.FALSE_NEGATIVES)}")
+        self.false_negatives = false_negatives
         self.config = config
         self.hf = Blip2ForImageTextRetrieval(config)
         # The reference initialises the queries N(0, 0.02); transformers' init zeros them.
@@ -174,16 +180,18 @@ class Blip2Stage1(nn.Module):
         query_hidden, lm_logits = self.joint_lm_forward(image_embeds, dec_ids, attention_mask)
         image_feats = self.image_feats(query_hidden)
         text_feat = self.text_feat(self.text_forward(input_ids, attention_mask))
-        itc = losses.itc_loss(image_feats, text_feat, self.clamped_temp(), image_ids, self.itc_label_smoothing)
+        ids_all, t_max = gather_padded(input_ids, self.pad_token_id)
+        mask_all, _ = gather_padded(attention_mask, 0)
+        ids_local, mask_local = pad_to(input_ids, t_max, self.pad_token_id), pad_to(attention_mask, t_max, 0)
+        same_text = losses.same_text_mask(ids_local, ids_all) if self.false_negatives == "caption" else None
+        itc = losses.itc_loss(image_feats, text_feat, self.clamped_temp(), image_ids, self.itc_label_smoothing,
+                              extra_pos=same_text)
 
         # ITM with hard negatives from the global batch.
         if neg_idx is None:
             neg_idx = losses.sample_hard_negatives(itc.sim_i2t.detach(), itc.sim_t2i.detach(), itc.pos_mask, generator)
         neg_image_idx, neg_text_idx = neg_idx
         neg_image_embeds = self.negative_image_embeds(tokens, neg_image_idx)
-        ids_all, t_max = gather_padded(input_ids, self.pad_token_id)
-        mask_all, _ = gather_padded(attention_mask, 0)
-        ids_local, mask_local = pad_to(input_ids, t_max, self.pad_token_id), pad_to(attention_mask, t_max, 0)
         pair_ids = torch.cat([ids_local, ids_local, ids_all[neg_text_idx]], dim=0)
         pair_mask = torch.cat([mask_local, mask_local, mask_all[neg_text_idx]], dim=0)
         pair_images = torch.cat([image_embeds, neg_image_embeds, image_embeds], dim=0)
@@ -193,7 +201,7 @@ class Blip2Stage1(nn.Module):
         loss_lm = losses.lm_loss(lm_logits, losses.lm_labels(dec_ids, self.pad_token_id), self.lm_label_smoothing)
         loss = itc.loss + loss_itm + loss_lm
         return Stage1Output(loss, itc.loss.detach(), loss_itm.detach(), loss_lm.detach(), itc.sim_i2t.detach(),
-                            itm_logits.detach())
+                            itm_logits.detach(), itc.pos_mask, (neg_image_idx, neg_text_idx))
 
     def negative_image_embeds(self, tokens: torch.Tensor, neg_image_idx: torch.Tensor) -> torch.Tensor:
         """ITM negative images [B, N, Dv] (fp32, after ln_vision) at `neg_image_idx` of the global batch.
