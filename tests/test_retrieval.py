@@ -103,6 +103,10 @@ def test_tiny_model_eval_equals_naive_protocol(synth, tiny_model, tokenizer):
     naive = retrieval.recall_metrics(*retrieval.ranks_from_dense(*dense, data.txt2img, data.img2txt))
     for key, v in naive.items():
         assert m[key] == pytest.approx(v, abs=1e-6), key
+    # ITC alone, reported beside: the dense ITC order, no ITM
+    itc_only = retrieval.recall_metrics(*retrieval.ranks_from_dense(sim, sim.t(), data.txt2img, data.img2txt))
+    for key, v in itc_only.items():
+        assert m[f"itc_only/{key}"] == pytest.approx(v, abs=1e-6), key
 
 
 def test_eval_set_from_shards_equals_from_annotations(synth):

@@ -141,6 +141,20 @@ def recall_metrics(ranks_i2t: torch.Tensor, ranks_t2i: torch.Tensor) -> dict[str
     return m
 
 
+def itc_ranks(sim: torch.Tensor, txt2img: list[int], img2txt: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks by the ITC matrix [N_img, N_txt] alone (no ITM re-ranking): the number of candidates
+    scoring strictly higher than the true one (an image: its best caption). Vectorised: no sort."""
+    n_img, n_txt = sim.shape
+    true_t2i = sim[torch.tensor(txt2img), torch.arange(n_txt)]  # [N_txt]
+    ranks_t2i = (sim > true_t2i[None, :]).sum(dim=0)
+    owner = torch.full((n_txt,), -1, dtype=torch.long)
+    for i, texts in enumerate(img2txt):
+        owner[torch.tensor(texts, dtype=torch.long)] = i
+    true_i2t = sim.masked_fill(owner[None, :] != torch.arange(n_img)[:, None], float("-inf")).amax(dim=1)  # [N_img]
+    ranks_i2t = (sim > true_i2t[:, None]).sum(dim=1)
+    return ranks_i2t, ranks_t2i
+
+
 def rerank(sim: torch.Tensor, k: int, score_pairs: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Candidates, Candidates]:
     """Top-k selection + one batched ITM call over the unique pairs (`score_pairs([P,2]) -> [P]`)."""
     i2t, t2i = topk_candidates(sim, k)

@@ -92,6 +92,9 @@ def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[
     i2t, t2i = retrieval.rerank(sim, k_test, score_pairs)
     ranks_i2t, ranks_t2i = retrieval.ranks_from_candidates(i2t, t2i, data.txt2img, data.img2txt, sim)
     metrics = retrieval.recall_metrics(ranks_i2t, ranks_t2i)
+    # ITC alone beside the reference's ITC + ITM numbers: what the ITM re-ranking adds (or costs)
+    itc_only = retrieval.recall_metrics(*retrieval.itc_ranks(sim, data.txt2img, data.img2txt))
+    metrics.update({f"itc_only/{k}": v for k, v in itc_only.items()})
     metrics["eval_seconds"] = time.perf_counter() - t0
     metrics["eval_itc_seconds"] = t_itc
     model.train(was_training)
