@@ -20,7 +20,9 @@ chance_r1 = 100.0 / len(test)
 rows = [
     ("text->image R@1", retrieval["img_r1"], chance_r1, "chance"),
     ("text->image R@5", retrieval["img_r5"], 5 * chance_r1, "chance"),
+    ("text->image R@1, ITC+ITM re-rank vs ITC alone", retrieval["img_r1"], retrieval["itc_only/img_r1"], "ITC alone"),
     ("image->text R@1", retrieval["txt_r1"], None, ""),
+    ("image->text R@1, ITC+ITM re-rank vs ITC alone", retrieval["txt_r1"], retrieval["itc_only/txt_r1"], "ITC alone"),
     ("CIDEr", caption["cider"], caption["blind/cider"], "image-blind"),
     ("BLEU-4", caption["bleu4"], caption["blind/bleu4"], "image-blind"),
     ("METEOR", caption["meteor"], caption["blind/meteor"], "image-blind"),
@@ -55,10 +57,10 @@ rows += vqa_rows
 bars.update(vqa_bars)
 lines = [f"| metric | value | baseline | ratio |", "| --- | ---: | ---: | ---: |"]
 print(f"\nblip2-train demo: {len(test)} held-out synthetic images")
-print(f"{'metric':<18}{'value':>9}{'baseline':>10}  {'':<12}{'ratio':>7}")
+print(f"{'metric':<48}{'value':>9}{'baseline':>10}  {'':<12}{'ratio':>7}")
 for name, v, b, what in rows:
     ratio = v / b if b else float("nan")
-    print(f"{name:<18}{v:>9.1f}{(b if b is not None else float('nan')):>10.2f}  {what:<12}{ratio:>7.1f}")
+    print(f"{name:<48}{v:>9.1f}{(b if b is not None else float('nan')):>10.2f}  {what:<12}{ratio:>7.1f}")
     lines.append(f"| {name} | {v:.1f} | {'' if b is None else f'{b:.2f} ({what})'} | {'' if b is None else f'{ratio:.1f}x'} |")
 for k, ok in bars.items():
     print(f"learning bar: {k}: {'PASS' if ok else 'FAIL'}")
