@@ -15,9 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from blip2_train.cli.common import register
 from conftest import tiny_cli
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Import the targets (torch, transformers, lightning) now, not first inside a capsys test: some of those libraries
+# bind a handler to the sys.stderr of their import time, which capsys closes after its test.
+register()
 
 
 def clean_env(**extra) -> dict:
@@ -33,47 +38,57 @@ def app(*args, module="blip2_train.cli.train", cwd=REPO, python=sys.executable, 
                           timeout=timeout)
 
 
+def inproc(capsys, *args, module="train"):
+    """The console entry point called in this process (no interpreter start): (exit status, stdout, stderr)."""
+    import importlib
+
+    rc = importlib.import_module(f"blip2_train.cli.{module}").main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
 def small_train(synth, *over):
     return ["experiment=stage1_pretrain", *tiny_cli(synth, "trainer.max_steps=2", "data.batch_size=4",
                                                     "eval.enabled=false", *over)]
 
 
-def test_cfg_job_prints_the_composed_config_and_resolve_resolves_it(synth):
-    r = app("experiment=caption_coco_eval", "preset=tiny", "--cfg", "job", module="blip2_train.cli.evaluate")
-    assert r.returncode == 0, r.stderr
-    cfg = yaml.safe_load(r.stdout)
+def test_cfg_job_prints_the_composed_config_and_resolve_resolves_it(synth, capsys):
+    rc, out, err = inproc(capsys, "experiment=caption_coco_eval", "preset=tiny", "--cfg", "job", module="evaluate")
+    assert rc == 0, err
+    cfg = yaml.safe_load(out)
     assert cfg["eval"]["kind"] == "caption" and cfg["model"]["text"]["prompt"] == "a photo of"
-    assert "${" in r.stdout  # unresolved without --resolve
-    r = app("experiment=caption_coco_eval", "preset=tiny", f"paths.data_dir={synth['dir']}",
-            "paths.stage2_checkpoint=/ckpt/stage2", "--cfg", "job", "--resolve", module="blip2_train.cli.evaluate")
-    assert r.returncode == 0, r.stderr
-    cfg = yaml.safe_load(r.stdout)
-    assert "${" not in r.stdout and cfg["model"]["llm"] == "/ckpt/stage2"
+    assert "${" in out  # unresolved without --resolve
+    rc, out, err = inproc(capsys, "experiment=caption_coco_eval", "preset=tiny", f"paths.data_dir={synth['dir']}",
+                          "paths.stage2_checkpoint=/ckpt/stage2", "--cfg", "job", "--resolve", module="evaluate")
+    assert rc == 0, err
+    cfg = yaml.safe_load(out)
+    assert "${" not in out and cfg["model"]["llm"] == "/ckpt/stage2"
     assert cfg["data"]["eval_set"]["annotation"] == f"{synth['dir']}/coco/annotations/coco_karpathy_test.json"
     # an unknown key is still one line, exit 2, under --cfg too
-    r = app("experiment=caption_coco_eval", "data.batch_sze=3", "--cfg", "job", module="blip2_train.cli.evaluate")
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "data.batch_sze" in r.stderr, r.stderr
+    rc, out, err = inproc(capsys, "experiment=caption_coco_eval", "data.batch_sze=3", "--cfg", "job", module="evaluate")
+    assert rc == 2 and err.strip().count("\n") == 0 and "data.batch_sze" in err, err
 
 
-def test_info_and_help_name_the_packaged_configs():
-    r = app("--info", "searchpath")
-    assert r.returncode == 0 and "pkg://blip2_train.conf" in r.stdout, r.stdout + r.stderr
-    r = app("--help")
-    assert r.returncode == 0 and "blip2-train" in r.stdout and "stage1_pretrain" in r.stdout
+def test_info_and_help_name_the_packaged_configs(capsys):
+    rc, out, err = inproc(capsys, "--info", "searchpath")
+    assert rc == 0 and "pkg://blip2_train.conf" in out, out + err
+    rc, out, err = inproc(capsys, "--help")
+    assert rc == 0 and "blip2-train" in out and "stage1_pretrain" in out
 
 
-def test_submitit_slurm_launcher_config_composes():
+def test_submitit_slurm_launcher_config_composes(capsys):
     """`hydra/launcher=slurm` (ours, on hydra-submitit-launcher's submitit_slurm) composes; it is not run."""
-    r = app("experiment=stage1_pretrain", "hydra/launcher=slurm", "hydra.launcher.nodes=2",
-            "hydra.launcher.partition=gpu", "--cfg", "hydra", "--resolve")
-    assert r.returncode == 0, r.stderr
-    launcher = yaml.safe_load(r.stdout)["hydra"]["launcher"]
+    rc, out, err = inproc(capsys, "experiment=stage1_pretrain", "hydra/launcher=slurm", "hydra.launcher.nodes=2",
+                          "hydra.launcher.partition=gpu", "--cfg", "hydra", "--resolve")
+    assert rc == 0, err
+    launcher = yaml.safe_load(out)["hydra"]["launcher"]
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
     assert (launcher["nodes"], launcher["gpus_per_node"], launcher["tasks_per_node"]) == (2, 8, 8)
     assert launcher["partition"] == "gpu" and launcher["max_num_timeout"] > 0
     assert "export SLURM_KILL_BAD_EXIT=1" in launcher["setup"]
-    r = app("-m", "experiment=stage1_pretrain", "--cfg", "job")  # Hydra's usage errors are one line too
-    assert r.returncode == 2 and r.stderr.startswith("error: Only one of") and r.stderr.count("\n") == 1, r.stderr
+    rc, out, err = inproc(capsys, "-m", "experiment=stage1_pretrain", "--cfg", "job")  # Hydra's usage errors: one line
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and errors[0].startswith("error: Only one of"), err
 
 
 def test_multirun_sweep_runs_each_value_in_its_own_job_directory(synth, tmp_path):
@@ -104,13 +119,14 @@ def test_run_directory_is_hydras_and_chdir_keeps_paths_relative_to_the_start(syn
     assert (tmp_path / "here" / "metrics.json").is_file()
 
 
-def test_user_config_dir_adds_experiments(synth, tmp_path):
+def test_user_config_dir_adds_experiments(tmp_path, capsys):
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "my_caption.yaml").write_text(
         "# @package _global_\ndefaults:\n  - caption_coco_eval\n  - _self_\nmodel:\n  text:\n    prompt: a picture of\n")
-    r = app("--config-dir", str(tmp_path), "experiment=my_caption", "--cfg", "job", module="blip2_train.cli.evaluate")
-    assert r.returncode == 0, r.stderr
-    cfg = yaml.safe_load(r.stdout)
+    rc, out, err = inproc(capsys, "--config-dir", str(tmp_path), "experiment=my_caption", "--cfg", "job",
+                          module="evaluate")
+    assert rc == 0, err
+    cfg = yaml.safe_load(out)
     assert cfg["model"]["text"]["prompt"] == "a picture of" and cfg["eval"]["kind"] == "caption"
 
 
