@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from blip2_train.eval import vqa
-from blip2_train.eval.captioning import gather_objects
+from blip2_train.eval.captioning import generate_on_every_rank
 from blip2_train.eval.generation import generate_texts
 from blip2_train.models.distributed import rank
 from blip2_train.utils.errors import ConfigError
@@ -59,14 +59,9 @@ def evaluate_vqa(model, data, loader, tokenizer, template: str, generate_kwargs:
     """
     check_template(template)
     kw = {**VQA_GENERATION, **dict(generate_kwargs or {})}
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    merged = {}
-    for i, answer in gather_objects(answer_questions(model, loader, tokenizer, data, template, kw, image_blind)):
-        merged.setdefault(i, answer)  # de-duplicate (padded shards repeat questions)
-    if was_training and hasattr(model, "set_train_modes"):
-        model.set_train_modes(True)
+    merged = generate_on_every_rank(
+        model, lambda: answer_questions(model, loader, tokenizer, data, template, kw, image_blind))
     metrics: dict[str, float] = {}
     if rank() == 0:
         if len(merged) != len(data):

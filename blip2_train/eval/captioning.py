@@ -126,6 +126,21 @@ def gather_objects(local: list) -> list:
     return [x for p in parts for x in p]
 
 
+def generate_on_every_rank(model, produce) -> dict:
+    """In eval mode, this rank's `(index, output)` pairs from `produce()`, gathered from every rank and
+    de-duplicated (padded shards repeat items); the model's training modes are restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        merged: dict = {}
+        for i, out in gather_objects(list(produce())):
+            merged.setdefault(i, out)
+        return merged
+    finally:
+        if was_training and hasattr(model, "set_train_modes"):
+            model.set_train_modes(True)
+
+
 def evaluate_captioning(model, data, loader, tokenizer, prompt: str = "", generate_kwargs: dict | None = None,
                         out_dir: str | Path | None = None, spice: str | bool = "auto",
                         image_blind: bool = False) -> dict[str, float]:
@@ -136,14 +151,9 @@ def evaluate_captioning(model, data, loader, tokenizer, prompt: str = "", genera
     """
     device = next(model.parameters()).device
     kw = {**CAPTION_GENERATION, **dict(generate_kwargs or {})}
-    was_training = model.training
-    model.eval()
     t0 = time.perf_counter()
-    merged = {}
-    for i, cap in gather_objects(generate_captions(model, loader, tokenizer, prompt, kw, device, image_blind)):
-        merged.setdefault(i, cap)  # de-duplicate (padded shards repeat images)
-    if was_training and hasattr(model, "set_train_modes"):
-        model.set_train_modes(True)
+    merged = generate_on_every_rank(
+        model, lambda: generate_captions(model, loader, tokenizer, prompt, kw, device, image_blind))
     metrics: dict[str, float] = {}
     if rank() == 0:
         ids = [data.image_ids[i] for i in sorted(merged)]
