@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed ## create .venv with the package and its dependencies (CPU torch)
 
 test: install ## run the test suite (CI runs this)
-	$(PY) -m pytest -m "not slow" --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test-all: install ## run every test, slow ones included
 	$(PY) -m pytest $(PYTEST_ARGS)

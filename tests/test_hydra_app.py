@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -91,16 +92,66 @@ def test_submitit_slurm_launcher_config_composes(capsys):
     assert rc == 2 and len(errors) == 1 and errors[0].startswith("error: Only one of"), err
 
 
-def test_multirun_sweep_runs_each_value_in_its_own_job_directory(synth, tmp_path):
-    r = app("-m", *small_train(synth, "data.batch_size=4,6", f"paths.log_dir={tmp_path}"))
+def test_multirun_sweep_of_lightning_launched_ddp_jobs(synth, tmp_path):
+    """`-m` with strategy=ddp trainer.devices=2 and no launcher: each job's rank 1 is started by Lightning, which
+    re-runs sys.argv: it must run that job (not the sweep again) in that job's directory. The second job starts
+    clean (no LOCAL_RANK / process group left by the first) and both jobs share one sweep directory."""
+    r = app("-m", *small_train(synth, "data.batch_size=4,6", "trainer.devices=2", "strategy=ddp",
+                               f"paths.log_dir={tmp_path}"))
     assert r.returncode == 0, r.stderr[-3000:]
-    jobs = sorted((tmp_path / "stage1_pretrain" / "multirun").glob("*/[0-9]"))
+    sweeps = list((tmp_path / "stage1_pretrain" / "multirun").iterdir())
+    assert len(sweeps) == 1, sweeps
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir())
     assert [j.name for j in jobs] == ["0", "1"], r.stdout
     sizes = [yaml.safe_load((j / "config.yaml").read_text())["data"]["batch_size"] for j in jobs]
     assert sizes == [4, 6]
-    for j in jobs:  # each job trained, wrote its metrics and Hydra's record of its overrides
-        assert json.loads((j / "metrics.json").read_text())["global_step"] == 2
+    members = re.findall(r"GLOBAL_RANK: (\d), MEMBER: \d/2", r.stdout + r.stderr)
+    assert set(members) == {"0", "1"} and members.count("0") == members.count("1"), members  # 2 ranks per job
+    for j in jobs:  # each job, wrote its metrics and Hydra's record of its overrides, once
+        metrics = json.loads((j / "metrics.json").read_text())
+        assert metrics["global_step"] == 2, metrics
         assert f"data.batch_size={sizes[int(j.name)]}" in (j / ".hydra" / "overrides.yaml").read_text()
+        assert sorted(p.name for p in (j / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+        assert not (j / "multirun").exists() and not any(j.glob("*/metrics.json"))
+
+
+def test_added_keys_and_typos_in_target_groups_are_one_line(synth, capsys, monkeypatch):
+    """`+trainer.foo=1` bypasses the schema: refused before any work, naming the target. A typo's hint does not
+    suggest `+` for a target's arguments. HYDRA_FULL_ERROR=0 is not a request for tracebacks."""
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    rc, _, err = inproc(capsys, *small_train(synth, "+trainer.foo=1"))
+    assert rc == 2 and "Traceback" not in err, err
+    assert "unknown config key 'trainer.foo': lightning.pytorch.Trainer takes no argument 'foo'" in err
+    rc, _, err = inproc(capsys, *small_train(synth, "data.bach_size=4"))
+    assert rc == 2 and "'data.bach_size'" in err and "+data" not in err and "Traceback" not in err, err
+
+
+def test_launcher_run_id_is_shared_by_the_ranks_of_one_launch(monkeypatch):
+    """Every rank of one launch names the same run directory: SLURM job.step (two srun steps of one allocation
+    are two runs), torchrun's rendezvous id, and for torchrun without one ("none") its agent's start time, which
+    all of the node's ranks share (here: two children of this process, started apart)."""
+    import time
+
+    from blip2_train.cli.common import launcher_run_id
+
+    for k in ("SLURM_JOB_ID", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(k, raising=False)
+    assert launcher_run_id() is None
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert launcher_run_id() == "abc"
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert launcher_run_id() == "77"
+    monkeypatch.setenv("SLURM_STEP_ID", "3")
+    assert launcher_run_id() == "77.3"
+    env = clean_env(TORCHELASTIC_RUN_ID="none")
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    code = "from blip2_train.cli.common import launcher_run_id; print(launcher_run_id())"
+    ids = []
+    for _ in range(2):
+        ids.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                  check=True).stdout.strip())
+        time.sleep(1.1)
+    assert ids[0] == ids[1] and ids[0] != "None", ids
 
 
 def test_run_directory_is_hydras_and_chdir_keeps_paths_relative_to_the_start(synth, tmp_path):
@@ -151,7 +202,7 @@ def test_schemas_follow_the_targets_signatures():
             schema = OmegaConf.structured(schema_for(target))
             obj = get_object(target)
             params = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj).parameters
-            wanted = {n for n, p in params.items() if n != "self" and n not in PASSED_AT_INSTANTIATION
+            wanted = {n for n, p in params.items() if n != "self" and n not in PASSED_AT_INSTANTIATION.get(target, set())
                       and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
             assert set(schema) - {"_target_"} <= wanted and schema._target_ == target
             if target.startswith("blip2_train."):
@@ -204,13 +255,3 @@ def test_wheel_outside_the_repository_composes_every_experiment_and_trains_stage
     assert r.returncode == 0, r.stderr[-3000:]
     run = Path(r.stdout.strip().splitlines()[-1].split("output directory: ")[1])
     assert run.is_relative_to(tmp_path) and json.loads((run / "metrics.json").read_text())["global_step"] == 2
-
-
-def test_lightning_launched_ranks_share_hydras_run_directory(synth, tmp_path):
-    """strategy=ddp with trainer.devices=2 and no launcher: Lightning re-runs the command for rank 1 with
-    hydra.run.dir set to rank 0's; the run has one directory, written once."""
-    r = app(*small_train(synth, "trainer.devices=2", "strategy=ddp", f"paths.log_dir={tmp_path}"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    runs = list((tmp_path / "stage1_pretrain").iterdir())
-    assert len(runs) == 1 and json.loads((runs[0] / "metrics.json").read_text())["global_step"] == 2
-    assert sorted(p.name for p in (runs[0] / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]

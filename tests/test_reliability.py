@@ -320,7 +320,7 @@ def test_run_lock_holder_rules(tmp_path, monkeypatch):
         with pytest.raises(ConfigError, match="on node-17"):
             acquire_run_lock(tmp_path)
         monkeypatch.setenv("SLURM_JOB_ID", "4242")
-        holder(host="node-17", job="SLURM_JOB_ID=4242")  # the same job, requeued onto this node
+        holder(host="node-17", job="4242")  # the same job, requeued onto this node
         acquire_run_lock(tmp_path)
         release_run_locks()
     finally:

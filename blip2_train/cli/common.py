@@ -35,14 +35,43 @@ def config_dir() -> Path:
 
 # -- the run directory, as Hydra's hydra.run.dir ---------------------------------------------------------------
 _stamp: list[str] = []
+STAMP_ENV = "BLIP2_STAMP"
+
+
+def _process_start_time(pid: int) -> float | None:
+    """Wall-clock start time of a process (Linux /proc), or None."""
+    ticks = _pid_start(pid)
+    try:
+        boot = next(int(l.split()[1]) for l in Path("/proc/stat").read_text().splitlines() if l.startswith("btime"))
+        return boot + int(ticks) / os.sysconf("SC_CLK_TCK") if ticks else None
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def launcher_run_id() -> str | None:
+    """The id every process of one launch shares, also after a requeue: SLURM's job id (with the step id, so
+    two `srun` steps of one allocation are two runs), torchrun's rendezvous id. torchrun without `--rdzv-id` (and
+    without --standalone) says "none": then the start time of the torchrun agent that forked this node's ranks."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        step = os.environ.get("SLURM_STEP_ID", "")
+        return f"{job}.{step}" if step.isdigit() else job
+    rdzv = os.environ.get("TORCHELASTIC_RUN_ID")
+    if rdzv and rdzv != "none":
+        return rdzv
+    if rdzv == "none":
+        started = _process_start_time(os.getppid())
+        if started is not None:
+            return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
+    return None
 
 
 def run_stamp() -> str:
-    """The launcher's job id under torchrun / SLURM (every rank of one run computes the same directory), else
-    the start time; fixed for the process until the next CLI call."""
+    """The run's name under <log_dir>/<task_name>/: the stamp a launching blip2 process exported (a sweep's jobs,
+    wherever submitit runs them, and Lightning's rank processes share it), else the launcher's run id (every rank
+    computes the same directory), else the start time; fixed for the process until the next CLI call."""
     if not _stamp:
-        job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
-        _stamp.append(job if job and job != "none" else time.strftime("%Y-%m-%d_%H-%M-%S"))
+        _stamp.append(os.environ.get(STAMP_ENV) or launcher_run_id() or time.strftime("%Y-%m-%d_%H-%M-%S"))
     return _stamp[0]
 
 
@@ -101,21 +130,30 @@ def describe_config_error(e: BaseException) -> str:
         if isinstance(c, MissingMandatoryValue) or m:
             return f"missing required config value '{key}' (set it on the command line: {key}=...)"
         if isinstance(c, ConfigKeyError):
-            return f"unknown config key '{key}' (check the spelling; to add a new key use +{key}=...)"
+            return _unknown_key_line(str(key))
         if isinstance(c, ValidationError):
             return describe_type_error(c, key)
     text = str(e)
     everything = " ".join(str(c) for c in chain)
     m = re.search(r"Could not override '([^']+)'", text)
     if m and not re.search(r"could not be converted|Validation|is not a valid", everything):
-        return f"unknown config key '{m.group(1)}' (check the spelling; to add a new key use +{m.group(1)}=...)"
+        return _unknown_key_line(m.group(1))
     m = re.search(r"Could not (?:find|load) '([^']+)'", text)
     if m:
         return f"unknown config option '{m.group(1)}' ({text.strip().splitlines()[0]})"
     return text.strip().splitlines()[0] if text.strip() else type(e).__name__
 
 
-_TYPE_WORDS = {"Integer": "int", "Float": "float", "String": "str", "Boolean": "bool", "bool": "bool"}
+def _unknown_key_line(key: str) -> str:
+    from blip2_train.cli.schemas import SCHEMAS
+
+    group, _, rest = key.partition(".")
+    if group in SCHEMAS and rest and "." not in rest:  # the group's keys are its target's arguments
+        return f"unknown config key '{key}' (check the spelling: the keys of '{group}' are its target's arguments)"
+    return f"unknown config key '{key}' (check the spelling; to add a new key use +{key}=...)"
+
+
+_TYPE_WORDS = {"Integer": "int", "Float": "float", "String": "str", "Boolean": "bool"}
 
 
 def describe_type_error(c: BaseException, key: str | None) -> str:
@@ -150,27 +188,34 @@ def run_cli(config_name: str, body: Callable[[DictConfig], dict], argv: list[str
     import hydra
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    register()
     results: list[dict] = []
+    multirun = "-m" in argv or "--multirun" in argv
 
     def task(cfg: DictConfig):
-        setup_logging()
-        results.append(run_job(cfg, body))
+        results.append(_run_sweep_job(cfg, body) if multirun else run_job(cfg, body))
         return results[-1]
 
-    app = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")(task)
-    user_full_error = bool(os.environ.get("BLIP2_FULL_ERROR") or (
-        os.environ.get("HYDRA_FULL_ERROR") and not os.environ.get(_OWN_FULL_ERROR)))
-    saved_argv, saved_env = sys.argv, {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", _OWN_FULL_ERROR, RUN_DIR_ENV)}
+    user_full_error = os.environ.get("BLIP2_FULL_ERROR") == "1" or (
+        os.environ.get("HYDRA_FULL_ERROR") == "1" and not os.environ.get(_OWN_FULL_ERROR))
+    saved_argv = sys.argv
+    saved_env = {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", _OWN_FULL_ERROR, RUN_DIR_ENV, STAMP_ENV)}
     sys.argv = [saved_argv[0], *argv]
     if not user_full_error:  # Hydra then raises, and we print the one line
         os.environ.update({"HYDRA_FULL_ERROR": "1", _OWN_FULL_ERROR: "1"})
     _stamp.clear()
+    # One stamp for the whole launch: a sweep's jobs (in this process, or wherever submitit runs them: they
+    # inherit this environment) and the rank processes Lightning starts resolve the same directories.
+    os.environ[STAMP_ENV] = run_stamp()
+    setup_logging()
     failed_job: list[str] = []
     try:
+        register()
+        app = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name=config_name, version_base="1.3")(task)
         with _HydraJobErrorFilter(failed_job):
             app()
-    except SystemExit as e:  # --help, argparse errors, Hydra's own exits
+    except SystemExit as e:  # --help, argparse errors, Hydra's own exits, a job's sys.exit("message")
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:  # noqa: BLE001 - turned into one readable line below
         if user_full_error:
@@ -178,7 +223,7 @@ def run_cli(config_name: str, body: Callable[[DictConfig], dict], argv: list[str
         msg = known_error_line(e)
         if msg is None:
             raise
-        if failed_job and ("-m" in argv or "--multirun" in argv):
+        if failed_job and multirun:
             msg += f" ({failed_job[0]})"
         print(f"error: {msg}", file=sys.stderr)
         return 2
@@ -195,6 +240,34 @@ def run_cli(config_name: str, body: Callable[[DictConfig], dict], argv: list[str
         if result and result.get("output_dir") and is_rank_zero():
             print(f"output directory: {result['output_dir']}")
     return 0
+
+
+def _run_sweep_job(cfg: DictConfig, body: Callable[[DictConfig], dict]) -> dict:
+    """One job of an in-process sweep (`-m` with the basic launcher), isolated from the next one:
+    - sys.argv is the job's own overrides: Lightning's launcher re-runs sys.argv for its other ranks
+      (strategy=ddp trainer.devices=N), which must run this job, not the sweep again;
+    - the job's lock, log file, process group and environment (Lightning's LOCAL_RANK, WORLD_SIZE, MASTER_PORT,
+      our BLIP2_RUN_DIR) end with it: the next job would otherwise think it is an already-launched rank."""
+    from hydra.core.hydra_config import HydraConfig
+
+    saved_argv, saved_env = sys.argv, dict(os.environ)
+    sys.argv = [saved_argv[0], *HydraConfig.get().overrides.task]
+    try:
+        return run_job(cfg, body)
+    finally:
+        sys.argv = saved_argv
+        release_run_locks()
+        close_log_files()
+        _end_process_group()
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def _end_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class _HydraJobErrorFilter:
@@ -231,12 +304,23 @@ def run_job(cfg: DictConfig, body: Callable[[DictConfig], dict]) -> dict:
 
     created = adopt_hydra_run_dir(cfg)
     try:
+        refuse_unknown_keys(cfg)
         check_ranges(cfg)
         return body(cfg)
     except Exception:
-        if created is not None:
+        if created is not None and is_rank_zero():  # the other ranks never write .hydra/
             remove_if_only_hydra_files(created)
         raise
+
+
+def refuse_unknown_keys(cfg: DictConfig) -> None:
+    from blip2_train.cli.schemas import unknown_keys
+    from blip2_train.utils.errors import ConfigError
+
+    for key in unknown_keys(cfg):
+        target = cfg[key.split(".")[0]]._target_
+        raise ConfigError(f"unknown config key '{key}': {target} takes no argument '{key.split('.', 1)[1]}' "
+                          "(check the spelling)")
 
 
 def adopt_hydra_run_dir(cfg: DictConfig) -> Path | None:
@@ -267,6 +351,14 @@ def known_error_line(e: BaseException) -> str | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from hydra.errors import InstantiationException
+
+    if isinstance(e, InstantiationException) and not any(isinstance(c, Blip2TrainError) for c in _causes(e)):
+        # "Error in call to target 'X':\nTypeError(...)": the cause is on the last line
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        text = " ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
+        return text.replace("set env var HYDRA_FULL_ERROR=1 to see chained exception",
+                            "BLIP2_FULL_ERROR=1 shows the traceback")
     if isinstance(e, (HydraException, OmegaConfBaseException, Blip2TrainError, FileNotFoundError)) or \
             any(isinstance(c, (OmegaConfBaseException, Blip2TrainError)) for c in _causes(e)):
         ours = e if isinstance(e, Blip2TrainError) else next(
@@ -301,9 +393,27 @@ def _causes(e: BaseException):
         cur, n = cur.__cause__ or cur.__context__, n + 1
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record is emitted (a redirect, a test's capture), not to the
+    stream of the time logging was set up, which may be closed by then."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging() -> None:
     level = os.environ.get("BLIP2_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(level)
     for noisy in ("transformers", "lightning.pytorch.utilities.rank_zero", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -388,14 +498,6 @@ def _read_lock(path: Path) -> dict | None:
     return None
 
 
-def _launcher_job_id() -> str | None:
-    for var in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
-        v = os.environ.get(var)
-        if v and v != "none":
-            return f"{var}={v}"
-    return None
-
-
 def acquire_run_lock(run_dir: Path) -> None:
     """Take `run_dir`'s lock or raise ConfigError naming its holder. A lock left by a dead process on this host
     (a killed run) is taken over; a lock held by this process is re-entered."""
@@ -403,7 +505,7 @@ def acquire_run_lock(run_dir: Path) -> None:
 
     path = run_dir / LOCK_NAME
     host = socket.gethostname()
-    job = _launcher_job_id()
+    job = launcher_run_id()
     me = {"host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "job": job,
           "pid_start": _pid_start(os.getpid())}
     for _ in range(5):

@@ -27,7 +27,13 @@ SCHEMAS = {
                "stage2": "blip2_train.lit.stage2.Stage2Module"},
     "trainer": {"lightning": "lightning.pytorch.Trainer"},
 }
-PASSED_AT_INSTANTIATION = {"model", "callbacks", "logger", "strategy", "plugins", "default_root_dir"}
+# Arguments the code gives at instantiation, per target (the module's `model`; the Trainer's callbacks, loggers,
+# strategy and plugins, built from their own config groups): not keys of the target's group.
+PASSED_AT_INSTANTIATION = {
+    "blip2_train.lit.stage1.Stage1Module": {"model"},
+    "blip2_train.lit.stage2.Stage2Module": {"model"},
+    "lightning.pytorch.Trainer": {"callbacks", "logger", "strategy", "plugins", "default_root_dir"},
+}
 _SIMPLE = (int, float, bool, str)
 _registered = False
 
@@ -68,10 +74,14 @@ def schema_for(target: str) -> type:
 
     obj = get_object(target)
     fn = obj.__init__ if inspect.isclass(obj) else obj
-    hints = typing.get_type_hints(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError):  # an annotation naming a type only imported for type checking: untyped keys
+        hints = {}
+    given = PASSED_AT_INSTANTIATION.get(target, set())
     fields: list = [("_target_", str, dataclasses.field(default=target))]  # noqa: RUF012
     for name, p in inspect.signature(fn).parameters.items():
-        if name == "self" or name in PASSED_AT_INSTANTIATION or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        if name == "self" or name in given or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         default = _default(p.default)
         if default is None:
@@ -81,6 +91,20 @@ def schema_for(target: str) -> type:
             kind = Optional[kind]  # `x: int = None` in the signature
         fields.append((name, kind, default))
     return dataclasses.make_dataclass(f"{obj.__name__}Config", fields)
+
+
+def unknown_keys(cfg) -> list[str]:
+    """Keys of a schema group that its target does not take. Composition refuses `trainer.foo=1`; an added key
+    (`+trainer.foo=1`) bypasses the schema, and would otherwise fail only when the target is called."""
+    out = []
+    for group, entries in SCHEMAS.items():
+        node = cfg.get(group)
+        target = node.get("_target_") if hasattr(node, "get") else None
+        if target not in entries.values():
+            continue
+        fields = {f.name for f in dataclasses.fields(schema_for(target))}
+        out += [f"{group}.{k}" for k in node if k not in fields and not (k.startswith("_") and k.endswith("_"))]
+    return out
 
 
 def register_schemas() -> None:

@@ -64,10 +64,12 @@ def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[
     lo, hi = image_range
     if image_feats_local is None:  # a rank with no images still takes part in the gathers
         image_feats_local = torch.zeros(0, model.num_query_tokens, model.config.image_text_hidden_size, device=device)
-    image_feats = gather_varlen(image_feats_local)
     t_lo, t_hi = shard_range(ids.shape[0], rank(), world_size())
     text_feat = gather_varlen(encode_texts(model, ids[t_lo:t_hi], mask[t_lo:t_hi], device))
-    sim = retrieval.itc_similarity(image_feats, text_feat).cpu()
+    # ITC rows of this rank's images only, then the rows of all ranks: each rank computes 1/W of the matrix
+    # (and no rank gathers the others' [n, Q, D] image features).
+    log.info("rank %d/%d computes ITC rows [%d, %d) x %d texts", rank(), world_size(), lo, hi, text_feat.shape[0])
+    sim = gather_varlen(retrieval.itc_similarity(image_feats_local, text_feat)).cpu()
     t_itc = time.perf_counter() - t0
 
     text_len = mask.sum(dim=1)

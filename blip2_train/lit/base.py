@@ -138,6 +138,14 @@ class Blip2LitModule(L.LightningModule):
         finally:
             self._skip_optimizer_step = False
 
+    def configure_model(self) -> None:
+        """Under FSDP2 (strategy=fsdp) the strategy shards the model here, on every rank, before the optimizer is
+        built; other strategies have nothing to do."""
+        parallelize = getattr(self.trainer.strategy, "parallelize", None) if self._trainer is not None else None
+        if parallelize is not None and not getattr(self, "_parallelized", False):
+            parallelize(self.model)
+            self._parallelized = True
+
     def configure_optimizers(self):
         hp = self.hparams
         scales = None
@@ -170,7 +178,7 @@ class Blip2LitModule(L.LightningModule):
         if stage is not None and stage != self.stage:
             raise Blip2TrainError(f"this checkpoint is from a stage-{stage} run; this is a stage-{self.stage} run "
                                   "(to start stage 2 from stage 1, use model.stage1_checkpoint, not ckpt_path)")
-        if checkpoint.get("frozen_weights_omitted"):
+        if checkpoint.get("frozen_weights_omitted") and "state_dict" in checkpoint:  # FSDP2 loads its own
             full = self.state_dict()
             full.update(checkpoint["state_dict"])
             checkpoint["state_dict"] = full

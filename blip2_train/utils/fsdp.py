@@ -1,8 +1,28 @@
-"""FSDP auto-wrap by layer class names (the ViT, Q-Former and LLM blocks)."""
+"""FSDP2: per-block `fully_shard` over every rank, as a Lightning strategy.
+
+Why FSDP2 and not Lightning's `FSDPStrategy` (FSDP1): FSDP1 flattens each unit into one tensor of a single dtype,
+and BLIP-2's root unit mixes frozen bf16 weights (ViT embeddings, the LLM's embeddings and final norm) with
+trainable fp32 ones (`query_tokens`, `language_projection`, the Q-Former's embeddings): it fails with "Must
+flatten tensors with uniform dtype". FSDP2 shards each parameter on its own (DTensor), so frozen and trainable,
+bf16 and fp32 parameters live in one unit, and `requires_grad` stays per parameter.
+
+Units: one per transformer block of the ViT, the Q-Former and the LLM (classes named in the strategy config),
+plus the root (everything else). Checkpoints are torch.distributed.checkpoint directories, written by every rank
+in parallel; `blip2-export` consolidates them. Frozen weights are left out of checkpoints (as under DDP and
+DeepSpeed), so loading one fills the trainable weights only and checks that all of them are there.
+"""
 
 from __future__ import annotations
 
 import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+log = logging.getLogger(__name__)
 
 _MODULES = (
     "transformers.models.blip_2.modeling_blip_2",
@@ -13,8 +33,8 @@ _MODULES = (
 )
 
 
-def wrap_policy(layer_class_names: list[str]) -> set[type]:
-    """Names -> the set of classes Lightning's FSDPStrategy accepts as `auto_wrap_policy`."""
+def layer_classes(layer_class_names: list[str]) -> tuple[type, ...]:
+    """Block class names -> the classes (from the transformers modules BLIP-2 builds on)."""
     found = {}
     for mod_name in _MODULES:
         mod = importlib.import_module(mod_name)
@@ -23,16 +43,81 @@ def wrap_policy(layer_class_names: list[str]) -> set[type]:
                 found[name] = getattr(mod, name)
     missing = set(layer_class_names) - set(found)
     if missing:
-        raise ValueError(f"FSDP wrap classes not found in transformers: {sorted(missing)}")
-    return set(found.values())
+        raise ValueError(f"FSDP block classes not found in transformers: {sorted(missing)}")
+    return tuple(found.values())
 
 
-def mixed_precision(param_dtype: str = "bfloat16", reduce_dtype: str = "float32", buffer_dtype: str = "bfloat16"):
-    """FSDP MixedPrecision from dtype names (compute in bf16, all-reduce gradients in fp32)."""
-    import torch
-    from torch.distributed.fsdp import MixedPrecision
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name in (None, "null", "none") else getattr(torch, name)
 
-    def dt(name):
-        return getattr(torch, name)
 
-    return MixedPrecision(param_dtype=dt(param_dtype), reduce_dtype=dt(reduce_dtype), buffer_dtype=dt(buffer_dtype))
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy used as pure data-parallel FSDP2 (data_parallel = world size, no tensor
+    parallelism). The LightningModule's `configure_model` calls `parallelize(model)`."""
+
+    def __init__(self, layer_class_names: list[str], param_dtype: str | None = "bfloat16",
+                 reduce_dtype: str | None = "float32", reshard_after_forward: bool = True,
+                 save_distributed_checkpoint: bool = True, process_group_backend: str | None = None):
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend)
+        self.block_classes = layer_classes(list(layer_class_names))
+        self.param_dtype, self.reduce_dtype = _dtype(param_dtype), _dtype(reduce_dtype)
+        self.reshard_after_forward = reshard_after_forward
+
+    def _setup_distributed(self) -> None:
+        super()._setup_distributed()
+        if self._data_parallel_size == "auto":  # the parent's "auto" means one data-parallel group per node
+            self._data_parallel_size = self.world_size
+
+    def parallelize(self, model: torch.nn.Module) -> int:
+        """fully_shard every block, then the root; -> the number of block units."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        # param_dtype: the dtype parameters are all-gathered and computed in; reduce_dtype: gradients are
+        # reduce-scattered in fp32 (the Q-Former's small gradients lose precision in a bf16 reduction)
+        mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+        blocks = [m for m in model.modules() if isinstance(m, self.block_classes)]
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
+        log.info("FSDP2: %d block units + the root, over %d ranks", len(blocks), mesh.size())
+        return len(blocks)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Like the parent's, but a checkpoint without the frozen weights loads: the weights it holds are loaded,
+        every trainable one must be among them (else one clear error), the frozen ones keep their values."""
+        from lightning.fabric.strategies.model_parallel import _is_sharded_checkpoint
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_sharded_checkpoint(path):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from blip2_train.utils.errors import CheckpointError
+
+        stored = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        full = get_model_state_dict(self.model)
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        missing = sorted(n for n in trainable if f"state_dict.{n}" not in stored)
+        if missing:
+            raise CheckpointError(f"{path}: {len(missing)} trainable weight(s) missing, e.g. {missing[:3]}")
+        held = {k: v for k, v in full.items() if f"state_dict.{k}" in stored}
+        dcp.load({"state_dict": held}, checkpoint_id=path)
+        set_model_state_dict(self.model, held, options=StateDictOptions(strict=False))
+        for i, optimizer in enumerate(self.optimizers):
+            state = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[f"optimizer_{i}"],
+                                     options=StateDictOptions(cpu_offload=True))
+        from lightning.fabric.strategies.model_parallel import _METADATA_FILENAME
+
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
