@@ -94,6 +94,7 @@ def starts(name: str, chain: dict) -> list[str]:
 @pytest.fixture(scope="module")
 def chain(synth, tiny_llms, tmp_path_factory) -> dict:
     """The user's chain on one process, each training experiment followed by its export."""
+    from blip2_train.cli.export import main as export_main
     from blip2_train.models.convert import ours_to_reference
     from blip2_train.models.export import read_stage1_export_weights
 
@@ -105,7 +106,8 @@ def chain(synth, tiny_llms, tmp_path_factory) -> dict:
                       f"paths.output_dir={run_dir}"])
         out[name] = run_dir
         if name != "caption_coco_ft_frozen_vit":
-            run("export", [str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(root / f"export_{name}")])
+            # blip2-export's entry point in this process (test_scale.py and test_fsdp2.py run its command line)
+            assert export_main([str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(root / f"export_{name}")]) == 0
             out[f"export/{name}"] = root / f"export_{name}"
         if name == "stage1_pretrain":  # the official layout: blip2_pretrained.pth
             ref = ours_to_reference(read_stage1_export_weights(out["export/stage1_pretrain"]))

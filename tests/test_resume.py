@@ -15,7 +15,7 @@ import pytest
 from conftest import tiny_cli
 from test_ddp import REPO, clean_env
 
-STEPS = 120
+STEPS = 60
 
 
 def cli(out: Path, synth, llm, *extra) -> list[str]:
