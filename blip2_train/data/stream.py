@@ -38,7 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from blip2_train.data.captions import as_caption_list, clean_caption, pick_caption
-from blip2_train.data.transforms import ImageDecodeError, decode_image
+from blip2_train.data.transforms import ImageDecodeError
 from blip2_train.utils.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -196,14 +196,13 @@ class SampleDecoder:
             warn(f"skip {key} in {sample.get('__url__')}: no non-empty caption", "no caption")
             return None
         try:
-            draft = self.transform.draft_size if self.jpeg_draft else None
-            img = decode_image(image_bytes, self.max_pixels, draft_size=draft)
+            image = self.transform.decode(image_bytes, rng, self.max_pixels, draft=self.jpeg_draft)
         except ImageDecodeError as e:
             counter.skip("bad image")
             warn(f"skip {key} in {sample.get('__url__')}: {e}", "bad image")
             return None
         return {
-            "image": self.transform(img, rng),
+            "image": image,
             "caption": pick_caption(cleaned, rng),
             "image_id": image_id_to_int(image_id if image_id is not None else key),
         }
