@@ -6,6 +6,7 @@ Eval: bicubic resize to a square.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -125,8 +126,14 @@ def uint8_chw(img: Image.Image) -> torch.Tensor:
 
 def normalize_uint8(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """[3, H, W] uint8 -> (x / 255 - mean) / std as one fused multiply-add, contiguous float32."""
+    scale, bias = _affine(tuple(mean), tuple(std))
+    return torch.addcmul(bias, x.contiguous().float(), scale)
+
+
+@functools.lru_cache(maxsize=8)
+def _affine(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     std_t = torch.tensor(std).view(3, 1, 1)
-    return torch.addcmul(-torch.tensor(mean).view(3, 1, 1) / std_t, x.contiguous().float(), 1.0 / (255.0 * std_t))
+    return 1.0 / (255.0 * std_t), -torch.tensor(mean).view(3, 1, 1) / std_t
 
 
 @dataclass
