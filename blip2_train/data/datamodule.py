@@ -232,7 +232,12 @@ class Blip2DataModule(L.LightningDataModule):
         """Batches of the resumed epoch to skip on this rank, after checking the loader's shape."""
         done, epoch = int(state["batches_done"]), int(state["epoch"])
         saved, now = state.get("shape"), self.loader_shape()
-        changes = shape_changes(saved, now) if saved else []
+        if not saved:
+            log.warning("resuming epoch %d after %d batches from a checkpoint that does not store the data loader's "
+                        "shape (written by an older blip2-train): the position is restored by batch count, but the "
+                        "rest of the epoch is not the sample order the interrupted run would have seen", epoch, done)
+            return done
+        changes = shape_changes(saved, now)
         if not changes:
             log.info("resuming epoch %d after %d batches: reading their samples again without decoding them "
                      "(exact data position)", epoch, done)

@@ -13,7 +13,8 @@ Design (why each piece is here)
 - A batch is a fixed window of `batch_size` raw samples of one source, and each sample's augmentation and
   caption draw come from an RNG keyed by (seed, epoch, slot, source, position in the slot's stream): what a
   batch holds never depends on what was decoded before it, so a mid-epoch resume skips batches by reading
-  their tar members without decoding them (`skip_batches`).
+  their tar members without decoding them (`skip_batches`). (A window without one usable sample is replaced
+  by the next window: a resume past such a window, which a skip cannot see, is off by that window.)
 - Corrupt samples are skipped and counted; in a repeating stream each is replaced by another augmentation of
   a usable sample of its window (same image_id: a positive, never a hard negative), so batches keep their
   size. Each batch carries the counts since the previous batch, so the Lightning module can log
