@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader
 from blip2_train.data.collate import CaptionCollator, Stage2Collator
 from blip2_train.data.eval_sets import CaptionedImages, EvalImageDataset, collate_eval_images
 from blip2_train.data.shards import read_manifest
-from blip2_train.data.stream import SampleDecoder, ShardStream, Source
+from blip2_train.data.stream import SampleDecoder, ShardStream, Source, stable_hash
 from blip2_train.data.transforms import TrainTransform
 from blip2_train.data.vqa import VQA_FORMATS, VqaQuestions, read_vqa_set
-from blip2_train.utils.errors import ConfigError, DataError
+from blip2_train.utils.errors import ConfigError, DataError, ResumeShapeError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,28 @@ def count_samples(spec) -> int | None:
     return None
 
 
+def shape_changes(saved: dict, now: dict) -> list[str]:
+    """Readable differences between two `loader_shape()`s ('data.batch_size 8 -> 4', 'world size 2 -> 4')."""
+    names = {"world_size": "world size (GPUs x nodes)", "num_workers": "data.num_workers",
+             "batch_size": "data.batch_size", "seed": "data.seed", "resampled": "data.resampled",
+             "shuffle_buffer": "data.shuffle_buffer"}
+    out = [f"{names[k]} {saved.get(k)} -> {now[k]}" for k in names if saved.get(k) != now[k]]
+    old = {s["name"]: s for s in saved.get("sources", [])}
+    new = {s["name"]: s for s in now["sources"]}
+    if list(old) != list(new):
+        out.append(f"data.train_sources {list(old)} -> {list(new)}")
+        return out
+    for name, s in new.items():
+        o = old[name]
+        if o["weight"] != s["weight"]:
+            out.append(f"source {name!r} weight {o['weight']} -> {s['weight']}")
+        if o["shards"] != s["shards"]:
+            out.append(f"source {name!r} {o['shards']} -> {s['shards']} shards")
+        elif o["shard_names"] != s["shard_names"]:
+            out.append(f"source {name!r} shard file names changed")
+    return out
+
+
 class Blip2DataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -71,6 +93,7 @@ class Blip2DataModule(L.LightningDataModule):
         jpeg_draft: bool = True,
         seed: int = 0,
         text: dict | None = None,
+        allow_reshuffled_resume: bool = False,
     ):
         super().__init__()
         self.tokenizer_spec = tokenizer
@@ -88,6 +111,7 @@ class Blip2DataModule(L.LightningDataModule):
         self.max_skip_rate = max_skip_rate
         self.jpeg_draft = jpeg_draft
         self.seed = seed
+        self.allow_reshuffled_resume = allow_reshuffled_resume
         # How captions become model inputs: the model config's `text` node (data.text = ${model.text}), so both
         # sides agree. kind=qformer (stage 1): BERT tokens. kind=llm (stage 2): LLM tokens with image tokens and
         # labels (num_query_tokens, prompt, end_text, prefix_lm, encoder_decoder).
@@ -186,9 +210,7 @@ class Blip2DataModule(L.LightningDataModule):
             epoch = self.trainer.current_epoch
             self.train_stream.set_epoch(epoch)
             if self._resume and self._resume["epoch"] == epoch:
-                self.train_stream.skip_batches = int(self._resume["batches_done"])
-                log.info("resuming epoch %d after %d batches: drawing them again and skipping them (exact data position)",
-                         epoch, self.train_stream.skip_batches)
+                self.train_stream.skip_batches = self._resume_skip(self._resume)
             self._resume = None
         return DataLoader(self.train_stream, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=False, pin_memory=False,
@@ -196,12 +218,53 @@ class Blip2DataModule(L.LightningDataModule):
 
     # -- exact resume: Lightning stores this in every checkpoint and hands it back before train_dataloader() --
 
+    def loader_shape(self) -> dict:
+        """What decides which samples each batch of an epoch holds: a resume is exact only with the same shape."""
+        stream = self.train_stream
+        return {"world_size": stream.world_size, "num_workers": self.num_workers, "batch_size": self.batch_size,
+                "seed": self.seed, "resampled": stream.resampled, "shuffle_buffer": self.shuffle_buffer,
+                # shard file names, not paths: moving the data to another filesystem is not a change
+                "sources": [{"name": s.name, "weight": s.weight, "shards": len(s.urls),
+                             "shard_names": stable_hash(*(os.path.basename(u) for u in s.urls))}
+                            for s in stream.sources]}
+
+    def _resume_skip(self, state: dict) -> int:
+        """Batches of the resumed epoch to skip on this rank, after checking the loader's shape."""
+        done, epoch = int(state["batches_done"]), int(state["epoch"])
+        saved, now = state.get("shape"), self.loader_shape()
+        if not saved:
+            log.warning("resuming epoch %d after %d batches from a checkpoint that does not store the data loader's "
+                        "shape (written by an older blip2-train): the position is restored by batch count, but the "
+                        "rest of the epoch is not the sample order the interrupted run would have seen", epoch, done)
+            return done
+        changes = shape_changes(saved, now)
+        if not changes:
+            log.info("resuming epoch %d after %d batches: reading their samples again without decoding them "
+                     "(exact data position)", epoch, done)
+            return done
+        what = "; ".join(changes)
+        if not self.allow_reshuffled_resume:
+            raise ResumeShapeError(
+                f"the checkpoint's data loader differs from this run's: {what}; a resume is exact only with the same "
+                "shape: restore it, or set data.allow_reshuffled_resume=true to continue the epoch in the new "
+                "shape's sample order")
+        seen = done * saved["batch_size"] * saved["world_size"]
+        skip = min(seen // (self.batch_size * now["world_size"]), len(self.train_stream))
+        log.warning("data loader changed since the checkpoint (%s): data.allow_reshuffled_resume=true, so epoch %d "
+                    "goes on in the new shape's order after its first %d samples (%d batches of %d per rank "
+                    "skipped): this epoch may repeat some samples and miss others", what, epoch, seen, skip,
+                    self.batch_size)
+        return skip
+
     def state_dict(self) -> dict:
         if self.trainer is None:
             return {}
         # `processed`: a checkpoint written in on_train_batch_end counts the batch just trained (completed does not yet)
         done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": self.trainer.current_epoch, "batches_done": int(done)}
+        state = {"epoch": self.trainer.current_epoch, "batches_done": int(done)}
+        if self.train_stream is not None:
+            state["shape"] = self.loader_shape()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state) if state else None

@@ -10,8 +10,15 @@ Design (why each piece is here)
   yields the same number of batches per epoch (DDP would otherwise hang on the last step).
 - Dataset mixing picks the source of global batch g from an RNG seeded by (seed, epoch, g), which every rank
   computes identically: all ranks train on the same mixture within a step.
-- Corrupt samples are skipped and counted; each batch carries the counts since the previous batch, so the
-  Lightning module can log `data/skipped`, and the stream stops with a DataError past `max_skip_rate`.
+- A batch is a fixed window of `batch_size` raw samples of one source, and each sample's augmentation and
+  caption draw come from an RNG keyed by (seed, epoch, slot, source, position in the slot's stream): what a
+  batch holds never depends on what was decoded before it, so a mid-epoch resume skips batches by reading
+  their tar members without decoding them (`skip_batches`). (A window without one usable sample is replaced
+  by the next window: a resume past such a window, which a skip cannot see, is off by that window.)
+- Corrupt samples are skipped and counted; in a repeating stream each is replaced by another augmentation of
+  a usable sample of its window (same image_id: a positive, never a hard negative), so batches keep their
+  size. Each batch carries the counts since the previous batch, so the Lightning module can log
+  `data/skipped`, and the stream stops with a DataError past `max_skip_rate`.
   An unreadable shard counts as one sample seen and skipped, and a round of shards that yields nothing
   (every shard the slot can draw, in a row) is a DataError naming them: a repeating stream over bad shards
   would otherwise re-read them forever. Identical warnings are rate-limited (`WarningLimiter`).
@@ -20,6 +27,7 @@ Design (why each piece is here)
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import random
@@ -31,7 +39,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from blip2_train.data.captions import as_caption_list, clean_caption, pick_caption
-from blip2_train.data.transforms import ImageDecodeError, decode_image
+from blip2_train.data.transforms import ImageDecodeError
 from blip2_train.utils.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -189,14 +197,13 @@ class SampleDecoder:
             warn(f"skip {key} in {sample.get('__url__')}: no non-empty caption", "no caption")
             return None
         try:
-            draft = self.transform.draft_size if self.jpeg_draft else None
-            img = decode_image(image_bytes, self.max_pixels, draft_size=draft)
+            image = self.transform.decode(image_bytes, rng, self.max_pixels, draft=self.jpeg_draft)
         except ImageDecodeError as e:
             counter.skip("bad image")
             warn(f"skip {key} in {sample.get('__url__')}: {e}", "bad image")
             return None
         return {
-            "image": self.transform(img, rng),
+            "image": image,
             "caption": pick_caption(cleaned, rng),
             "image_id": image_id_to_int(image_id if image_id is not None else key),
         }
@@ -234,9 +241,10 @@ class ShardStream(IterableDataset):
         self.max_skip_rate = max_skip_rate
         self.min_samples_for_skip_check = min_samples_for_skip_check
         self.epoch = 0
-        # Exact mid-epoch resume: this rank's first `skip_batches` batches of the epoch are drawn again (same RNG
-        # draws, same skips) and dropped before collation, so the stream continues where the interrupted run
-        # stopped.
+        # Exact mid-epoch resume: this rank's first `skip_batches` batches of the epoch are read again from the tars
+        # (same shard order, same shuffle-buffer draws) but not decoded: a batch is a fixed window of raw samples
+        # and each sample's randomness is keyed by its position, so the stream continues where the interrupted
+        # run stopped at the cost of reading, not decoding, what it skips.
         self.skip_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -309,13 +317,6 @@ class ShardStream(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def _decoded(self, source, slot, num_slots, repeat, rng, counter, warnings):
-        for raw in self._shuffled(self._raw_samples(source, slot, num_slots, repeat, counter, warnings), rng):
-            out = self.decoder(raw, rng, counter, warnings.warn)
-            self._check_skip_rate(counter, raw)
-            if out is not None:
-                yield out
-
     def _check_skip_rate(self, counter: SkipCounter, raw: dict) -> None:
         if counter.seen >= self.min_samples_for_skip_check and counter.skipped > self.max_skip_rate * counter.seen:
             raise DataError(
@@ -330,16 +331,42 @@ class ShardStream(IterableDataset):
         # the role (shards, RNG) of the worker k positions further on.
         worker = (worker + self.skip_batches) % num_workers
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
-        rng = random.Random(stable_hash("samples", self.seed, self.epoch, slot))
+        rng = random.Random(stable_hash("samples", self.seed, self.epoch, slot))  # shuffle buffers only
         counter, warnings = SkipCounter(), WarningLimiter()
         try:
             yield from self._batches(worker, num_workers, slot, num_slots, rng, counter, warnings)
         finally:
             warnings.summary()
 
+    def _sample_rng(self, slot: int, source: int, index: int) -> random.Random:
+        """A sample's augmentation and caption draw, keyed by its position in the slot's stream of that source:
+        independent of what was decoded before it, so skipped batches need no decoding to keep later draws."""
+        return random.Random(stable_hash("sample", self.seed, self.epoch, slot, source, index))
+
+    def _build(self, window: list[dict], k: int, first: int, slot: int, counter: SkipCounter,
+               warnings: WarningLimiter, fill: bool) -> list[dict]:
+        """Decode one batch window. In a repeating stream a sample that cannot be used is replaced by another
+        augmentation (and caption draw) of a usable one of the same window: the batch keeps its size and its
+        window, so a batch's raw samples never depend on what failed to decode (exact cheap resume)."""
+        out = []
+        for j, raw in enumerate(window):
+            out.append(self.decoder(raw, self._sample_rng(slot, k, first + j), counter, warnings.warn))
+            self._check_skip_rate(counter, raw)
+        good = [j for j, o in enumerate(out) if o is not None]
+        if not fill or not good or len(good) == len(out):
+            return [o for o in out if o is not None]
+        scratch = SkipCounter()  # the stand-ins are not new samples: not counted as seen
+        for j, o in enumerate(out):
+            if o is None:
+                out[j] = self.decoder(window[good[j % len(good)]], self._sample_rng(slot, k, first + j), scratch)
+        return out
+
     def _batches(self, worker, num_workers, slot, num_slots, rng, counter, warnings) -> Iterator[dict]:
         repeat = self.batches_per_epoch is not None
-        streams = [iter(self._decoded(s, slot, num_slots, repeat, rng, counter, warnings)) for s in self.sources]
+        # raw tar samples through each source's shuffle buffer; the buffer's draws never depend on decoding
+        streams = [iter(self._shuffled(self._raw_samples(s, slot, num_slots, repeat, counter, warnings), rng))
+                   for s in self.sources]
+        position = [0] * len(streams)  # raw samples taken from each source so far: the per-sample RNG key
         weights = [s.weight for s in self.sources]
         reported = (0, 0)
 
@@ -353,17 +380,17 @@ class ShardStream(IterableDataset):
             global_batch = i * num_workers + worker
             k = 0 if len(streams) == 1 else random.Random(
                 stable_hash("mix", self.seed, self.epoch, global_batch)).choices(range(len(streams)), weights)[0]
-            samples = []
-            for s in streams[k]:
-                samples.append(s)
-                if len(samples) == self.batch_size:
-                    break
-            if not samples:
+            window = list(itertools.islice(streams[k], self.batch_size))
+            first, position[k] = position[k], position[k] + len(window)
+            if not window:
                 return
-            if len(samples) < self.batch_size and repeat:
+            if len(window) < self.batch_size and repeat:
                 raise DataError(f"source {self.sources[k].name!r} ran dry inside a repeating stream")
-            if i < skip_local:  # consumed before the resume: drawn again (same RNG state) but not built
+            if i < skip_local:  # consumed before the resume: tar members read, nothing decoded
                 i += 1
+                continue
+            samples = self._build(window, k, first, slot, counter, warnings, fill=repeat)
+            if not samples:  # not one usable sample in the window: the next window takes this batch's place
                 continue
             batch = self.collate(samples, (self.epoch, self.rank, global_batch))
             batch["source"] = k

@@ -6,10 +6,12 @@ Eval: bicubic resize to a square.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,35 +31,63 @@ class ImageDecodeError(ValueError):
     """The bytes are not a usable image (corrupt, truncated, too large, too small)."""
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
-    """Bytes -> RGB PIL image, or ImageDecodeError with the reason.
-
-    `draft_size`: let libjpeg decode at a reduced DCT scale that still covers this many pixels per side:
-    much faster for large photos that are cropped and resized to 224/364 anyway.
-    """
-    if not data:
-        raise ImageDecodeError("empty file (0 bytes)")
+@contextmanager
+def image_errors(n_bytes: int):
+    """Whatever PIL raises while opening or decoding -> ImageDecodeError with the reason."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageDecodeError(f"image of {w}x{h} pixels exceeds the decompression-bomb limit of {max_pixels}")
-            if min(w, h) < MIN_SIDE:
-                raise ImageDecodeError(f"image of {w}x{h} pixels is too small")
-            if draft_size is not None and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()
+            yield
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"image exceeds the decompression-bomb limit ({e})") from e
     except Image.UnidentifiedImageError:
-        raise ImageDecodeError(f"cannot decode image: not an image format PIL knows ({len(data)} bytes)") from None
+        raise ImageDecodeError(f"cannot decode image: not an image format PIL knows ({n_bytes} bytes)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"cannot decode image: {e}") from e
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes -> a PIL image whose header is read and checked, pixels not decoded yet (call inside image_errors)."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageDecodeError(f"image of {w}x{h} pixels exceeds the decompression-bomb limit of {max_pixels}")
+    if min(w, h) < MIN_SIDE:
+        raise ImageDecodeError(f"image of {w}x{h} pixels is too small")
+    return img
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
+    """Bytes -> RGB PIL image, or ImageDecodeError with the reason.
+
+    `draft_size`: let libjpeg decode at a reduced DCT scale that still covers this many pixels per side:
+    much faster for large photos that are resized to 224/364 anyway.
+    """
+    with image_errors(len(data)):
+        img = open_image(data, max_pixels)
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
+        img.load()
     return to_rgb(img)
+
+
+def draft_for_box(img: Image.Image, box: tuple, out_size: int) -> tuple[int, int, int, int]:
+    """Reduced-size JPEG decoding for one crop: libjpeg scales by 1/2, 1/4 or 1/8 in the DCT domain (decoding
+    faster) when the crop box stays at least `out_size` pixels per side at that scale. Returns the box in the
+    pixels of the image as it will be decoded: the same region, its edges rounded to that grid (< r/2 source
+    pixels, with r >= 2 only for crops >= 2 x out_size)."""
+    w, h = img.size
+    side = min(box[2] - box[0], box[3] - box[1])
+    r = next((r for r in (8, 4, 2) if side >= r * out_size), 1)
+    if r == 1 or img.format != "JPEG":
+        return box
+    img.draft("RGB", (-(-w // r), -(-h // r)))
+    sx, sy = img.size[0] / w, img.size[1] / h
+    return round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -84,25 +114,44 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def to_normalized_tensor(img: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    m = torch.tensor(mean).view(3, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1)
-    return arr.sub_(m).div_(s)
+    return normalize_uint8(uint8_chw(img), mean, std)
+
+
+def uint8_chw(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> [3, H, W] uint8 view of its pixels (channels-last strides; read only, never written)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns that the numpy array is not writable
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalize_uint8(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """[3, H, W] uint8 -> (x / 255 - mean) / std as one fused multiply-add, contiguous float32."""
+    scale, bias = _affine(tuple(mean), tuple(std))
+    return torch.addcmul(bias, x.contiguous().float(), scale)
+
+
+@functools.lru_cache(maxsize=8)
+def _affine(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    std_t = torch.tensor(std).view(3, 1, 1)
+    return 1.0 / (255.0 * std_t), -torch.tensor(mean).view(3, 1, 1) / std_t
 
 
 @dataclass
 class TrainTransform:
-    """RandomResizedCrop(size, scale, ratio 3/4..4/3, bicubic) -> random horizontal flip -> normalize."""
+    """RandomResizedCrop(size, scale, ratio 3/4..4/3, bicubic) -> random horizontal flip -> normalize.
+
+    `decode()` is the training path from bytes: the crop box is drawn in the source image's own pixel
+    coordinates from its header (the same box, for the same RNG, as cropping the fully decoded image), then
+    the pixels are decoded at the smallest JPEG scale that keeps the box >= image_size (`draft_for_box`).
+    `resize="torch"` resizes the uint8 crop with torch's vectorised antialiased bicubic (PIL's filter, equal
+    within rounding, ~4x faster than PIL's resize); "pil" is PIL's own. Neither changes which region is
+    cropped: the speed-up is in how its pixels are decoded and filtered."""
 
     image_size: int = 224
     min_scale: float = 0.5
     max_scale: float = 1.0
     hflip: bool = True
-
-    @property
-    def draft_size(self) -> int:
-        # The smallest crop side (sqrt of min area share) must still cover image_size after decode.
-        return int(math.ceil(self.image_size / math.sqrt(self.min_scale)))
+    resize: str = "torch"
 
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         area = width * height
@@ -127,12 +176,30 @@ class TrainTransform:
         x0, y0 = (width - w) // 2, (height - h) // 2
         return x0, y0, x0 + w, y0 + h
 
-    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
-        box = self.crop_box(*img.size, rng)
-        img = img.resize((self.image_size, self.image_size), Image.BICUBIC, box=box)
+    def decode(self, data: bytes, rng: random.Random, max_pixels: int = DEFAULT_MAX_PIXELS,
+               draft: bool = True) -> torch.Tensor:
+        """Bytes -> training tensor (ImageDecodeError if unusable); see the class docstring."""
+        with image_errors(len(data)):
+            img = open_image(data, max_pixels)
+            box = self.crop_box(*img.size, rng)
+            if draft:
+                box = draft_for_box(img, box, self.image_size)
+            img.load()
+        return self.finish(to_rgb(img), box, rng)
+
+    def finish(self, img: Image.Image, box: tuple[int, int, int, int], rng: random.Random) -> torch.Tensor:
+        size = (self.image_size, self.image_size)
+        if self.resize == "pil":
+            x = uint8_chw(img.resize(size, Image.BICUBIC, box=box))
+        else:
+            crop = uint8_chw(img)[None, :, box[1]:box[3], box[0]:box[2]]
+            x = torch.nn.functional.interpolate(crop, size=size, mode="bicubic", antialias=True)[0]
         if self.hflip and rng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_normalized_tensor(img)
+            x = x.flip(-1)
+        return normalize_uint8(x)
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        return self.finish(img, self.crop_box(*img.size, rng), rng)
 
 
 @dataclass

@@ -15,3 +15,7 @@ class DataError(Blip2TrainError):
 
 class CheckpointError(Blip2TrainError):
     """A checkpoint is missing, of the wrong kind, or does not match the model."""
+
+
+class ResumeShapeError(ConfigError):
+    """A mid-epoch resume whose data loader (world size, workers, batch size, sources) is not the checkpoint's."""

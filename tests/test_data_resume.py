@@ -1,0 +1,129 @@
+"""Mid-epoch resume of the training stream at scale: skipped batches are read, not decoded, and a resume whose
+loader shape (world size, workers, batch size, sources) changed is refused unless the user opts in."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from blip2_train.data.collate import CaptionCollator
+from blip2_train.data.datamodule import shape_changes
+from blip2_train.data.shards import make_jpeg
+from blip2_train.data.stream import SampleDecoder, ShardStream, Source
+from blip2_train.data.transforms import TrainTransform
+from conftest import tiny_cli
+from test_data import _tar
+from test_ddp import REPO, clean_env
+
+
+def _photo(i: int) -> bytes:
+    img = Image.linear_gradient("L").resize((40, 30)).convert("RGB")
+    return make_jpeg(Image.blend(img, Image.new("RGB", (40, 30), (i * 37 % 256, i * 91 % 256, 120)), 0.5))
+
+
+def _stream(urls, tokenizer, **kw):
+    # the same stream as training's: repeating (batches_per_epoch), flips and random crops on
+    return ShardStream([Source("t", [str(u) for u in urls])], SampleDecoder(TrainTransform(16)),
+                       CaptionCollator(tokenizer), 4, resampled=False, shuffle_buffer=0, batches_per_epoch=8,
+                       max_skip_rate=0.9, min_samples_for_skip_check=1000, **kw)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_skipped_batches_are_read_not_decoded_and_the_rest_is_identical(tmp_path, tokenizer, workers):
+    """Most images of the first 12 samples of each shard are corrupt (truncated JPEGs), one per batch window
+    usable: the uninterrupted stream meets them in its first batches; a stream resumed after 3 batches must not
+    decode those batches' samples (their corrupt images are not counted, nothing is seen but what the later
+    batches hold) and must yield exactly the uninterrupted stream's later batches (same crops, flips, captions)."""
+    cap = lambda i: json.dumps({"caption": [f"photo number {i}", f"another caption {i}"], "image_id": i}).encode()
+    for n, name in enumerate(("a", "b")):
+        _tar(tmp_path / f"{name}.tar", [(f"s{i:03d}", {"jpg": _photo(i)[:60] if i % 20 < 12 and i % 4 else _photo(i),
+                                                      "json": cap(i)}) for i in range(20 * n, 20 * n + 20)])
+
+    def run(skip):
+        s = _stream([tmp_path / "a.tar", tmp_path / "b.tar"], tokenizer)
+        s.skip_batches = skip
+        return list(DataLoader(s, batch_size=None, num_workers=workers))
+
+    full, resumed = run(0), run(3)
+    assert sum(b["data_skipped"] for b in full[:3]) == 9  # the uninterrupted stream decoded (and counted) them
+    assert len(resumed) == len(full) - 3
+    for key in ("data_skipped", "data_seen"):  # the resumed one decodes only what its own batches hold
+        assert sum(b[key] for b in resumed) == sum(b[key] for b in full[3:]), key
+    for a, b in zip(full[3:], resumed):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["image_id"], b["image_id"])
+
+
+def test_a_bad_sample_is_replaced_within_its_batch(tmp_path, tokenizer):
+    """A repeating stream keeps its batch size: a corrupt sample's place is taken by another augmentation of a
+    usable sample of the same window (same image_id, so ITC counts it as a positive), and it is counted."""
+    cap = lambda i: json.dumps({"caption": f"photo number {i}", "image_id": i}).encode()
+    samples = [(f"s{i:03d}", {"jpg": _photo(i)[:60] if i == 1 else _photo(i), "json": cap(i)}) for i in range(8)]
+    _tar(tmp_path / "a.tar", samples)
+    s = _stream([tmp_path / "a.tar"], tokenizer)
+    s.batches_per_epoch = 2
+    first = next(iter(s))
+    assert first["image"].shape[0] == 4 and first["data_skipped"] == 1 and first["data_seen"] == 4
+    ids = first["image_id"].tolist()
+    assert 1 not in ids and len(set(ids)) == 3 and set(ids) <= {0, 2, 3}
+
+
+def test_shape_changes_name_what_changed(synth):
+    from blip2_train.data.datamodule import Blip2DataModule
+
+    def shape(**kw):
+        args = dict(train_sources=[{"name": "coco", "urls": str(synth["train_shards"])}], batch_size=8,
+                    num_workers=2, samples_per_epoch=64)
+        args.update(kw)
+        dm = Blip2DataModule(str(synth["tokenizer"]), **args)
+        dm.train_stream = dm.build_train_stream(0, 2)
+        return dm.loader_shape()
+
+    base = shape()
+    assert shape_changes(base, shape()) == []
+    dm = Blip2DataModule(str(synth["tokenizer"]), [{"name": "coco", "urls": str(synth["train_shards"])}],
+                         batch_size=8, num_workers=2, samples_per_epoch=64)
+    dm.train_stream = dm.build_train_stream(0, 4)
+    assert shape_changes(base, dm.loader_shape()) == ["world size (GPUs x nodes) 2 -> 4"]
+    assert shape_changes(base, shape(num_workers=3)) == ["data.num_workers 2 -> 3"]
+    fewer = shape(train_sources=[{"name": "coco", "urls": sorted(map(str, synth["train_shards"].glob("*.tar")))[:-1]}])
+    n = len(list(synth["train_shards"].glob("*.tar")))
+    assert shape_changes(base, fewer) == [f"source 'coco' {n} -> {n - 1} shards"]
+    assert shape_changes(base, shape(train_sources=[{"name": "vg", "urls": str(synth["train_shards"])}])) == [
+        "data.train_sources ['coco'] -> ['vg']"]
+
+
+@pytest.mark.timeout(300)
+def test_resume_with_another_batch_size_is_refused_unless_allowed(synth, tmp_path):
+    """Through blip2-train: a run stopped mid-epoch at step 6 (of 20 batches per epoch), resumed with another
+    data.batch_size: one `error:` line naming the change, exit 2; with data.allow_reshuffled_resume=true it
+    trains on."""
+    out = tmp_path / "run"
+
+    def train(*extra):
+        cmd = [sys.executable, "-m", "blip2_train.cli.train", "experiment=stage1_pretrain",
+               *tiny_cli(synth, "data.samples_per_epoch=160", "module.warmup_steps=0", "eval.enabled=false",
+                         "callbacks.periodic_eval.every_n_steps=0", "callbacks.model_checkpoint.every_n_train_steps=3",
+                         f"paths.output_dir={out}", *extra)]
+        return subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=250)
+
+    r = train("data.batch_size=8", "trainer.max_steps=6", "module.max_steps=10")
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = "ckpt_path=" + str(out / "checkpoints" / "last.ckpt")
+    r = train("data.batch_size=4", "trainer.max_steps=10", "module.max_steps=10", last)
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "data.batch_size 8 -> 4" in errors[0], r.stderr[-3000:]
+    assert "data.allow_reshuffled_resume=true" in errors[0] and "Traceback" not in r.stderr
+
+    r = train("data.batch_size=4", "trainer.max_steps=8", "module.max_steps=10", last,
+              "data.allow_reshuffled_resume=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "may repeat some samples" in r.stderr
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 8
