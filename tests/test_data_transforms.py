@@ -75,3 +75,15 @@ def test_the_crop_box_is_drawn_in_source_pixels(draft):
         for g, wv in zip(got, want):
             assert abs(g.item() - wv) < 2.5, (seed, got, want)
 
+
+
+@pytest.mark.parametrize("size", [(1280, 960), (1281, 961), (1287, 967)])
+def test_odd_sized_jpegs_are_drafted_too(size):
+    """The draft request is floor(w / r): PIL derives its scale from original // requested, so asking for the
+    ceiling would fall back to full-size decoding for every odd width."""
+    from blip2_train.data.transforms import draft_for_box, open_image
+
+    img = open_image(photo_like(*size, seed=0))
+    box = draft_for_box(img, (0, 0, size[0], size[1]), 224)  # a 960+ px side is >= 4 x 224: 1/4
+    assert img.size == (-(-size[0] // 4), -(-size[1] // 4)), img.size
+    assert box == (0, 0) + img.size

@@ -54,6 +54,8 @@ def test_fsdp2_trains_like_ddp_resumes_from_its_shards_and_exports(synth, tiny_l
 
     # the checkpoint is a torch.distributed.checkpoint directory holding the trainable weights only
     ckpt = tmp_path / "fsdp" / "checkpoints"
+    # last.ckpt was saved over step after step: through a hidden directory renamed into place, none left behind
+    assert sorted(p.name for p in ckpt.iterdir()) == ["last.ckpt", "step0000002.ckpt", "step0000004.ckpt"]
     stored = list(dcp.FileSystemReader(str(ckpt / "step0000004.ckpt")).read_metadata().state_dict_metadata)
     assert "state_dict.model.hf.language_projection.weight" in stored and "optimizer_0.state" in str(stored)
     assert not [k for k in stored if "language_model" in k or "vision_model.encoder" in k]
@@ -76,3 +78,37 @@ def test_fsdp2_trains_like_ddp_resumes_from_its_shards_and_exports(synth, tiny_l
     exported = hf.language_projection.weight  # in the export's dtype (the frozen LLM's: bf16 here)
     torch.testing.assert_close(exported, ddp_state["state_dict"]["model.hf.language_projection.weight"].to(exported.dtype),
                                rtol=0, atol=1e-3 if exported.dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.timeout(600)
+def test_fsdp2_stage1_keeps_the_stored_temperature_clamped(synth, tmp_path):
+    """Stage 1 under FSDP2: the forward clamps the temperature it sees, an all-gathered copy; the stored
+    (sharded) parameter is clamped after each update, so the checkpoint holds a temperature within bounds."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from blip2_train.models.stage1 import TEMP_MAX
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={next(PORTS)}",
+           "-m", "blip2_train.cli.train", "experiment=stage1_pretrain",
+           *tiny_cli(synth, "strategy=fsdp", "strategy.param_dtype=null", "trainer.devices=2", "data.batch_size=4",
+                     "data.samples_per_epoch=64", "trainer.max_steps=2", "module.max_steps=2", "model.temp=0.9",
+                     "eval.enabled=false", "callbacks.periodic_eval.every_n_steps=0", f"paths.output_dir={out}")]
+    r = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "FSDP2:" in r.stderr
+    dcp_to_torch_save(out / "checkpoints" / "last.ckpt", tmp_path / "full.pt")
+    temp = torch.load(tmp_path / "full.pt", weights_only=False)["state_dict"]["model.temp"]
+    assert float(temp.max()) <= TEMP_MAX + 1e-7, temp
+
+
+def test_fsdp2_full_state_file_checkpoints_are_refused_in_one_line(synth, tmp_path):
+    """save_distributed_checkpoint=false would write a file without the frozen weights that the strict load
+    then refuses at resume: refused before training, naming the setting."""
+    r = subprocess.run([sys.executable, "-m", "blip2_train.cli.train", "experiment=stage1_pretrain",
+                        *tiny_cli(synth, "strategy=fsdp", "strategy.save_distributed_checkpoint=false",
+                                  "eval.enabled=false", "callbacks.periodic_eval.every_n_steps=0",
+                                  f"paths.output_dir={tmp_path / 'run'}")],
+                       cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "save_distributed_checkpoint" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -34,9 +34,9 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def app(*args, module="blip2_train.cli.train", cwd=REPO, python=sys.executable, timeout=300):
-    return subprocess.run([python, "-m", module, *args], cwd=cwd, env=clean_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def app(*args, module="blip2_train.cli.train", cwd=REPO, python=sys.executable, timeout=300, env=None):
+    return subprocess.run([python, "-m", module, *args], cwd=cwd, env=clean_env(**(env or {})), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def inproc(capsys, *args, module="train"):
@@ -95,9 +95,15 @@ def test_submitit_slurm_launcher_config_composes(capsys):
 def test_multirun_sweep_of_lightning_launched_ddp_jobs(synth, tmp_path):
     """`-m` with strategy=ddp trainer.devices=2 and no launcher: each job's rank 1 is started by Lightning, which
     re-runs sys.argv: it must run that job (not the sweep again) in that job's directory. The second job starts
-    clean (no LOCAL_RANK / process group left by the first) and both jobs share one sweep directory."""
-    r = app("-m", *small_train(synth, "data.batch_size=4,6", "trainer.devices=2", "strategy=ddp",
-                               f"paths.log_dir={tmp_path}"))
+    clean (no LOCAL_RANK / process group left by the first) and both jobs share one sweep directory. The
+    experiment is the user's own (--config-dir): the rank processes compose from it too."""
+    user = tmp_path / "conf"
+    (user / "experiment").mkdir(parents=True)
+    (user / "experiment" / "my_stage1.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - stage1_pretrain\n  - _self_\nmodel:\n  temp: 0.08\n")
+    args = [a if a != "experiment=stage1_pretrain" else "experiment=my_stage1" for a in
+            small_train(synth, "data.batch_size=4,6", "trainer.devices=2", "strategy=ddp", f"paths.log_dir={tmp_path}")]
+    r = app("-m", "--config-dir", str(user), *args)
     assert r.returncode == 0, r.stderr[-3000:]
     sweeps = list((tmp_path / "stage1_pretrain" / "multirun").iterdir())
     assert len(sweeps) == 1, sweeps
@@ -105,6 +111,7 @@ def test_multirun_sweep_of_lightning_launched_ddp_jobs(synth, tmp_path):
     assert [j.name for j in jobs] == ["0", "1"], r.stdout
     sizes = [yaml.safe_load((j / "config.yaml").read_text())["data"]["batch_size"] for j in jobs]
     assert sizes == [4, 6]
+    assert all(yaml.safe_load((j / "config.yaml").read_text())["model"]["temp"] == 0.08 for j in jobs)
     members = re.findall(r"GLOBAL_RANK: (\d), MEMBER: \d/2", r.stdout + r.stderr)
     assert set(members) == {"0", "1"} and members.count("0") == members.count("1"), members  # 2 ranks per job
     for j in jobs:  # each job, wrote its metrics and Hydra's record of its overrides, once
@@ -115,9 +122,10 @@ def test_multirun_sweep_of_lightning_launched_ddp_jobs(synth, tmp_path):
         assert not (j / "multirun").exists() and not any(j.glob("*/metrics.json"))
 
 
-def test_added_keys_and_typos_in_target_groups_are_one_line(synth, capsys, monkeypatch):
+def test_added_keys_and_typos_in_target_groups_are_one_line(synth, capsys, monkeypatch, tmp_path):
     """`+trainer.foo=1` bypasses the schema: refused before any work, naming the target. A typo's hint does not
     suggest `+` for a target's arguments. HYDRA_FULL_ERROR=0 is not a request for tracebacks."""
+    monkeypatch.chdir(tmp_path)  # paths.root_dir: nothing is written under the repository
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
     rc, _, err = inproc(capsys, *small_train(synth, "+trainer.foo=1"))
     assert rc == 2 and "Traceback" not in err, err
@@ -152,6 +160,18 @@ def test_launcher_run_id_is_shared_by_the_ranks_of_one_launch(monkeypatch):
                                   check=True).stdout.strip())
         time.sleep(1.1)
     assert ids[0] == ids[1] and ids[0] != "None", ids
+
+
+def test_torchrun_across_nodes_without_rdzv_id_is_refused(synth, tmp_path):
+    """Several nodes launched by torchrun without --rdzv-id: each node's agent has its own start time, so the
+    nodes would write to different run directories. Refused in one line; paths.output_dir lets it run."""
+    env = {"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
+    r = app(*small_train(synth), env=env, cwd=tmp_path)
+    assert r.returncode == 2 and "--rdzv-id" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "outputs").exists()
+    r = app(*small_train(synth, f"paths.output_dir={tmp_path / 'run'}"), env=env, cwd=tmp_path)
+    # past the run directory (this fake 4-rank world then stops at the Trainer, which finds no peers)
+    assert "--rdzv-id" not in r.stderr and "instantiating <blip2_train.data" in r.stderr, r.stderr[-3000:]
 
 
 def test_run_directory_is_hydras_and_chdir_keeps_paths_relative_to_the_start(synth, tmp_path):

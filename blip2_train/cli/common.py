@@ -48,10 +48,11 @@ def _process_start_time(pid: int) -> float | None:
         return None
 
 
-def launcher_run_id() -> str | None:
+def launcher_run_id(across_nodes: bool = True) -> str | None:
     """The id every process of one launch shares, also after a requeue: SLURM's job id (with the step id, so
     two `srun` steps of one allocation are two runs), torchrun's rendezvous id. torchrun without `--rdzv-id` (and
-    without --standalone) says "none": then the start time of the torchrun agent that forked this node's ranks."""
+    without --standalone) says "none": then the start time of the torchrun agent that forked this node's ranks,
+    which the nodes of a multi-node launch do not share (refused unless `across_nodes` is False)."""
     job = os.environ.get("SLURM_JOB_ID")
     if job:
         step = os.environ.get("SLURM_STEP_ID", "")
@@ -60,6 +61,14 @@ def launcher_run_id() -> str | None:
     if rdzv and rdzv != "none":
         return rdzv
     if rdzv == "none":
+        nodes_differ = os.environ.get("WORLD_SIZE", "1") != os.environ.get("LOCAL_WORLD_SIZE", "1")
+        if nodes_differ and across_nodes:  # each node's agent started at its own time: the nodes would name different directories
+            from blip2_train.utils.errors import ConfigError
+
+            raise ConfigError(
+                f"torchrun spans several nodes (WORLD_SIZE={os.environ.get('WORLD_SIZE')}, LOCAL_WORLD_SIZE="
+                f"{os.environ.get('LOCAL_WORLD_SIZE')}) without --rdzv-id, so the nodes cannot agree on a run "
+                "directory: pass --rdzv-id=<id shared by the nodes, e.g. $SLURM_JOB_ID> or paths.output_dir=<dir>")
         started = _process_start_time(os.getppid())
         if started is not None:
             return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
@@ -91,12 +100,21 @@ def _original_cwd() -> str:
     return HydraConfig.get().runtime.cwd if HydraConfig.initialized() else os.getcwd()
 
 
+def _sweep_stamp() -> str:
+    """hydra.sweep.dir's stamp. Hydra resolves it in single runs too, where it names nothing: a launch that
+    cannot agree on a stamp is refused by the run directory (unless paths.output_dir names it), not here."""
+    try:
+        return run_stamp()
+    except Blip2TrainError:
+        return time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
 def _register_resolvers() -> None:
     new = {
         # W&B runs online only when the user configured it; otherwise offline, never a crash for lack of a key.
         "wandb_offline": lambda: os.environ.get("WANDB_MODE", "") != "online" and not os.environ.get("WANDB_API_KEY"),
         "blip2_run_dir": default_run_dir,
-        "blip2_stamp": run_stamp,
+        "blip2_stamp": _sweep_stamp,
         # .hydra/ (the composed config) is written by rank 0 only: the other ranks would race on the same files
         "blip2_rank_zero": lambda value: value if is_rank_zero() else None,
         "blip2_cwd": _original_cwd,
@@ -205,7 +223,12 @@ def run_cli(config_name: str, body: Callable[[DictConfig], dict], argv: list[str
     _stamp.clear()
     # One stamp for the whole launch: a sweep's jobs (in this process, or wherever submitit runs them: they
     # inherit this environment) and the rank processes Lightning starts resolve the same directories.
-    os.environ[STAMP_ENV] = run_stamp()
+    # A launch whose nodes cannot agree on a stamp (torchrun over nodes without --rdzv-id) is refused later, by
+    # the run directory's resolver, and only if no paths.output_dir names the directory.
+    try:
+        os.environ[STAMP_ENV] = run_stamp()
+    except Blip2TrainError:
+        _stamp.clear()
     setup_logging()
     failed_job: list[str] = []
     try:
@@ -242,6 +265,21 @@ def run_cli(config_name: str, body: Callable[[DictConfig], dict], argv: list[str
     return 0
 
 
+_SOURCE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
+
+
+def _config_source_flags(argv: list[str]) -> list[str]:
+    """The flags of `argv` that say where the config comes from (a user's --config-dir): a sweep job's rank
+    processes must compose from the same place."""
+    kept, it = [], iter(argv)
+    for a in it:
+        if a in _SOURCE_FLAGS:
+            kept += [a, next(it, "")]
+        elif a.startswith(tuple(f"{f}=" for f in _SOURCE_FLAGS)):
+            kept.append(a)
+    return kept
+
+
 def _run_sweep_job(cfg: DictConfig, body: Callable[[DictConfig], dict]) -> dict:
     """One job of an in-process sweep (`-m` with the basic launcher), isolated from the next one:
     - sys.argv is the job's own overrides: Lightning's launcher re-runs sys.argv for its other ranks
@@ -251,7 +289,7 @@ def _run_sweep_job(cfg: DictConfig, body: Callable[[DictConfig], dict]) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     saved_argv, saved_env = sys.argv, dict(os.environ)
-    sys.argv = [saved_argv[0], *HydraConfig.get().overrides.task]
+    sys.argv = [saved_argv[0], *_config_source_flags(saved_argv[1:]), *HydraConfig.get().overrides.task]
     try:
         return run_job(cfg, body)
     finally:
@@ -505,7 +543,7 @@ def acquire_run_lock(run_dir: Path) -> None:
 
     path = run_dir / LOCK_NAME
     host = socket.gethostname()
-    job = launcher_run_id()
+    job = launcher_run_id(across_nodes=False)  # who holds the lock: a per-node id is enough
     me = {"host": host, "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "job": job,
           "pid_start": _pid_start(os.getpid())}
     for _ in range(5):

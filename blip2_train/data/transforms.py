@@ -85,7 +85,8 @@ def draft_for_box(img: Image.Image, box: tuple, out_size: int) -> tuple[int, int
     r = next((r for r in (8, 4, 2) if side >= r * out_size), 1)
     if r == 1 or img.format != "JPEG":
         return box
-    img.draft("RGB", (-(-w // r), -(-h // r)))
+    # PIL picks the scale from original // requested: asking for floor(w / r) gets 1/r for odd sizes too
+    img.draft("RGB", (max(1, w // r), max(1, h // r)))
     sx, sy = img.size[0] / w, img.size[1] / h
     return round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy)
 

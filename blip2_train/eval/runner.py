@@ -46,7 +46,8 @@ def encode_texts(model, input_ids, attention_mask, device, batch_size: int = 256
         with _autocast(device):
             out.append(model.retrieval_text_feat(input_ids[s : s + batch_size].to(device),
                                                  attention_mask[s : s + batch_size].to(device)).float())
-    return torch.cat(out) if out else torch.zeros(0, device=device)
+    # a rank with no texts gives [0, D], so that the gather's concatenation keeps its shape
+    return torch.cat(out) if out else torch.zeros(0, model.config.image_text_hidden_size, device=device)
 
 
 @torch.no_grad()

@@ -48,6 +48,7 @@ class Stage1Output:
     itm_logits: torch.Tensor
     pos_mask: torch.Tensor | None = None  # [B, G] the ITC positives (also never drawn as ITM negatives)
     neg_idx: tuple[torch.Tensor, torch.Tensor] | None = None  # the ITM negatives drawn (image per text, text per image)
+    temp: torch.Tensor | None = None  # the ITC temperature used (a plain tensor also where the parameter is sharded)
 
 
 class Blip2Stage1(nn.Module):
@@ -184,7 +185,8 @@ class Blip2Stage1(nn.Module):
         mask_all, _ = gather_padded(attention_mask, 0)
         ids_local, mask_local = pad_to(input_ids, t_max, self.pad_token_id), pad_to(attention_mask, t_max, 0)
         same_text = losses.same_text_mask(ids_local, ids_all) if self.false_negatives == "caption" else None
-        itc = losses.itc_loss(image_feats, text_feat, self.clamped_temp(), image_ids, self.itc_label_smoothing,
+        temp = self.clamped_temp()
+        itc = losses.itc_loss(image_feats, text_feat, temp, image_ids, self.itc_label_smoothing,
                               extra_pos=same_text)
 
         # ITM with hard negatives from the global batch.
@@ -201,7 +203,8 @@ class Blip2Stage1(nn.Module):
         loss_lm = losses.lm_loss(lm_logits, losses.lm_labels(dec_ids, self.pad_token_id), self.lm_label_smoothing)
         loss = itc.loss + loss_itm + loss_lm
         return Stage1Output(loss, itc.loss.detach(), loss_itm.detach(), loss_lm.detach(), itc.sim_i2t.detach(),
-                            itm_logits.detach(), itc.pos_mask, (neg_image_idx, neg_text_idx))
+                            itm_logits.detach(), itc.pos_mask, (neg_image_idx, neg_text_idx),
+                            temp.detach().reshape(()).clone())  # FSDP2 frees the gathered storage after forward
 
     def negative_image_embeds(self, tokens: torch.Tensor, neg_image_idx: torch.Tensor) -> torch.Tensor:
         """ITM negative images [B, N, Dv] (fp32, after ln_vision) at `neg_image_idx` of the global batch.

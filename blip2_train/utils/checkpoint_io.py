@@ -75,7 +75,9 @@ def remove_save_debris(directory) -> list[Path]:
     """Delete the `.NAME.tmp-PID` files that killed saves left in `directory`; only call this while no other
     process can be saving there (the run lock is held)."""
     removed = []
-    for tmp in Path(directory).glob(".*.tmp-*"):
-        tmp.unlink(missing_ok=True)
+    import shutil
+
+    for tmp in Path(directory).glob(".*.tmp-*"):  # files (torch.save) and directories (sharded saves)
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed

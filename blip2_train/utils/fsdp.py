@@ -58,6 +58,12 @@ class FSDP2Strategy(ModelParallelStrategy):
     def __init__(self, layer_class_names: list[str], param_dtype: str | None = "bfloat16",
                  reduce_dtype: str | None = "float32", reshard_after_forward: bool = True,
                  save_distributed_checkpoint: bool = True, process_group_backend: str | None = None):
+        if not save_distributed_checkpoint:  # a full-state file would be written without the frozen weights and
+            # then refused by the parent's strict load: one format, consolidated by blip2-export when wanted
+            from blip2_train.utils.errors import ConfigError
+
+            raise ConfigError("strategy=fsdp writes sharded checkpoints (save_distributed_checkpoint: true); "
+                              "blip2-export consolidates one into a single transformers directory")
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
                          save_distributed_checkpoint=save_distributed_checkpoint,
                          process_group_backend=process_group_backend)
@@ -84,6 +90,31 @@ class FSDP2Strategy(ModelParallelStrategy):
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
         log.info("FSDP2: %d block units + the root, over %d ranks", len(blocks), mesh.size())
         return len(blocks)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        """Sharded saves go to a hidden sibling directory, renamed over `filepath` once every rank's shards and
+        the metadata are written: `last.ckpt` is saved over again and again, and a save killed half-way must
+        not leave a directory mixing two steps' shards under the old `.metadata` (which looks complete)."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        import os
+        import shutil
+
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.parent / self.broadcast(f".{path.name}.tmp-{os.getpid()}")
+        if self.global_rank == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        self.barrier("fsdp2_save_start")
+        super().save_checkpoint(checkpoint, tmp, storage_options=storage_options)
+        self.barrier("fsdp2_save_written")
+        if self.global_rank == 0:
+            old = path.parent / f".{path.name}.tmp-{os.getpid()}-replaced"
+            if path.exists():
+                path.rename(old)  # two renames: a kill between them leaves no `path`, never a mixed one
+            tmp.rename(path)
+            if old.exists():
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        self.barrier("fsdp2_save_done")
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Like the parent's, but a checkpoint without the frozen weights loads: the weights it holds are loaded,
