@@ -51,6 +51,12 @@ def test_fsdp2_trains_like_ddp_resumes_from_its_shards_and_exports(synth, tiny_l
     assert sorted(sharded) == [0, 1, 2, 3]
     for step, value in ddp.items():
         assert sharded[step] == pytest.approx(value, rel=1e-5), f"step {step}"
+    # HSDP (strategy.replicate_degree): 2 replicas x 1 shard, the same numbers again
+    r = fit(tmp_path / "hsdp", synth, llm, "fsdp", "strategy.param_dtype=null", "strategy.replicate_degree=2",
+            "callbacks.model_checkpoint.every_n_train_steps=0")
+    assert "(HSDP: 2 replicas x 1 shards)" in r.stderr
+    for step, value in losses(tmp_path / "hsdp").items():
+        assert value == pytest.approx(ddp[step], rel=1e-5), f"step {step}"
 
     # the checkpoint is a torch.distributed.checkpoint directory holding the trainable weights only
     ckpt = tmp_path / "fsdp" / "checkpoints"

@@ -57,7 +57,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def __init__(self, layer_class_names: list[str], param_dtype: str | None = "bfloat16",
                  reduce_dtype: str | None = "float32", reshard_after_forward: bool = True,
-                 save_distributed_checkpoint: bool = True, process_group_backend: str | None = None):
+                 save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
+                 replicate_degree: int = 1):
         if not save_distributed_checkpoint:  # a full-state file would be written without the frozen weights and
             # then refused by the parent's strict load: one format, consolidated by blip2-export when wanted
             from blip2_train.utils.errors import ConfigError
@@ -70,6 +71,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.block_classes = layer_classes(list(layer_class_names))
         self.param_dtype, self.reduce_dtype = _dtype(param_dtype), _dtype(reduce_dtype)
         self.reshard_after_forward = reshard_after_forward
+        # HSDP: shard within groups of world_size / replicate_degree ranks (a node), replicate across the groups
+        # (all-gathers stay on the node's fast links; only the gradient all-reduce crosses nodes)
+        self.replicate_degree = int(replicate_degree)
 
     def _setup_distributed(self) -> None:
         super()._setup_distributed()
@@ -80,7 +84,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         """fully_shard every block, then the root; -> the number of block units."""
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = self.device_mesh["data_parallel"]
+        mesh = self._sharding_mesh()
         # param_dtype: the dtype parameters are all-gathered and computed in; reduce_dtype: gradients are
         # reduce-scattered in fp32 (the Q-Former's small gradients lose precision in a bf16 reduction)
         mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
@@ -88,8 +92,23 @@ class FSDP2Strategy(ModelParallelStrategy):
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
-        log.info("FSDP2: %d block units + the root, over %d ranks", len(blocks), mesh.size())
+        log.info("FSDP2: %d block units + the root, over %d ranks%s", len(blocks), mesh.size(),
+                 f" (HSDP: {mesh.shape[0]} replicas x {mesh.shape[1]} shards)" if mesh.ndim == 2 else "")
         return len(blocks)
+
+    def _sharding_mesh(self):
+        """1-D over all ranks (FSDP), or (replicate, shard) for HSDP."""
+        from blip2_train.utils.errors import ConfigError
+
+        world = self.world_size
+        r = self.replicate_degree
+        if r < 1 or world % r:
+            raise ConfigError(f"strategy.replicate_degree={r} must be >= 1 and divide the world size {world}")
+        if r == 1:
+            return self.device_mesh["data_parallel"]
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.root_device.type, (r, world // r), mesh_dim_names=("replicate", "shard"))
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         """Sharded saves go to a hidden sibling directory, renamed over `filepath` once every rank's shards and
