@@ -267,3 +267,50 @@ def test_cli_unknown_false_negatives_mode_is_one_error_line(synth, tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 2, err
     assert err.strip().splitlines()[-1] == "error: model.false_negatives='image' is not one of ['reference', 'caption']"
+
+
+def test_loss_weights_scale_the_summed_loss_and_its_gradient(tokenizer, synth):
+    """model.loss_weights: the total is the weighted sum of the three losses (the logged parts stay unweighted),
+    and a weight of 0 takes that loss's gradient out (here ITC's: its projections get none)."""
+    from tests.conftest import tiny_stage1
+
+    x, ids, mask = batch_of(tokenizer, CAPS)
+    neg = (torch.tensor([1, 2, 3, 0]), torch.tensor([3, 0, 1, 2]))
+    plain = tiny_stage1(synth["tokenizer"], seed=5)
+    weighted = tiny_stage1(synth["tokenizer"], seed=5, loss_weights={"itc": 0.0, "itm": 2.0})
+    a, b = plain(x, ids, mask, neg_idx=neg), weighted(x, ids, mask, neg_idx=neg)
+    assert b.loss_itc.item() == pytest.approx(a.loss_itc.item()) and b.loss_itm.item() == pytest.approx(a.loss_itm.item())
+    assert b.loss.item() == pytest.approx(2 * a.loss_itm.item() + a.loss_lm.item(), rel=1e-5)
+    b.loss.backward()
+    assert weighted.hf.vision_projection.weight.grad.abs().max() == 0  # ITC alone reaches the projections
+    assert weighted.hf.itm_head.weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("weights, message", [({"itx": 1.0}, "model.loss_weights.itx: no such stage-1 loss"),
+                                              ({"itc": -1}, "model.loss_weights.itc=-1 must be a number >= 0")])
+def test_bad_loss_weights_are_one_config_line(synth, weights, message):
+    from tests.conftest import tiny_stage1
+
+    from blip2_train.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        tiny_stage1(synth["tokenizer"], loss_weights=weights)
+
+
+def test_cli_loss_weights_travel_from_their_group_and_a_bad_one_is_one_line(synth, tmp_path, capsys):
+    """conf/loss_weights is the one owner (`reference` by default, `tiny` selectable); a negative weight given on
+    the command line is one error line, exit 2, before any work (blip2-train's entry point, in this process)."""
+    from blip2_train.cli.common import compose
+    from blip2_train.cli.train import main
+    from tests.conftest import tiny_cli
+
+    assert dict(compose("train", ["experiment=stage1_pretrain"]).model.loss_weights) == {"itc": 1.0, "itm": 1.0,
+                                                                                          "lm": 1.0}
+    cfg = compose("train", ["experiment=retrieval_coco_ft", "preset=tiny", "loss_weights=tiny", "loss_weights.lm=0.5"])
+    assert dict(cfg.model.loss_weights) == {"itc": 0.1, "itm": 1.0, "lm": 0.5}
+    rc = main(["experiment=stage1_pretrain", *tiny_cli(synth, "loss_weights.itc=-1",
+                                                        f"paths.output_dir={tmp_path / 'run'}")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.strip().splitlines()[-1] == "error: model.loss_weights.itc=-1 must be a number >= 0"
+    assert not (tmp_path / "run" / "checkpoints").exists()

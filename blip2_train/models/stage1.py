@@ -57,11 +57,13 @@ class Blip2Stage1(nn.Module):
     def __init__(self, config: Blip2Config, bos_token_id: int, pad_token_id: int = 0, temp: float = 0.07,
                  freeze_vision: bool = True, vision_dtype: torch.dtype = torch.float32,
                  ln_vision_eps: float | None = None, itc_label_smoothing: float = 0.1,
-                 lm_label_smoothing: float = 0.1, false_negatives: str = "caption"):
+                 lm_label_smoothing: float = 0.1, false_negatives: str = "caption",
+                 loss_weights: dict | None = None):
         super().__init__()
         if false_negatives not in losses.FALSE_NEGATIVES:
             raise ConfigError(f"model.false_negatives={false_negatives!r} is not one of {list(losses.FALSE_NEGATIVES)}")
         self.false_negatives = false_negatives
+        self.loss_weights = stage1_loss_weights(loss_weights)
         self.config = config
         self.hf = Blip2ForImageTextRetrieval(config)
         # The reference initialises the queries N(0, 0.02); transformers' init zeros them.
@@ -201,7 +203,8 @@ class Blip2Stage1(nn.Module):
         loss_itm = losses.itm_loss(itm_logits)
 
         loss_lm = losses.lm_loss(lm_logits, losses.lm_labels(dec_ids, self.pad_token_id), self.lm_label_smoothing)
-        loss = itc.loss + loss_itm + loss_lm
+        w = self.loss_weights
+        loss = w["itc"] * itc.loss + w["itm"] * loss_itm + w["lm"] * loss_lm
         return Stage1Output(loss, itc.loss.detach(), loss_itm.detach(), loss_lm.detach(), itc.sim_i2t.detach(),
                             itm_logits.detach(), itc.pos_mask, (neg_image_idx, neg_text_idx),
                             temp.detach().reshape(()).clone())  # FSDP2 frees the gathered storage after forward
@@ -226,6 +229,18 @@ class Blip2Stage1(nn.Module):
     @torch.no_grad()
     def retrieval_text_feat(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.text_feat(self.text_forward(input_ids, attention_mask))
+
+
+def stage1_loss_weights(weights: dict | None) -> dict[str, float]:
+    """{itc, itm, lm} -> float weights of the summed stage-1 loss; the reference sums them unweighted (1, 1, 1)."""
+    out = {"itc": 1.0, "itm": 1.0, "lm": 1.0}
+    for k, v in dict(weights or {}).items():
+        if k not in out:
+            raise ConfigError(f"model.loss_weights.{k}: no such stage-1 loss (itc, itm, lm)")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+            raise ConfigError(f"model.loss_weights.{k}={v!r} must be a number >= 0")
+        out[k] = float(v)
+    return out
 
 
 def trainable_parameter_names(model: nn.Module) -> set[str]:
