@@ -6,8 +6,10 @@ used by the demo, the tests and `preset=tiny`.
 """
 
 import argparse
+import json
+from pathlib import Path
 
-from blip2_train.data.synthetic import add_dataset_views, make_synthetic
+from blip2_train.data.synthetic import WORLD_VERSION, add_dataset_views, make_synthetic, world_report
 from blip2_train.data.synthetic_vqa import write_vqa_sets
 
 
@@ -19,12 +21,22 @@ def main() -> None:
     p.add_argument("--num-test", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--min-objects", type=int, default=1, choices=(1, 2, 3, 4))
+    p.add_argument("--max-objects", type=int, default=2, choices=(1, 2, 3, 4),
+                   help="shapes per image, drawn uniformly in [min, max] (README, 'ITM at tiny size')")
     a = p.parse_args()
-    paths = make_synthetic(a.out, a.num_train, a.num_val, a.num_test, a.seed, a.image_size)
+    paths = make_synthetic(a.out, a.num_train, a.num_val, a.num_test, a.seed, a.image_size,
+                           min_objects=a.min_objects, max_objects=a.max_objects)
     paths.update(add_dataset_views(a.out))
     paths.update(write_vqa_sets(a.out))  # vqav2/, okvqa/, gqa/ questions on the test split
     for split, path in paths.items():
         print(f"{split}: {path}")
+    report = world_report(paths["scenes"])
+    # what prepare_synthetic.sh checks before it keeps an existing data directory: a former world is made again
+    (Path(a.out) / "world.json").write_text(json.dumps({"world_version": WORLD_VERSION, "splits": report}, indent=1))
+    for split, r in report.items():
+        print(f"{split}: {r['images']} images, {r['contents']} distinct contents, duplicate-content rate "
+              f"{r['duplicate_content_rate']:.1%}, chance text->image R@1 {r['chance_text_to_image_r1']:.2f}%")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,14 @@ $BIN/blip2-train experiment=stage1_pretrain "${TINY[@]}" data.batch_size=64 trai
   paths.output_dir="$OUT/stage1" "$@"
 step "2/10 export stage 1 (Blip2ForImageTextRetrieval format)"
 $BIN/blip2-export "$OUT/stage1/checkpoints/last.ckpt" --out "$OUT/export_stage1"
+# what ITM and the Q-Former LM learnt, on held-out images through plain transformers' Blip2ForImageTextRetrieval
+$PY run_scripts/demo_stage1_check.py "$OUT/export_stage1" "$DATA" "$OUT/stage1_check.json"
 step "3/10 COCO retrieval fine-tuning: ViT unfrozen, layer-wise lr decay  [experiment=retrieval_coco_ft]"
 $BIN/blip2-train experiment=retrieval_coco_ft "${TINY[@]}" paths.stage1_checkpoint="$OUT/export_stage1" \
   data.batch_size=64 trainer.max_steps=300 eval.enabled=false paths.output_dir="$OUT/retrieval_ft" "$@"
 step "4/10 export the retrieval model"
 $BIN/blip2-export "$OUT/retrieval_ft/checkpoints/last.ckpt" --out "$OUT/export_retrieval"
+$PY run_scripts/demo_stage1_check.py "$OUT/export_retrieval" "$DATA" "$OUT/retrieval_check.json"
 step "5/10 retrieval evaluation of the export (ITC top-k + ITM re-ranking)  [experiment=retrieval_coco_eval]"
 $BIN/blip2-eval experiment=retrieval_coco_eval "${EVAL[@]}" paths.stage1_checkpoint="$OUT/export_retrieval" \
   paths.output_dir="$OUT/eval_retrieval"

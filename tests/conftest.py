@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 def synth(tmp_path_factory) -> dict:
     """The synthetic world laid out as the real data (what `preset=tiny` reads with paths.data_dir=synth["dir"]):
     COCO / VG / Flickr30k / NoCaps annotations, train shards of both sources, test shards, and the Q-Former
-    tokenizer with a tiny random BERT beside it, built with the same functions the data scripts run."""
+    tokenizer with a tiny random BERT beside it and the ViT stand-in (vit/), built with the same functions the data
+    scripts run."""
     from blip2_train.data.annotations import read_annotations
     from blip2_train.data.shards import build_shards
     from blip2_train.data.synthetic import add_dataset_views, image_root, make_synthetic
@@ -34,6 +35,15 @@ def synth(tmp_path_factory) -> dict:
     texts = [c for r in read_annotations(ann["train"], "karpathy") for c in r.captions]
     train_wordpiece_tokenizer(texts, root / "bert", 300)
     make_tiny_bert(root / "bert", root / "bert")
+    # the demo ViT stand-in (paths.vision_checkpoint=<dir>/vit), a few steps: the tests need its format
+    from omegaconf import OmegaConf
+
+    from blip2_train.cli.common import compose
+    from blip2_train.data.demo_vit import pretrain_demo_vit
+
+    vision = OmegaConf.to_container(compose("train", ["experiment=stage1_pretrain", "preset=tiny"]).arch.vision,
+                                    resolve=True)
+    pretrain_demo_vit(root, root / "vit", vision, steps=5, batch_size=16, log=lambda s: None)
     for name, split in (("coco_karpathy_train", "train"), ("vg_caption", "vg"), ("test", "test")):
         build_shards(read_annotations(ann[split], "karpathy"), image_root(root), root / "shards" / name,
                      shard_size=15, progress=False)

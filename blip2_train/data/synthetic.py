@@ -7,7 +7,10 @@ shipped data configs and experiments run unchanged with `paths.data_dir` pointin
 
 Each image holds one or two coloured shapes in distinct quadrants; every caption names every shape's
 colour, kind and quadrant, so a caption fully determines its image's content (retrieval and captioning are
-learnable, and chance levels are known). Phrasings vary across an image's 1-5 captions.
+learnable, and chance levels are known). Phrasings vary across an image's 1-5 captions. Half the images are one
+of 72 single-shape contents, each shared with ~20 others: `make_synthetic.py` reports the duplicate-content rate
+(README, "ITM at tiny size", for what a world of two or three shapes per image changes). `scenes.json`
+beside the annotations records every image's objects (what the VQA sets and the demo ViT stand-in read).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ COLORS = {
     "orange": (245, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle")
+# Bumped whenever what make_synthetic draws changes; recorded in world.json (1: one or two shapes, scenes.json)
+WORLD_VERSION = 1
 POSITIONS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
 
 _SINGLE = (
@@ -68,8 +73,8 @@ def describe(objects: list[tuple[str, str, str]], rng: random.Random) -> str:
     return rng.choice(_JOIN).join(parts) if len(parts) > 1 else parts[0]
 
 
-def sample_objects(rng: random.Random) -> list[tuple[str, str, str]]:
-    n = rng.choice((1, 2))
+def sample_objects(rng: random.Random, min_objects: int = 1, max_objects: int = 2) -> list[tuple[str, str, str]]:
+    n = rng.choice(tuple(range(min_objects, max_objects + 1)))  # (1, 2): the same draws as the worlds made before
     positions = rng.sample(list(POSITIONS), n)
     return [(rng.choice(list(COLORS)), rng.choice(SHAPES), p) for p in positions]
 
@@ -83,21 +88,24 @@ def make_synthetic(
     image_size: int = 64,
     min_captions: int = 1,
     max_captions: int = 5,
+    min_objects: int = 1,
+    max_objects: int = 2,
 ) -> dict[str, Path]:
     """Write images + Karpathy-format annotations under `out/coco`. Returns the annotation path of each split;
     image paths in the annotations are relative to `image_root(out)`."""
     out = Path(out)
     rng = random.Random(seed)
-    paths = {}
+    paths, scenes = {}, []
     for split, n in (("train", num_train), ("val", num_val), ("test", num_test)):
         (image_root(out) / split).mkdir(parents=True, exist_ok=True)
         entries = []
         for i in range(n):
-            objects = sample_objects(rng)
+            objects = sample_objects(rng, min_objects, max_objects)
             image_rel = f"{split}/{split}_{i:06d}.jpg"
             make_image(objects, image_size, rng).save(image_root(out) / image_rel, quality=95)
             captions = [describe(objects, rng) for _ in range(rng.randint(min_captions, max_captions))]
             image_id = f"{split}_{i:06d}"
+            scenes.append(scene_record(image_rel, image_id, split, objects))
             if split == "train":  # the Karpathy train layout: one entry per caption
                 entries.extend({"image": image_rel, "caption": c, "image_id": image_id} for c in captions)
             else:
@@ -106,7 +114,38 @@ def make_synthetic(
         ann.parent.mkdir(parents=True, exist_ok=True)
         ann.write_text(json.dumps(entries))
         paths[split] = ann
+    paths["scenes"] = out / "coco" / "annotations" / "scenes.json"
+    paths["scenes"].write_text(json.dumps(scenes))
     return paths
+
+
+def scene_record(image: str, image_id: str, split: str, objects: list[tuple[str, str, str]]) -> dict:
+    """What `synthetic_vqa.read_scenes` reads: objects with their grid row / column."""
+    return {"image": image, "image_id": image_id, "split": split, "background": None,
+            "objects": [{"color": c, "shape": s, "size": None, "row": POSITIONS[p][1], "col": POSITIONS[p][0]}
+                        for c, s, p in objects]}
+
+
+def content_key(scene: dict) -> tuple:
+    """What an image shows, up to drawing jitter: its (cell, colour, shape) triples."""
+    return tuple(sorted((o["row"], o["col"], o["color"], o["shape"]) for o in scene["objects"]))
+
+
+def world_report(scenes_path: str | Path) -> dict:
+    """Per split: images, distinct contents, the share of images whose content another image of the split
+    shares (the duplicate-content rate), and the chance level of text->image R@1 (100 / images)."""
+    from collections import Counter
+
+    scenes = json.loads(Path(scenes_path).read_text())
+    report = {}
+    for split in ("train", "val", "test"):
+        keys = Counter(content_key(s) for s in scenes if s["split"] == split)
+        n = sum(keys.values())
+        if n:
+            report[split] = {"images": n, "contents": len(keys),
+                             "duplicate_content_rate": sum(c for c in keys.values() if c > 1) / n,
+                             "chance_text_to_image_r1": 100.0 / n}
+    return report
 
 
 def image_root(out: str | Path) -> Path:
@@ -118,8 +157,8 @@ def add_dataset_views(out: str | Path, vg_fraction: float = 1 / 3) -> dict[str, 
     - Visual Genome (`vg/annotations/vg_caption.json`): the last `vg_fraction` of the train images, taken out of
       the COCO train split, so that the two pretraining sources are disjoint as COCO and VG mostly are;
     - Flickr30k test = the synthetic test split;
-    - NoCaps val = the val split in COCO caption format, with the domain named by the scene (one object:
-      in-domain; two of one colour: near-domain; else out-domain).
+    - NoCaps val = the val split in COCO caption format, with the domain named by the scene:
+      one shape: in-domain; two of one colour: near-domain; else out-domain).
     Flickr30k, NoCaps and VG read the COCO images through relative symlinks."""
     out = Path(out)
     views = {}
@@ -147,12 +186,13 @@ def add_dataset_views(out: str | Path, vg_fraction: float = 1 / 3) -> dict[str, 
     flickr.write_text((out / "coco" / "annotations" / "coco_karpathy_test.json").read_text())
     views["flickr30k"] = flickr
     val = json.loads((out / "coco" / "annotations" / "coco_karpathy_val.json").read_text())
+    scenes = {s["image"]: s for s in json.loads((out / "coco" / "annotations" / "scenes.json").read_text())}
     images, annotations = [], []
     for n, entry in enumerate(val):
         caps = entry["caption"]
-        colours = {w for c in caps for w in c.split() if w in COLORS}
-        domain = "in-domain" if " and " not in caps[0] and " next to " not in caps[0] and " with " not in caps[0] \
-            else ("near-domain" if len(colours) == 1 else "out-domain")
+        objects = scenes[entry["image"]]["objects"]
+        colours = {o["color"] for o in objects}
+        domain = "in-domain" if len(objects) == 1 else ("near-domain" if len(colours) == 1 else "out-domain")
         images.append({"id": n, "file_name": entry["image"], "domain": domain})
         annotations.extend({"image_id": n, "id": len(annotations), "caption": c} for c in caps)
     nocaps = out / "nocaps" / "annotations" / "nocaps_val_4500_captions.json"

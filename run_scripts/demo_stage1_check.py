@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""What each stage-1 objective learnt, measured on held-out images through the exported model:
+
+- ITM (plain transformers: `Blip2ForImageTextRetrieval.from_pretrained(export)`, `use_image_text_matching_head`):
+  how often the true caption gets a higher match probability than a RANDOM other caption, and than the HARDEST
+  other caption (the most ITC-similar caption of another image whose text differs from every true caption);
+- the Q-Former LM: its per-token cross-entropy on the held-out captions (no label smoothing), beside the same
+  model with the image replaced by a blank one (what the image adds to the generation loss).
+
+    python run_scripts/demo_stage1_check.py outputs/demo/export_stage1 data/synthetic outputs/demo/stage1_check.json
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from blip2_train.data.annotations import read_annotations
+from blip2_train.data.eval_sets import load_eval_image
+from blip2_train.data.transforms import EvalTransform
+
+
+@torch.no_grad()
+def itm_probs(model, pixels: torch.Tensor, tok, texts: list[str]) -> torch.Tensor:
+    enc = tok(texts, padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    out = model(pixel_values=pixels, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                use_image_text_matching_head=True)
+    return out.logits_per_image.softmax(dim=-1)[:, 1]
+
+
+@torch.no_grad()
+def itc_scores(model, pixels: torch.Tensor, tok, texts: list[str]) -> torch.Tensor:
+    """[images, texts] ITC similarity (transformers: the best query's cosine with the text's [CLS] feature)."""
+    enc = tok(texts, padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    out = model(pixel_values=pixels, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                use_image_text_matching_head=False)
+    assert out.logits_per_image.shape == (len(pixels), len(texts)), out.logits_per_image.shape
+    return out.logits_per_image
+
+
+@torch.no_grad()
+def lm_loss(export: Path, pixels: torch.Tensor, texts: list[str]) -> float:
+    """Mean per-token cross-entropy of the Q-Former's LM head on `texts` given the images (ours: the LM head
+    lives in the export's extras, which transformers has no place for)."""
+    from blip2_train.api import load
+
+    s = load(export, device="cpu")
+    m, tok = s.model, s.tokenizer
+    enc = tok(texts, padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    ids = enc["input_ids"].clone()
+    ids[:, 0] = m.bos_token_id
+    embeds = m.encode_image(pixels)
+    _, logits = m.joint_lm_forward(embeds, ids, enc["attention_mask"])
+    labels = ids.masked_fill(enc["attention_mask"] == 0, -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100).item()
+
+
+def main() -> None:
+    from transformers import Blip2ForImageTextRetrieval, Blip2Processor
+
+    export, data, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    test = read_annotations(data / "coco" / "annotations" / "coco_karpathy_test.json", "karpathy")
+    model = Blip2ForImageTextRetrieval.from_pretrained(str(export)).eval()
+    tok = Blip2Processor.from_pretrained(str(export)).tokenizer
+    size = json.loads((export / "blip2_train.json").read_text())["image_size"]
+    transform = EvalTransform(size)
+    pixels = torch.stack([load_eval_image(str(data / "coco" / "images" / r.image), transform) for r in test])
+    rng = random.Random(0)
+    true = [r.captions[0] for r in test]
+    pool = [(i, c) for i, r in enumerate(test) for c in r.captions]
+
+    def others(i):
+        own = set(test[i].captions)
+        return [c for j, c in pool if j != i and c not in own]
+
+    rand = [rng.choice(others(i)) for i in range(len(test))]
+    texts = [c for _, c in pool]
+    sim = itc_scores(model, pixels, tok, texts)  # [images, all captions]
+    hard = []
+    for i in range(len(test)):
+        own = set(test[i].captions)
+        order = sim[i].argsort(descending=True).tolist()
+        hard.append(next(texts[k] for k in order if pool[k][0] != i and texts[k] not in own))
+    p_true, p_rand, p_hard = (torch.cat([itm_probs(model, pixels[b:b + 50], tok, t[b:b + 50])
+                                         for b in range(0, len(t), 50)]) for t in (true, rand, hard))
+    lm = lm_loss(export, pixels, true)
+    lm_blind = lm_loss(export, torch.zeros_like(pixels), true)
+    result = {
+        "itm_true_over_random": (p_true > p_rand).float().mean().item(),
+        "itm_true_over_hard": (p_true > p_hard).float().mean().item(),
+        "itm_match_prob_true": p_true.mean().item(),
+        "itm_match_prob_random": p_rand.mean().item(),
+        "itm_match_prob_hard": p_hard.mean().item(),
+        "qformer_lm_loss_heldout": lm,
+        "qformer_lm_loss_heldout_blank_image": lm_blind,
+        "pairs": len(test),
+    }
+    out.write_text(json.dumps(result, indent=1))
+    for k, v in result.items():
+        print(f"{k:<40}{v:.4f}" if isinstance(v, float) else f"{k:<40}{v}")
+
+
+if __name__ == "__main__":
+    main()

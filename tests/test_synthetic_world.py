@@ -1,0 +1,88 @@
+"""The demo's synthetic world (issue #13) and its stand-ins, as `make demo` runs them: the world's scenes and
+report (`data_scripts/make_synthetic.py`), the ViT stand-in (`data_scripts/pretrain_demo_vit.py`) that
+`preset=tiny` loads as its frozen image encoder, and the held-out ITM / LM check of a stage-1 export
+(`run_scripts/demo_stage1_check.py`, through plain transformers)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from tests.conftest import REPO
+
+
+def test_world_scenes_identify_their_images_and_the_report_counts_duplicates(tmp_path):
+    from blip2_train.data.synthetic import content_key, make_synthetic, world_report
+
+    paths = make_synthetic(tmp_path, num_train=60, num_val=4, num_test=40, seed=3, image_size=32)
+    scenes = json.loads(paths["scenes"].read_text())
+    assert len(scenes) == 104 and {len(s["objects"]) for s in scenes} == {1, 2}
+    rich = make_synthetic(tmp_path / "rich", num_train=20, num_val=2, num_test=20, seed=3, image_size=32,
+                          min_objects=2, max_objects=3)
+    assert {len(s["objects"]) for s in json.loads(rich["scenes"].read_text())} == {2, 3}
+    test = json.loads(paths["test"].read_text())
+    by_image = {s["image"]: s for s in scenes}
+    for e in test:  # every caption names every object's colour, shape and quadrant
+        for cap in e["caption"]:
+            for o in by_image[e["image"]]["objects"]:
+                assert o["color"] in cap and o["shape"] in cap, (cap, o)
+    r = world_report(paths["scenes"])
+    keys = Counter(content_key(s) for s in scenes if s["split"] == "test")
+    assert r["test"]["images"] == 40 and r["test"]["contents"] == len(keys)
+    assert r["test"]["duplicate_content_rate"] == sum(c for c in keys.values() if c > 1) / 40
+    assert r["test"]["chance_text_to_image_r1"] == 2.5
+    r = subprocess.run([sys.executable, "data_scripts/make_synthetic.py", "--out", str(tmp_path / "w"),
+                        "--num-train", "30", "--num-val", "3", "--num-test", "20"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "test: 20 images," in r.stdout and "duplicate-content rate" in r.stdout and "chance text->image R@1 5.00%" \
+        in r.stdout
+
+
+def test_vit_stand_in_script_writes_what_preset_tiny_loads(synth, tmp_path):
+    """The script trains on the train scenes and saves a vision tower; preset=tiny's stage 1 with
+    paths.vision_checkpoint=<data_dir>/vit starts from exactly those weights, frozen."""
+    from hydra.utils import instantiate
+    from safetensors.torch import load_file
+
+    from blip2_train.cli.common import compose
+
+    out = tmp_path / "vit"
+    r = subprocess.run([sys.executable, "data_scripts/pretrain_demo_vit.py", "--data-dir", str(synth["dir"]),
+                        "--out", str(out), "--steps", "3", "--batch-size", "8"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "DEMO STAND-IN for a pretrained ViT" in r.stdout
+    report = json.loads((out / "pretrain.json").read_text())
+    assert report["steps"] == 3 and 0.0 <= report["patch_color_accuracy"] <= 1.0
+    cfg = compose("train", ["experiment=stage1_pretrain", "preset=tiny", f"paths.data_dir={synth['dir']}",
+                            "paths.vision_checkpoint=${paths.data_dir}/vit"])
+    model = instantiate(cfg.model)
+    saved = load_file(str(Path(synth["dir"]) / "vit" / "model.safetensors"))
+    vm = model.hf.vision_model.state_dict()
+    blocks = [k for k in saved if not k.startswith("vision_model.post_layernorm")]
+    assert blocks and all(torch.equal(vm[k[len("vision_model."):]], saved[k]) for k in blocks)
+    assert not any(p.requires_grad for p in model.hf.vision_model.encoder.parameters())
+
+
+def test_stage1_check_scores_an_export_through_plain_transformers(stage1_export, synth, tmp_path):
+    """run_scripts/demo_stage1_check.py on a stage-1 export: one true, one random and one hardest other caption
+    per held-out image; the LM loss with the image and with a blank one."""
+    out = tmp_path / "check.json"
+    r = subprocess.run([sys.executable, "run_scripts/demo_stage1_check.py", str(stage1_export), str(synth["dir"]),
+                        str(out)], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = json.loads(out.read_text())
+    assert c["pairs"] == 24
+    for k in ("itm_true_over_random", "itm_true_over_hard"):
+        assert 0.0 <= c[k] <= 1.0 and abs(c[k] * 24 - round(c[k] * 24)) < 1e-4  # a share of the 24 pairs
+    for k in ("itm_match_prob_true", "itm_match_prob_random", "itm_match_prob_hard"):
+        assert 0.0 < c[k] < 1.0
+    assert math.isfinite(c["qformer_lm_loss_heldout"]) and c["qformer_lm_loss_heldout"] > 0
+    assert c["qformer_lm_loss_heldout"] != c["qformer_lm_loss_heldout_blank_image"]  # the image is an input
