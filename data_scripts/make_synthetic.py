@@ -25,6 +25,11 @@ def main() -> None:
     p.add_argument("--max-objects", type=int, default=2, choices=(1, 2, 3, 4),
                    help="shapes per image, drawn uniformly in [min, max] (README, 'ITM at tiny size')")
     a = p.parse_args()
+    if a.min_objects > a.max_objects:
+        p.error(f"--min-objects {a.min_objects} is above --max-objects {a.max_objects}")
+    if Path(a.out).exists() and any(Path(a.out).iterdir()):
+        # shards/, bert/, vit/ and llm/ of a former world would stay beside the new images and annotations
+        p.error(f"--out {a.out} is not empty: give a new directory (run_scripts/prepare_synthetic.sh makes it again)")
     paths = make_synthetic(a.out, a.num_train, a.num_val, a.num_test, a.seed, a.image_size,
                            min_objects=a.min_objects, max_objects=a.max_objects)
     paths.update(add_dataset_views(a.out))

@@ -114,10 +114,10 @@ Synthetic captioned shapes ({len(test)} held-out images), tiny models, CPU. Ever
 (`stage1_pretrain`, `retrieval_coco_ft`, `retrieval_coco_eval`, `stage2_pretrain`, `caption_coco_ft`,
 `caption_coco_eval`, `vqa_vqav2_eval`), with the size/data overlay `preset=tiny`.
 
-**Demo stand-ins, not pretrained models:** the frozen ViT is a tiny ViT pretrained for seconds to name each grid
-cell's colour and shape on the train images (`data_scripts/pretrain_demo_vit.py`; frozen, as in BLIP-2), the
-Q-Former starts from a tiny random BERT, and the frozen "LLM" is a tiny OPT-architecture model trained on the training captions' text only, and on text-only
-questions about train scenes answered from their caption (`data_scripts/train_demo_llm.py`) before stage 2: it
+**Demo stand-ins, not pretrained models:** the frozen ViT is randomly initialised (frozen, as in BLIP-2; the
+pretrained stand-in `vit/` is opt-in: README, "ITM at tiny size"), the Q-Former starts from a tiny random BERT,
+and the frozen "LLM" is a tiny OPT-architecture model trained on the training captions' text only, and on text-only
+questions about train scenes answered from the scene's description (`data_scripts/train_demo_llm.py`) before stage 2: it
 knows how captions and answers are worded, not what any image shows; it never saw a question with an image.
 
 ## Results

@@ -4,7 +4,7 @@
 # shards/coco_karpathy_train and shards/vg_caption, the VQA sets vqav2/ okvqa/ gqa/ on the test images, and the
 # three demo stand-ins: bert/ (tokenizer + tiny random BERT), vit/ (the tiny ViT pretrained for seconds to name
 # each cell's colour and shape on the train images: the frozen image encoder) and llm/ (tiny OPT trained on the
-# captions' text and on text-only questions answered from a caption).
+# captions' text and on text-only questions answered from the scene's description).
 # Idempotent: an existing, complete dataset is kept.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
@@ -27,6 +27,6 @@ echo "DEMO STAND-IN for a pretrained image encoder (opt-in: paths.vision_checkpo
 echo "pretrained on the train images to name each cell's colour and shape (no caption, no held-out image)"
 $PY data_scripts/pretrain_demo_vit.py --data-dir "$DATA" --out "$DATA/vit"
 echo "DEMO STAND-IN for a pretrained LLM: tiny OPT trained on the captions' text only, and on questions about the"
-echo "train scenes answered from their caption (the reading a real LLM brings to zero-shot VQA; never an image)"
+echo "train scenes answered from the scene's description (the reading a real LLM brings to zero-shot VQA; never an image)"
 $PY data_scripts/train_demo_llm.py --annotations "$DATA/coco/annotations/coco_karpathy_train.json" --out "$DATA/llm" \
   --qa-data-dir "$DATA" --steps 800

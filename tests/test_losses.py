@@ -286,8 +286,8 @@ def test_loss_weights_scale_the_summed_loss_and_its_gradient(tokenizer, synth):
     assert weighted.hf.itm_head.weight.grad.abs().max() > 0
 
 
-@pytest.mark.parametrize("weights, message", [({"itx": 1.0}, "model.loss_weights.itx: no such stage-1 loss"),
-                                              ({"itc": -1}, "model.loss_weights.itc=-1 must be a number >= 0")])
+@pytest.mark.parametrize("weights, message", [({"itx": 1.0}, "loss_weights.itx: no such stage-1 loss"),
+                                              ({"itc": -1}, "loss_weights.itc=-1 must be a number >= 0")])
 def test_bad_loss_weights_are_one_config_line(synth, weights, message):
     from tests.conftest import tiny_stage1
 
@@ -299,7 +299,7 @@ def test_bad_loss_weights_are_one_config_line(synth, weights, message):
 
 def test_cli_loss_weights_travel_from_their_group_and_a_bad_one_is_one_line(synth, tmp_path, capsys):
     """conf/loss_weights is the one owner (`reference` by default, `tiny` selectable); a negative weight given on
-    the command line is one error line, exit 2, before any work (blip2-train's entry point, in this process)."""
+    the command line is one error line, exit 2, before training (blip2-train's entry point, in this process)."""
     from blip2_train.cli.common import compose
     from blip2_train.cli.train import main
     from tests.conftest import tiny_cli
@@ -312,5 +312,5 @@ def test_cli_loss_weights_travel_from_their_group_and_a_bad_one_is_one_line(synt
                                                         f"paths.output_dir={tmp_path / 'run'}")])
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert err.strip().splitlines()[-1] == "error: model.loss_weights.itc=-1 must be a number >= 0"
+    assert err.strip().splitlines()[-1] == "error: loss_weights.itc=-1 must be a number >= 0"
     assert not (tmp_path / "run" / "checkpoints").exists()

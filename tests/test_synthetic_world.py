@@ -1,6 +1,6 @@
 """The demo's synthetic world (issue #13) and its stand-ins, as `make demo` runs them: the world's scenes and
-report (`data_scripts/make_synthetic.py`), the ViT stand-in (`data_scripts/pretrain_demo_vit.py`) that
-`preset=tiny` loads as its frozen image encoder, and the held-out ITM / LM check of a stage-1 export
+report (`data_scripts/make_synthetic.py`), the ViT stand-in (`data_scripts/pretrain_demo_vit.py`) that stage 1
+loads with `paths.vision_checkpoint`, and the held-out ITM / LM check of a stage-1 export
 (`run_scripts/demo_stage1_check.py`, through plain transformers)."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_world_scenes_identify_their_images_and_the_report_counts_duplicates(tmp
                         "--num-train", "30", "--num-val", "3", "--num-test", "20"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "test: 20 images," in r.stdout and "duplicate-content rate" in r.stdout and "chance text->image R@1 5.00%" \
+    assert "test: 20 images," in r.stdout and "--out" not in r.stderr and "duplicate-content rate" in r.stdout and "chance text->image R@1 5.00%" \
         in r.stdout
 
 
@@ -62,9 +62,9 @@ def test_vit_stand_in_script_writes_what_preset_tiny_loads(synth, tmp_path):
     report = json.loads((out / "pretrain.json").read_text())
     assert report["steps"] == 3 and 0.0 <= report["patch_color_accuracy"] <= 1.0
     cfg = compose("train", ["experiment=stage1_pretrain", "preset=tiny", f"paths.data_dir={synth['dir']}",
-                            "paths.vision_checkpoint=${paths.data_dir}/vit"])
+                            f"paths.vision_checkpoint={out}"])
     model = instantiate(cfg.model)
-    saved = load_file(str(Path(synth["dir"]) / "vit" / "model.safetensors"))
+    saved = load_file(str(out / "model.safetensors"))
     vm = model.hf.vision_model.state_dict()
     blocks = [k for k in saved if not k.startswith("vision_model.post_layernorm")]
     assert blocks and all(torch.equal(vm[k[len("vision_model."):]], saved[k]) for k in blocks)

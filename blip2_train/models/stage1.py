@@ -236,9 +236,9 @@ def stage1_loss_weights(weights: dict | None) -> dict[str, float]:
     out = {"itc": 1.0, "itm": 1.0, "lm": 1.0}
     for k, v in dict(weights or {}).items():
         if k not in out:
-            raise ConfigError(f"model.loss_weights.{k}: no such stage-1 loss (itc, itm, lm)")
+            raise ConfigError(f"loss_weights.{k}: no such stage-1 loss (itc, itm, lm)")
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-            raise ConfigError(f"model.loss_weights.{k}={v!r} must be a number >= 0")
+            raise ConfigError(f"loss_weights.{k}={v!r} must be a number >= 0")
         out[k] = float(v)
     return out
 
