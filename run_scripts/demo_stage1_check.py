@@ -44,13 +44,10 @@ def itc_scores(model, pixels: torch.Tensor, tok, texts: list[str]) -> torch.Tens
 
 
 @torch.no_grad()
-def lm_loss(export: Path, pixels: torch.Tensor, texts: list[str]) -> float:
-    """Mean per-token cross-entropy of the Q-Former's LM head on `texts` given the images (ours: the LM head
-    lives in the export's extras, which transformers has no place for)."""
-    from blip2_train.api import load
-
-    s = load(export, device="cpu")
-    m, tok = s.model, s.tokenizer
+def lm_loss(scorer, pixels: torch.Tensor, texts: list[str]) -> float:
+    """Mean per-token cross-entropy of the Q-Former's LM head on `texts` given the images (`blip2_train.load` of
+    the export: the LM head lives in the export's extras, which transformers has no place for)."""
+    m, tok = scorer.model, scorer.tokenizer
     enc = tok(texts, padding="longest", truncation=True, max_length=64, return_tensors="pt")
     ids = enc["input_ids"].clone()
     ids[:, 0] = m.bos_token_id
@@ -88,8 +85,11 @@ def main() -> None:
         hard.append(next(texts[k] for k in order if pool[k][0] != i and texts[k] not in own))
     p_true, p_rand, p_hard = (torch.cat([itm_probs(model, pixels[b:b + 50], tok, t[b:b + 50])
                                          for b in range(0, len(t), 50)]) for t in (true, rand, hard))
-    lm = lm_loss(export, pixels, true)
-    lm_blind = lm_loss(export, torch.zeros_like(pixels), true)
+    from blip2_train.api import load
+
+    scorer = load(export, device="cpu")  # loaded once for both LM passes
+    lm = lm_loss(scorer, pixels, true)
+    lm_blind = lm_loss(scorer, torch.zeros_like(pixels), true)
     result = {
         "itm_true_over_random": (p_true > p_rand).float().mean().item(),
         "itm_true_over_hard": (p_true > p_hard).float().mean().item(),
