@@ -30,6 +30,31 @@ def qa_texts(data_dir: str) -> list[tuple[str, str]]:
     return out
 
 
+def described_captions(data_dir: str, records) -> list[tuple[str, str]]:
+    """(the scene's description, objects in a random order; one of its captions) for every train caption.
+
+    A real LLM reads a description in its context and writes about it in its own words and order. A tiny LM
+    trained to continue its own words in order (`pretrain_on_captions`' default context) learns to copy in
+    order: given another caption of the same image as context it did worse than with none (loss 1.24 vs 0.80
+    per token, measured), so a soft prompt could not help it when a caption names the objects in another order,
+    and stage 2 learnt to ignore the image (CIDEr at the image-blind baseline)."""
+    import random
+
+    from blip2_train.data.synthetic_vqa import read_scenes
+
+    rng = random.Random(2)
+    scenes = read_scenes(data_dir, "train")
+    by_image = {s["image"]: s for s in scenes}
+    grid = max(2, 1 + max(max(o["row"], o["col"]) for s in scenes for o in s["objects"]))
+    out = []
+    for r in records:
+        scene = by_image[r.image]
+        for cap in r.captions:
+            shuffled = dict(scene, objects=rng.sample(scene["objects"], len(scene["objects"])))
+            out.append((scene_words(shuffled, grid), cap))
+    return out
+
+
 def scene_words(scene: dict, grid: int) -> str:
     """A caption-like description of a scene record: every object's colour, shape and cell, the background."""
     from blip2_train.data.synthetic_vqa import cell_name
@@ -45,6 +70,8 @@ def main() -> None:
     p.add_argument("--format", default="karpathy")
     p.add_argument("--out", required=True)
     p.add_argument("--family", default="opt", choices=["opt", "llama", "gpt2", "t5"])
+    # 300 leaves ~44 merges over the byte alphabet: nearly character-level ("yellow" is 7 tokens, a caption of
+    # world 1 ~35). 512 makes every word of the captions and questions one token (README, "ITM at tiny size")
     p.add_argument("--vocab-size", type=int, default=300)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -52,10 +79,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--qa-data-dir", default=None,
                    help="also teach the question-answer format: questions about the train scenes of this synthetic "
-                        "data dir, each after its caption's words (what a real LLM brings to zero-shot VQA)")
+                        "data dir, each after the scene's description (what a real LLM brings to zero-shot VQA)")
+    p.add_argument("--caption-context", default="own-words", choices=["own-words", "description"],
+                   help="what precedes each caption: some of its own words, in order (the demo's), or its scene's "
+                        "description with the objects in a random order (needs --qa-data-dir; README, 'ITM at "
+                        "tiny size')")
     p.add_argument("--end-text", default="\n",
                    help='what ends a caption: "\\n" as OPT in the reference (model.text.end_text); "" = eos')
     a = p.parse_args()
+    if a.caption_context == "description" and not a.qa_data_dir:
+        p.error("--caption-context description reads the scenes: give --qa-data-dir")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,8 +98,10 @@ def main() -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(a.out)
-    texts = [c for r in read_annotations(a.annotations, a.format) for c in r.captions]
+    records = read_annotations(a.annotations, a.format)
+    texts = [c for r in records for c in r.captions]
     qa = qa_texts(a.qa_data_dir) if a.qa_data_dir else []
+    captions = described_captions(a.qa_data_dir, records) if a.caption_context == "description" else texts
     train_llm_tokenizer(texts + [t for _, t in qa], out / "tokenizer", a.family, a.vocab_size)
     make_tiny_llm(a.family, out / "tokenizer", out, seed=a.seed, hidden=a.hidden, layers=a.layers)
     if a.family == "t5":
@@ -74,7 +109,7 @@ def main() -> None:
         return
     tok = AutoTokenizer.from_pretrained(str(out))
     model = AutoModelForCausalLM.from_pretrained(str(out))
-    losses = pretrain_on_captions(model, tok, texts + qa, steps=a.steps, seed=a.seed, end_text=a.end_text or None)
+    losses = pretrain_on_captions(model, tok, captions + qa, steps=a.steps, seed=a.seed, end_text=a.end_text or None)
     model.save_pretrained(str(out))
     (out / "demo_llm_losses.json").write_text(json.dumps(losses))
     print(f"demo LLM ({a.family}, text-only) saved to {out}: loss {losses[0]:.2f} -> {sum(losses[-20:]) / 20:.2f}")

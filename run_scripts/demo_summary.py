@@ -74,9 +74,10 @@ def vqa_results(out: Path) -> tuple[dict, list, dict]:
     rows = [("VQA accuracy", vqa["accuracy"], vqa["blind/accuracy"], "image-blind")]
     rows += [(f"  {t.split('/', 1)[1]}", v, vqa.get(f"blind/{t}"), "image-blind") for t, v in sorted(vqa.items())
              if t.startswith("answer_type/")]
-    # above the baseline by a margin (10%) that noise does not give
-    return vqa, rows, {"zero-shot VQA accuracy >= 1.1x the image-blind baseline":
-                       vqa["accuracy"] >= 1.1 * vqa["blind/accuracy"]}
+    # above the baseline by a margin (10%, and 5 points) that noise does not give: a ratio alone passed a
+    # collapsed model (2.5% against a blind 0%, measured)
+    return vqa, rows, {"zero-shot VQA accuracy >= 1.1x the image-blind baseline and 5 points above it":
+                       vqa["accuracy"] >= max(1.1 * vqa["blind/accuracy"], vqa["blind/accuracy"] + 5.0)}
 
 
 vqa, vqa_rows, vqa_bars = vqa_results(out)

@@ -86,3 +86,38 @@ def test_stage1_check_scores_an_export_through_plain_transformers(stage1_export,
         assert 0.0 < c[k] < 1.0
     assert math.isfinite(c["qformer_lm_loss_heldout"]) and c["qformer_lm_loss_heldout"] > 0
     assert c["qformer_lm_loss_heldout"] != c["qformer_lm_loss_heldout_blank_image"]  # the image is an input
+
+
+def test_demo_llm_reads_the_scene_description_when_asked(synth, tmp_path):
+    """train_demo_llm.py --caption-context description: every caption follows its own scene's description
+    (objects in a random order), the LM trains and saves; without the scenes it is one usage error."""
+    sys.path.insert(0, str(REPO / "data_scripts"))
+    try:
+        from train_demo_llm import described_captions
+    finally:
+        sys.path.pop(0)
+    from blip2_train.data.annotations import read_annotations
+
+    records = read_annotations(synth["ann"]["train"], "karpathy")
+    pairs = described_captions(str(synth["dir"]), records)
+    assert len(pairs) == sum(len(r.captions) for r in records)
+    orders = set()
+    for context, caption in pairs:  # the description names exactly the caption's objects
+        named = lambda t: sorted(f"{c} {s}" for c in ("red", "green", "blue", "yellow", "purple", "orange")  # noqa: E731
+                                 for s in ("circle", "square", "triangle") for _ in range(t.count(f"{c} {s}")))
+        assert named(context) == named(caption), (context, caption)
+        orders.add(context)
+    assert len(orders) > 1
+    ann = str(synth["ann"]["train"])
+    r = subprocess.run([sys.executable, "data_scripts/train_demo_llm.py", "--annotations", ann, "--out",
+                        str(tmp_path / "llm"), "--qa-data-dir", str(synth["dir"]), "--caption-context", "description",
+                        "--vocab-size", "512", "--steps", "3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "llm"))
+    assert tok.tokenize(" yellow triangle") == ["Ġyellow", "Ġtriangle"]  # 512: one token a word
+    r = subprocess.run([sys.executable, "data_scripts/train_demo_llm.py", "--annotations", ann, "--out",
+                        str(tmp_path / "llm2"), "--caption-context", "description"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "give --qa-data-dir" in r.stderr

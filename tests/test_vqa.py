@@ -248,8 +248,13 @@ def test_demo_vqa_step_writes_what_the_summary_reads(vqa_world, synth, tmp_path)
     exec(fn, ns)  # noqa: S102 - our own script's function
     vqa_metrics, rows, bars = ns["vqa_results"](out)
     assert vqa_metrics == m and rows[0][1:3] == (m["accuracy"], m["blind/accuracy"])
-    assert bars == {"zero-shot VQA accuracy >= 1.1x the image-blind baseline":
-                    m["accuracy"] >= 1.1 * m["blind/accuracy"]}
+    key = "zero-shot VQA accuracy >= 1.1x the image-blind baseline and 5 points above it"
+    assert bars == {key: m["accuracy"] >= max(1.1 * m["blind/accuracy"], m["blind/accuracy"] + 5.0)}
+    for acc, blind, ok in ((2.5, 0.0, False), (6.0, 0.0, True), (56.2, 39.5, True), (43.0, 39.5, False)):
+        collapsed = tmp_path / f"c{acc}" / "eval_vqa"  # a ratio alone passed a collapsed model (2.5 vs blind 0)
+        collapsed.mkdir(parents=True)
+        (collapsed / "metrics.json").write_text(json.dumps({"accuracy": acc, "blind/accuracy": blind}))
+        assert ns["vqa_results"](collapsed.parent)[2] == {key: ok}, (acc, blind)
     assert ns["vqa_results"](tmp_path)[2] == {"zero-shot VQA was evaluated (run_scripts/demo_vqa.sh)": False}
 
 
