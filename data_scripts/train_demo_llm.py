@@ -17,11 +17,11 @@ from pathlib import Path
 def qa_texts(data_dir: str) -> list[tuple[str, str]]:
     """(caption, "Question: q Short answer: a") for questions about the train scenes, in the VQA evaluation's
     template: the LM learns the format and to read the answer from its context, never from an image."""
-    from blip2_train.data.synthetic_vqa import build_questions, read_scenes
+    from blip2_train.data.synthetic_vqa import build_questions, grid_size, read_scenes
     from blip2_train.eval.answering import question_prompt
 
     scenes = read_scenes(data_dir, "train")
-    grid = max(2, 1 + max(max(o["row"], o["col"]) for s in scenes for o in s["objects"]))  # as build_questions
+    grid = grid_size(scenes)
     out = []
     for q in build_questions(scenes, per_image=3, noise=0.0, seed=1):
         scene = scenes[q["image_index"]]
@@ -40,12 +40,12 @@ def described_captions(data_dir: str, records) -> list[tuple[str, str]]:
     and stage 2 learnt to ignore the image (CIDEr at the image-blind baseline)."""
     import random
 
-    from blip2_train.data.synthetic_vqa import read_scenes
+    from blip2_train.data.synthetic_vqa import grid_size, read_scenes
 
     rng = random.Random(2)
     scenes = read_scenes(data_dir, "train")
     by_image = {s["image"]: s for s in scenes}
-    grid = max(2, 1 + max(max(o["row"], o["col"]) for s in scenes for o in s["objects"]))
+    grid = grid_size(scenes)
     out = []
     for r in records:
         scene = by_image[r.image]

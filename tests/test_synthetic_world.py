@@ -97,14 +97,16 @@ def test_demo_llm_reads_the_scene_description_when_asked(synth, tmp_path):
     finally:
         sys.path.pop(0)
     from blip2_train.data.annotations import read_annotations
+    from blip2_train.data.synthetic import COLORS, SHAPES
+
+    def named(text: str) -> list[str]:  # every "colour shape" the text names, with repeats
+        return sorted(f"{c} {s}" for c in COLORS for s in SHAPES for _ in range(text.count(f"{c} {s}")))
 
     records = read_annotations(synth["ann"]["train"], "karpathy")
     pairs = described_captions(str(synth["dir"]), records)
     assert len(pairs) == sum(len(r.captions) for r in records)
     orders = set()
     for context, caption in pairs:  # the description names exactly the caption's objects
-        named = lambda t: sorted(f"{c} {s}" for c in ("red", "green", "blue", "yellow", "purple", "orange")  # noqa: E731
-                                 for s in ("circle", "square", "triangle") for _ in range(t.count(f"{c} {s}")))
         assert named(context) == named(caption), (context, caption)
         orders.add(context)
     assert len(orders) > 1

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from blip2_train.data.eval_sets import load_eval_image
-from blip2_train.data.synthetic_vqa import read_scenes
+from blip2_train.data.synthetic_vqa import grid_size, read_scenes
 from blip2_train.data.transforms import EvalTransform
 
 def cell_targets(scenes: list[dict], grid: int, colors: list[str], shapes: list[str]) -> tuple[torch.Tensor, ...]:
@@ -66,7 +66,7 @@ def pretrain_demo_vit(data_dir: str | Path, out: str | Path, vision_config: dict
     torch.manual_seed(seed)
     data = Path(data_dir)
     scenes = read_scenes(data, "train")  # train images only: the held-out ones are never seen
-    grid = max(2, 1 + max(max(o["row"], o["col"]) for s in scenes for o in s["objects"]))
+    grid = grid_size(scenes)
     colors = sorted({o["color"] for s in scenes for o in s["objects"]})
     shapes = sorted({o["shape"] for s in scenes for o in s["objects"]})
     size, patch = int(vision_config["image_size"]), int(vision_config["patch_size"])

@@ -117,10 +117,15 @@ def human_answers(truth: str, pool: list[str], rng: random.Random, noise: float)
             for _ in range(10)]
 
 
+def grid_size(scenes: list[dict]) -> int:
+    """The side of the scenes' grid (2 or 3): the largest row / column any object sits in, at least 2x2."""
+    return max(2, 1 + max(max(o["row"], o["col"]) for s in scenes for o in s["objects"]))
+
+
 def build_questions(scenes: list[dict], per_image: int = 3, noise: float = 0.1, seed: int = 0) -> list[dict]:
     """-> [{question_id, image_index, question, answers (10), question_type, answer_type}], `per_image` per scene."""
     rng = random.Random(seed)
-    grid = max(2, 1 + max(max(o["row"], o["col"]) for s in scenes for o in s["objects"]))
+    grid = grid_size(scenes)
     colors = sorted({o["color"] for s in scenes for o in s["objects"]})
     shapes = sorted({o["shape"] for s in scenes for o in s["objects"]})
     out = []
