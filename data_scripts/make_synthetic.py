@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from blip2_train.data.synthetic import WORLD_VERSION, add_dataset_views, make_synthetic, world_report
+from blip2_train.data.synthetic import COLORS, WORLD_VERSION, add_dataset_views, make_synthetic, world_report
 from blip2_train.data.synthetic_vqa import write_vqa_sets
 
 
@@ -24,6 +24,8 @@ def main() -> None:
     p.add_argument("--min-objects", type=int, default=1, choices=(1, 2, 3, 4))
     p.add_argument("--max-objects", type=int, default=2, choices=(1, 2, 3, 4),
                    help="shapes per image, drawn uniformly in [min, max] (README, 'ITM at tiny size')")
+    p.add_argument("--num-colors", type=int, default=6, choices=range(2, len(COLORS) + 1), metavar=f"2..{len(COLORS)}",
+                   help="colours drawn from the first N of the palette (6: world 1)")
     a = p.parse_args()
     if a.min_objects > a.max_objects:
         p.error(f"--min-objects {a.min_objects} is above --max-objects {a.max_objects}")
@@ -31,14 +33,16 @@ def main() -> None:
         # shards/, bert/, vit/ and llm/ of a former world would stay beside the new images and annotations
         p.error(f"--out {a.out} is not empty: give a new directory (run_scripts/prepare_synthetic.sh makes it again)")
     paths = make_synthetic(a.out, a.num_train, a.num_val, a.num_test, a.seed, a.image_size,
-                           min_objects=a.min_objects, max_objects=a.max_objects)
+                           min_objects=a.min_objects, max_objects=a.max_objects, num_colors=a.num_colors)
     paths.update(add_dataset_views(a.out))
     paths.update(write_vqa_sets(a.out))  # vqav2/, okvqa/, gqa/ questions on the test split
     for split, path in paths.items():
         print(f"{split}: {path}")
     report = world_report(paths["scenes"])
     # what prepare_synthetic.sh checks before it keeps an existing data directory: a former world is made again
-    (Path(a.out) / "world.json").write_text(json.dumps({"world_version": WORLD_VERSION, "splits": report}, indent=1))
+    world = {"num_colors": a.num_colors, "min_objects": a.min_objects, "max_objects": a.max_objects}
+    (Path(a.out) / "world.json").write_text(json.dumps({"world_version": WORLD_VERSION, "world": world,
+                                                        "splits": report}, indent=1))
     for split, r in report.items():
         print(f"{split}: {r['images']} images, {r['contents']} distinct contents, duplicate-content rate "
               f"{r['duplicate_content_rate']:.1%}, chance text->image R@1 {r['chance_text_to_image_r1']:.2f}%")

@@ -12,13 +12,14 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import REPO
 
 
 def test_world_scenes_identify_their_images_and_the_report_counts_duplicates(tmp_path):
-    from blip2_train.data.synthetic import content_key, make_synthetic, world_report
+    from blip2_train.data.synthetic import COLORS, content_key, make_synthetic, world_report
 
     paths = make_synthetic(tmp_path, num_train=60, num_val=4, num_test=40, seed=3, image_size=32)
     scenes = json.loads(paths["scenes"].read_text())
@@ -26,6 +27,16 @@ def test_world_scenes_identify_their_images_and_the_report_counts_duplicates(tmp
     rich = make_synthetic(tmp_path / "rich", num_train=20, num_val=2, num_test=20, seed=3, image_size=32,
                           min_objects=2, max_objects=3)
     assert {len(s["objects"]) for s in json.loads(rich["scenes"].read_text())} == {2, 3}
+    # world 1 draws from the first six colours of the palette; the demo's world (num_colors=10) from ten
+    assert {o["color"] for s in scenes for o in s["objects"]} <= set(list(COLORS)[:6])
+    ten = make_synthetic(tmp_path / "ten", num_train=60, num_val=2, num_test=40, seed=3, image_size=32,
+                         min_objects=1, max_objects=3, num_colors=10)
+    ten_scenes = json.loads(ten["scenes"].read_text())
+    assert {o["color"] for s in ten_scenes for o in s["objects"]} == set(list(COLORS)[:10])
+    assert {len(s["objects"]) for s in ten_scenes} == {1, 2, 3}
+    for bad in (1, len(COLORS) + 1):
+        with pytest.raises(ValueError, match="num_colors"):
+            make_synthetic(tmp_path / f"bad{bad}", num_train=2, num_val=1, num_test=1, num_colors=bad)
     test = json.loads(paths["test"].read_text())
     by_image = {s["image"]: s for s in scenes}
     for e in test:  # every caption names every object's colour, shape and quadrant
@@ -43,6 +54,12 @@ def test_world_scenes_identify_their_images_and_the_report_counts_duplicates(tmp
     assert r.returncode == 0, r.stderr[-2000:]
     assert "test: 20 images," in r.stdout and "--out" not in r.stderr and "duplicate-content rate" in r.stdout and "chance text->image R@1 5.00%" \
         in r.stdout
+    # world.json names the world, as run_scripts/prepare_synthetic.sh compares it before keeping a data dir
+    world = json.loads((tmp_path / "w" / "world.json").read_text())
+    assert world["world"] == {"num_colors": 6, "min_objects": 1, "max_objects": 2} and world["splits"]["test"]["images"] == 20
+    r = subprocess.run([sys.executable, "data_scripts/make_synthetic.py", "--out", str(tmp_path / "w11"),
+                        "--num-colors", "11"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--num-colors" in r.stderr
 
 
 def test_vit_stand_in_script_writes_what_preset_tiny_loads(synth, tmp_path):
@@ -123,3 +140,51 @@ def test_demo_llm_reads_the_scene_description_when_asked(synth, tmp_path):
                         str(tmp_path / "llm2"), "--caption-context", "description"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "give --qa-data-dir" in r.stderr
+
+
+def test_prepare_synthetic_keeps_a_data_dir_of_its_world_only(tmp_path):
+    """run_scripts/prepare_synthetic.sh keeps a complete data dir whose world.json names the demo's world, and
+    makes any other one again (a data dir of world 1, the one-or-two-shape world make demo used before)."""
+    import os
+
+    from blip2_train.data.synthetic import WORLD_VERSION
+
+    data = tmp_path / "synthetic"
+    for f in ("shards/vg_caption/manifest.json", "bert/config.json", "llm/config.json",
+              "vqav2/annotations/v2_mscoco_val2014_annotations.json", "vit/model.safetensors"):
+        (data / f).parent.mkdir(parents=True, exist_ok=True)
+        (data / f).write_text("{}")
+    env = {**os.environ, "BLIP2_DATA_DIR": str(tmp_path), "PY": sys.executable, "NUM_TRAIN": "0"}
+    demo_world = {"num_colors": 10, "min_objects": 1, "max_objects": 3}
+    (data / "world.json").write_text(json.dumps({"world_version": WORLD_VERSION, "world": demo_world}))
+    r = subprocess.run(["bash", "run_scripts/prepare_synthetic.sh"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "synthetic data ready" in r.stdout, r.stderr[-2000:]
+    assert (data / "llm/config.json").exists()
+    (data / "world.json").write_text(json.dumps({"world_version": WORLD_VERSION,
+                                                 "world": {"num_colors": 6, "min_objects": 1, "max_objects": 2}}))
+    # made again: the old dir goes, then (NUM_TRAIN=0, to stop early) the world's tokenizer has no caption to read
+    r = subprocess.run(["bash", "run_scripts/prepare_synthetic.sh"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert "synthetic data ready" not in r.stdout and not (data / "llm/config.json").exists()
+    assert json.loads((data / "world.json").read_text())["world"] == demo_world
+
+
+def test_caption_ceiling_scores_perfect_and_blind_captions_of_a_world():
+    """data_scripts/caption_ceiling.py: in world 1's palette with two or three shapes, perfect captions earn
+    only a few times the best fixed caption's CIDEr (the words all captions share); ten colours raise that
+    ceiling (the README's reason for make demo's world). Same draws as make_synthetic, the evaluation's CIDEr."""
+    sys.path.insert(0, str(REPO / "data_scripts"))
+    try:
+        from caption_ceiling import ceiling
+    finally:
+        sys.path.pop(0)
+    six = ceiling(6, 2, 3, images=200, candidates=30)
+    ten = ceiling(10, 1, 3, images=200, candidates=30)
+    for r in (six, ten):
+        # (quadrant words are common, so placing shapes wrong costs perfect captions little: no order between those)
+        assert min(r["perfect"], r["colours_and_shapes"]) > r["colours_only"] > r["blind"] > 0
+    assert six["perfect/blind"] < 5 < ten["perfect/blind"]
+    r = subprocess.run([sys.executable, "data_scripts/caption_ceiling.py", "--images", "40", "--candidates", "5"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "x the image-blind" in r.stdout and "best of 5 fixed captions" in r.stdout, r.stderr

@@ -5,11 +5,12 @@
 nocaps_val_4500_captions.json`, COCO caption format with a per-image domain) views of the same images, so that the
 shipped data configs and experiments run unchanged with `paths.data_dir` pointing here (`preset=tiny`).
 
-Each image holds one or two coloured shapes in distinct quadrants; every caption names every shape's
-colour, kind and quadrant, so a caption fully determines its image's content (retrieval and captioning are
-learnable, and chance levels are known). Phrasings vary across an image's 1-5 captions. Half the images are one
-of 72 single-shape contents, each shared with ~20 others: `make_synthetic.py` reports the duplicate-content rate
-(README, "ITM at tiny size", for what a world of two or three shapes per image changes). `scenes.json`
+Each image holds `min_objects`..`max_objects` coloured shapes in distinct quadrants; every caption names every
+shape's colour, kind and quadrant, so a caption fully determines its image's content (retrieval and captioning
+are learnable, and chance levels are known). Phrasings vary across an image's 1-5 captions. The defaults are
+world 1 (one or two shapes, six colours: half the images are one of 72 single-shape contents, each shared with
+~20 others); `make demo` draws one to three shapes from ten colours (README, "ITM at tiny size": fewer duplicate
+contents, and rarer words for CIDEr). `make_synthetic.py` reports the duplicate-content rate. `scenes.json`
 beside the annotations records every image's objects (what the VQA sets and the demo ViT stand-in read).
 """
 
@@ -28,6 +29,12 @@ COLORS = {
     "yellow": (235, 220, 50),
     "purple": (150, 60, 200),
     "orange": (245, 140, 30),
+    # the first six are world 1's palette; `num_colors` draws from the first N (more colours: rarer words, a lower
+    # image-blind captioning baseline, fewer duplicate contents: README, "ITM at tiny size")
+    "pink": (250, 140, 200),
+    "cyan": (50, 210, 220),
+    "white": (235, 235, 235),
+    "brown": (130, 80, 40),
 }
 SHAPES = ("circle", "square", "triangle")
 # Bumped whenever what make_synthetic draws changes; recorded in world.json (1: one or two shapes, scenes.json)
@@ -73,10 +80,12 @@ def describe(objects: list[tuple[str, str, str]], rng: random.Random) -> str:
     return rng.choice(_JOIN).join(parts) if len(parts) > 1 else parts[0]
 
 
-def sample_objects(rng: random.Random, min_objects: int = 1, max_objects: int = 2) -> list[tuple[str, str, str]]:
+def sample_objects(rng: random.Random, min_objects: int = 1, max_objects: int = 2,
+                   num_colors: int = 6) -> list[tuple[str, str, str]]:
     n = rng.choice(tuple(range(min_objects, max_objects + 1)))  # (1, 2): the same draws as the worlds made before
     positions = rng.sample(list(POSITIONS), n)
-    return [(rng.choice(list(COLORS)), rng.choice(SHAPES), p) for p in positions]
+    colors = list(COLORS)[:num_colors]
+    return [(rng.choice(colors), rng.choice(SHAPES), p) for p in positions]
 
 
 def make_synthetic(
@@ -90,9 +99,12 @@ def make_synthetic(
     max_captions: int = 5,
     min_objects: int = 1,
     max_objects: int = 2,
+    num_colors: int = 6,
 ) -> dict[str, Path]:
     """Write images + Karpathy-format annotations under `out/coco`. Returns the annotation path of each split;
     image paths in the annotations are relative to `image_root(out)`."""
+    if not 2 <= num_colors <= len(COLORS):
+        raise ValueError(f"num_colors={num_colors}: the palette has 2 to {len(COLORS)} colours")
     out = Path(out)
     rng = random.Random(seed)
     paths, scenes = {}, []
@@ -100,7 +112,7 @@ def make_synthetic(
         (image_root(out) / split).mkdir(parents=True, exist_ok=True)
         entries = []
         for i in range(n):
-            objects = sample_objects(rng, min_objects, max_objects)
+            objects = sample_objects(rng, min_objects, max_objects, num_colors)
             image_rel = f"{split}/{split}_{i:06d}.jpg"
             make_image(objects, image_size, rng).save(image_root(out) / image_rel, quality=95)
             captions = [describe(objects, rng) for _ in range(rng.randint(min_captions, max_captions))]
