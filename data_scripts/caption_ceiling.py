@@ -6,9 +6,10 @@ CIDEr weighs n-grams by their rarity across the test images' references, so the 
 `make_synthetic.py`, this scores, with the captioning evaluation's own CIDEr (pycocoevalcap) on `--images` test
 images drawn as `make_synthetic` draws them:
 - blind: the best of `--candidates` fixed captions (one caption for every image, as a model that ignores its
-  image would give), an upper bound on what blank images earn;
+  image would give): a strong image-blind reference (a fixed caption outside the sample may score higher);
 - perfect: a fresh caption of each image's true content (another phrasing and object order);
-- right colours and shapes in the wrong quadrants, and right colours only (shapes and quadrants drawn anew).
+- right colours and shapes in quadrants drawn anew (some land right), and right colours only (shapes drawn anew
+  too).
 
     python data_scripts/caption_ceiling.py --num-colors 6 --min-objects 2 --max-objects 3
     python data_scripts/caption_ceiling.py --num-colors 10 --min-objects 1 --max-objects 3   # make demo's world

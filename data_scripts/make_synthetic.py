@@ -2,7 +2,10 @@
 """Generate the synthetic captioned-shapes dataset, laid out as the real data (coco/, vg/, flickr30k/, nocaps/),
 used by the demo, the tests and `preset=tiny`.
 
-    python data_scripts/make_synthetic.py --out data/synthetic --num-train 3000 --num-val 100 --num-test 200 --seed 0
+    python data_scripts/make_synthetic.py --out data/my_world --num-train 3000 --num-val 100 --num-test 200 --seed 0
+
+(world 1; `make demo`'s world, which run_scripts/prepare_synthetic.sh makes under data/synthetic, adds
+--num-colors 10 --min-objects 1 --max-objects 3: a data/synthetic of another world is made again there)
 """
 
 import argparse
@@ -27,6 +30,9 @@ def main() -> None:
     p.add_argument("--num-colors", type=int, default=6, choices=range(2, len(COLORS) + 1), metavar=f"2..{len(COLORS)}",
                    help="colours drawn from the first N of the palette (6: world 1)")
     a = p.parse_args()
+    if min(a.num_train, a.num_val, a.num_test) < 1:  # every split is read: stand-ins train on train, evals on test
+        p.error("--num-train/--num-val/--num-test must each be at least 1 "
+                f"(got {a.num_train}/{a.num_val}/{a.num_test})")
     if a.min_objects > a.max_objects:
         p.error(f"--min-objects {a.min_objects} is above --max-objects {a.max_objects}")
     if Path(a.out).exists() and any(Path(a.out).iterdir()):

@@ -15,26 +15,27 @@ DATA=${BLIP2_DATA_DIR:-data}/synthetic
 ARCH=(arch.num_query_tokens=16)
 TINY=(preset=tiny trainer=cpu logger=csv "${ARCH[@]}")  # training runs
 EVAL=(preset=tiny "${ARCH[@]}")                         # evaluation runs (blip2-eval has no trainer)
-# Stage 1 and retrieval fine-tuning at tiny size (README, "ITM at tiny size": what makes ITM learn here): the
-# pretrained ViT stand-in as the frozen encoder, ITC weighted 0.1, no Q-Former dropout, batch 32
-STAGE1=(paths.vision_checkpoint="$DATA/vit" loss_weights=tiny arch.qformer.hidden_dropout_prob=0
-        arch.qformer.attention_probs_dropout_prob=0 data.batch_size=32)
+# Stage 1 and retrieval fine-tuning at tiny size (README, "ITM at tiny size": what makes ITM learn here): ITC
+# weighted 0.1 and no Q-Former dropout (batch 32 is preset=tiny's); stage 1 starts from the pretrained ViT
+# stand-in, frozen (retrieval fine-tuning takes the ViT from the stage-1 export, unfrozen)
+ITM_TINY=(loss_weights=tiny arch.qformer.hidden_dropout_prob=0 arch.qformer.attention_probs_dropout_prob=0)
 START=$(date +%s); export DEMO_START=$START  # demo_summary.py records the time against issue #13's 10 min
 step() { echo; echo "== $* ==  [$(( ($(date +%s) - START) / 60 )) min $(( ($(date +%s) - START) % 60 )) s]"; }
 
-step "0/10 synthetic world in the real data layout, with the demo stand-ins for BERT and the LLM"
+step "0/10 synthetic world in the real data layout, with the demo stand-ins for BERT, the ViT and the LLM"
 bash run_scripts/prepare_synthetic.sh
 rm -rf "$OUT"
-step "1/10 stage 1: Q-Former (ITC + ITM + LM) over a frozen tiny ViT  [experiment=stage1_pretrain]"
-$BIN/blip2-train experiment=stage1_pretrain "${TINY[@]}" "${STAGE1[@]}" trainer.max_steps=1600 \
-  paths.output_dir="$OUT/stage1" "$@"
+step "1/10 stage 1: Q-Former (ITC + ITM + LM) over the frozen ViT stand-in  [experiment=stage1_pretrain]"
+$BIN/blip2-train experiment=stage1_pretrain "${TINY[@]}" "${ITM_TINY[@]}" paths.vision_checkpoint="$DATA/vit" \
+  trainer.max_steps=1600 paths.output_dir="$OUT/stage1" "$@"
 step "2/10 export stage 1 (Blip2ForImageTextRetrieval format)"
 $BIN/blip2-export "$OUT/stage1/checkpoints/last.ckpt" --out "$OUT/export_stage1"
 # what ITM and the Q-Former LM learnt, on held-out images through plain transformers' Blip2ForImageTextRetrieval
 $PY run_scripts/demo_stage1_check.py "$OUT/export_stage1" "$DATA" "$OUT/stage1_check.json"
 step "3/10 COCO retrieval fine-tuning: ViT unfrozen, layer-wise lr decay  [experiment=retrieval_coco_ft]"
-$BIN/blip2-train experiment=retrieval_coco_ft "${TINY[@]}" "${STAGE1[@]}" paths.stage1_checkpoint="$OUT/export_stage1" \
-  module.lr=1e-4 trainer.max_steps=300 eval.enabled=false paths.output_dir="$OUT/retrieval_ft" "$@"
+$BIN/blip2-train experiment=retrieval_coco_ft "${TINY[@]}" "${ITM_TINY[@]}" \
+  paths.stage1_checkpoint="$OUT/export_stage1" module.lr=1e-4 trainer.max_steps=300 eval.enabled=false \
+  paths.output_dir="$OUT/retrieval_ft" "$@"
 step "4/10 export the retrieval model"
 $BIN/blip2-export "$OUT/retrieval_ft/checkpoints/last.ckpt" --out "$OUT/export_retrieval"
 $PY run_scripts/demo_stage1_check.py "$OUT/export_retrieval" "$DATA" "$OUT/retrieval_check.json"
@@ -55,6 +56,7 @@ $BIN/blip2-eval experiment=caption_coco_eval "${EVAL[@]}" paths.stage2_checkpoin
   eval.image_blind_baseline=true paths.output_dir="$OUT/eval_caption"
 step "10/10 captions from plain transformers, then the summary"
 $PY run_scripts/demo_transformers_caption.py "$OUT/export_caption" "$DATA" 4
-PY=$PY bash run_scripts/demo_vqa.sh "$OUT" "${ARCH[@]}"  # zero-shot VQA of the stage-2 export, with the image-blind baseline
+# zero-shot VQA of the stage-2 export, with the image-blind baseline
+PY=$PY bash run_scripts/demo_vqa.sh "$OUT" "${ARCH[@]}"
 $PY run_scripts/demo_summary.py "$OUT" "$DATA"
 echo "make demo: $(( ($(date +%s) - START) / 60 )) min $(( ($(date +%s) - START) % 60 )) s"

@@ -4,6 +4,9 @@
 - ITM (plain transformers: `Blip2ForImageTextRetrieval.from_pretrained(export)`, `use_image_text_matching_head`):
   how often the true caption gets a higher match probability than a RANDOM other caption, and than the HARDEST
   other caption (the most ITC-similar caption of another image whose text differs from every true caption);
+- ITM's per-caption offset: the spread over held-out captions of each one's mean ITM log-odds against images it
+  does not describe, beside the spread of true pairs' log-odds (an offset cancels in text->image re-ranking, not
+  in image->text);
 - the Q-Former LM: its per-token cross-entropy on the held-out captions (no label smoothing), beside the same
   model with the image replaced by a blank one (what the image adds to the generation loss).
 
@@ -31,6 +34,38 @@ def itm_probs(model, pixels: torch.Tensor, tok, texts: list[str]) -> torch.Tenso
     out = model(pixel_values=pixels, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                 use_image_text_matching_head=True)
     return out.logits_per_image.softmax(dim=-1)[:, 1]
+
+
+@torch.no_grad()
+def itm_log_odds(model, pixels: torch.Tensor, tok, texts: list[str]) -> torch.Tensor:
+    """[images, texts] ITM log-odds of a match (logit 1 - logit 0) of every image with every text."""
+    enc = tok(texts, padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    rows = []
+    for image in pixels:
+        logits = model(pixel_values=image[None].expand(len(texts), -1, -1, -1), input_ids=enc["input_ids"],
+                       attention_mask=enc["attention_mask"], use_image_text_matching_head=True).logits_per_image
+        rows.append(logits[:, 1] - logits[:, 0])
+    return torch.stack(rows)
+
+
+def itm_text_offset(model, pixels: torch.Tensor, tok, test, rng: random.Random, n_images: int = 40,
+                    n_texts: int = 80) -> dict[str, float]:
+    """How much of ITM's score a caption carries whatever the image: each caption's mean log-odds against the
+    images it does not describe, spread over captions (std), beside the spread of the true pairs' log-odds.
+    Text->image re-ranking compares images for one caption, where such an offset cancels; image->text compares
+    captions for one image, where it does not."""
+    n_images = min(n_images, len(test))
+    pool = [(i, c) for i in range(n_images) for c in test[i].captions]
+    pool = rng.sample(pool, min(n_texts, len(pool)))
+    odds = itm_log_odds(model, pixels[:n_images], tok, [c for _, c in pool])  # [images, texts]
+    own = torch.tensor([i for i, _ in pool])
+    true = torch.zeros_like(odds, dtype=torch.bool)
+    true[own, torch.arange(len(pool))] = True
+    for t, (_, c) in enumerate(pool):  # another image's identical caption is a true pair too
+        true[[i for i in range(n_images) if c in test[i].captions], t] = True
+    other_mean = (odds * ~true).sum(0) / (~true).sum(0).clamp(min=1)
+    return {"itm_text_offset_std": other_mean.std().item(), "itm_true_log_odds_std": odds[true].std().item(),
+            "itm_true_log_odds_mean": odds[true].mean().item(), "itm_other_log_odds_mean": odds[~true].mean().item()}
 
 
 @torch.no_grad()
@@ -99,6 +134,7 @@ def main() -> None:
         "qformer_lm_loss_heldout": lm,
         "qformer_lm_loss_heldout_blank_image": lm_blind,
         "pairs": len(test),
+        **itm_text_offset(model, pixels, tok, test, rng),
     }
     out.write_text(json.dumps(result, indent=1))
     for k, v in result.items():

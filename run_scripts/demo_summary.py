@@ -33,6 +33,9 @@ rows = [
     ("stage-1 ITM: true caption over the hardest, %", 100 * check1["itm_true_over_hard"], 50.0, "coin flip"),
     ("retrieval-ft ITM: true over random, %", 100 * check_rft["itm_true_over_random"], 50.0, "coin flip"),
     ("retrieval-ft ITM: true over the hardest, %", 100 * check_rft["itm_true_over_hard"], 50.0, "coin flip"),
+    # an offset a caption carries whatever the image: it cancels in text->image re-ranking, not in image->text
+    ("retrieval-ft ITM: per-caption log-odds offset, std", check_rft["itm_text_offset_std"],
+     check_rft["itm_true_log_odds_std"], "true pairs"),
     ("stage-1 Q-Former LM loss, held-out captions", check1["qformer_lm_loss_heldout"],
      check1["qformer_lm_loss_heldout_blank_image"], "blank image"),
     ("CIDEr", caption["cider"], caption["blind/cider"], "image-blind"),
@@ -121,11 +124,12 @@ Synthetic captioned shapes ({len(test)} held-out images), tiny models, CPU. Ever
 (`stage1_pretrain`, `retrieval_coco_ft`, `retrieval_coco_eval`, `stage2_pretrain`, `caption_coco_ft`,
 `caption_coco_eval`, `vqa_vqav2_eval`), with the size/data overlay `preset=tiny`.
 
-**Demo stand-ins, not pretrained models:** the frozen ViT is randomly initialised (frozen, as in BLIP-2; the
-pretrained stand-in `vit/` is opt-in: README, "ITM at tiny size"), the Q-Former starts from a tiny random BERT,
-and the frozen "LLM" is a tiny OPT-architecture model trained on the training captions' text only, and on text-only
-questions about train scenes answered from the scene's description (`data_scripts/train_demo_llm.py`) before stage 2: it
-knows how captions and answers are worded, not what any image shows; it never saw a question with an image.
+**Demo stand-ins, not pretrained models:** the frozen ViT is a tiny ViT pretrained for seconds to name each cell's
+colour and shape on the train images (`vit/`, `data_scripts/pretrain_demo_vit.py`; frozen in stage 1 as in
+BLIP-2), the Q-Former starts from a tiny random BERT, and the frozen "LLM" is a tiny OPT-architecture model trained
+on text only before stage 2: each training caption after its scene's description, and questions about train
+scenes answered from that description (`data_scripts/train_demo_llm.py --caption-context description`): it knows
+how captions and answers are worded and how to read a description, not what any image shows; it never saw an image.
 
 ## Results
 

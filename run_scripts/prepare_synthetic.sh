@@ -32,8 +32,10 @@ if [ -f "$DATA/shards/vg_caption/manifest.json" ] && [ -f "$DATA/bert/config.jso
    && same_world; then
   echo "synthetic data ready in $DATA"; exit 0
 fi
+if [ -e "$DATA" ]; then echo "$DATA is incomplete or of another world (world.json): making it again"; fi
 rm -rf "$DATA"  # generated; a partial or former world is made again whole
-$PY data_scripts/make_synthetic.py "${WORLD[@]}" --out "$DATA" --num-train "${NUM_TRAIN:-3000}" --num-val 100 --num-test "${NUM_TEST:-200}" --seed 0
+$PY data_scripts/make_synthetic.py "${WORLD[@]}" --out "$DATA" --num-train "${NUM_TRAIN:-3000}" --num-val 100 \
+  --num-test "${NUM_TEST:-200}" --seed 0
 $PY data_scripts/train_tokenizer.py --annotations "$DATA/coco/annotations/coco_karpathy_train.json" --out "$DATA/bert" --tiny-bert
 $PY data_scripts/build_shards.py --format karpathy --annotations "$DATA/coco/annotations/coco_karpathy_train.json" \
   --images "$DATA/coco/images" --out "$DATA/shards/coco_karpathy_train" --shard-size 250 --workers 2

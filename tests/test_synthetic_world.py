@@ -56,7 +56,8 @@ def test_world_scenes_identify_their_images_and_the_report_counts_duplicates(tmp
         in r.stdout
     # world.json names the world, as run_scripts/prepare_synthetic.sh compares it before keeping a data dir
     world = json.loads((tmp_path / "w" / "world.json").read_text())
-    assert world["world"] == {"num_colors": 6, "min_objects": 1, "max_objects": 2} and world["splits"]["test"]["images"] == 20
+    assert world["world"] == {"num_colors": 6, "min_objects": 1, "max_objects": 2}
+    assert world["splits"]["test"]["images"] == 20
     r = subprocess.run([sys.executable, "data_scripts/make_synthetic.py", "--out", str(tmp_path / "w11"),
                         "--num-colors", "11"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--num-colors" in r.stderr
@@ -102,6 +103,8 @@ def test_stage1_check_scores_an_export_through_plain_transformers(stage1_export,
     for k in ("itm_match_prob_true", "itm_match_prob_random", "itm_match_prob_hard"):
         assert 0.0 < c[k] < 1.0
     assert math.isfinite(c["qformer_lm_loss_heldout"]) and c["qformer_lm_loss_heldout"] > 0
+    assert c["itm_text_offset_std"] > 0 and c["itm_true_log_odds_std"] > 0
+    assert math.isfinite(c["itm_true_log_odds_mean"]) and math.isfinite(c["itm_other_log_odds_mean"])
     assert c["qformer_lm_loss_heldout"] != c["qformer_lm_loss_heldout_blank_image"]  # the image is an input
 
 
@@ -150,8 +153,9 @@ def test_prepare_synthetic_keeps_a_data_dir_of_its_world_only(tmp_path):
     from blip2_train.data.synthetic import WORLD_VERSION
 
     data = tmp_path / "synthetic"
-    for f in ("shards/vg_caption/manifest.json", "bert/config.json", "llm/config.json",
-              "vqav2/annotations/v2_mscoco_val2014_annotations.json", "vit/model.safetensors"):
+    complete = ("shards/vg_caption/manifest.json", "bert/config.json", "llm/config.json",
+                "vqav2/annotations/v2_mscoco_val2014_annotations.json", "vit/model.safetensors")
+    for f in complete:  # what the script checks for a complete data dir
         (data / f).parent.mkdir(parents=True, exist_ok=True)
         (data / f).write_text("{}")
     env = {**os.environ, "BLIP2_DATA_DIR": str(tmp_path), "PY": sys.executable, "NUM_TRAIN": "0"}
@@ -161,13 +165,19 @@ def test_prepare_synthetic_keeps_a_data_dir_of_its_world_only(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0 and "synthetic data ready" in r.stdout, r.stderr[-2000:]
     assert (data / "llm/config.json").exists()
-    (data / "world.json").write_text(json.dumps({"world_version": WORLD_VERSION,
-                                                 "world": {"num_colors": 6, "min_objects": 1, "max_objects": 2}}))
-    # made again: the old dir goes, then (NUM_TRAIN=0, to stop early) the world's tokenizer has no caption to read
-    r = subprocess.run(["bash", "run_scripts/prepare_synthetic.sh"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert "synthetic data ready" not in r.stdout and not (data / "llm/config.json").exists()
-    assert json.loads((data / "world.json").read_text())["world"] == demo_world
+    # world 1 named, and a world.json from before worlds were named: made again. The old dir goes; then (so that
+    # the test draws and trains nothing) NUM_TRAIN=0 stops the script at make_synthetic.py's usage error
+    for old in ({"world_version": WORLD_VERSION, "world": {"num_colors": 6, "min_objects": 1, "max_objects": 2}},
+                {"world_version": WORLD_VERSION, "splits": {}}):
+        for f in complete:  # complete, so only world.json can make it go
+            (data / f).parent.mkdir(parents=True, exist_ok=True)
+            (data / f).write_text("{}")
+        (data / "world.json").write_text(json.dumps(old))
+        r = subprocess.run(["bash", "run_scripts/prepare_synthetic.sh"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2 and "synthetic data ready" not in r.stdout, r.stdout[-2000:]
+        assert "of another world" in r.stdout and "--num-train/--num-val/--num-test must each be at least 1" in r.stderr
+        assert not (data / "world.json").exists() and not (data / "llm/config.json").exists()
 
 
 def test_caption_ceiling_scores_perfect_and_blind_captions_of_a_world():

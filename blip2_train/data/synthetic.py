@@ -37,7 +37,9 @@ COLORS = {
     "brown": (130, 80, 40),
 }
 SHAPES = ("circle", "square", "triangle")
-# Bumped whenever what make_synthetic draws changes; recorded in world.json (1: one or two shapes, scenes.json)
+# Bumped whenever what make_synthetic draws for the same arguments changes; recorded in world.json beside the
+# arguments that tell worlds apart ("world": num_colors, min/max_objects). 1: scenes.json, the palette's first six
+# colours unchanged by num_colors
 WORLD_VERSION = 1
 POSITIONS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
 
