@@ -51,10 +51,11 @@ s1_train["itm_loss_end"] = sum(last) / len(last)
 # Issue #13's targets: printed and recorded, not yet enforced (README, "ITM at tiny size": what meets them so far)
 targets = {
     "stage-1 ITM loss at the end <= 0.45": s1_train["itm_loss_end"] <= 0.45,
+    # (recalls are float32 percentages: 58.0 - 56.0, four of 200 images, computes as 1.999997)
     "ITM re-ranking beats ITC alone by >= 2 points of text->image R@1":
-        retrieval["img_r1"] - retrieval["itc_only/img_r1"] >= 2.0,
+        retrieval["img_r1"] - retrieval["itc_only/img_r1"] >= 2.0 - 1e-4,
     "ITM re-ranking beats ITC alone by >= 2 points of image->text R@1":
-        retrieval["txt_r1"] - retrieval["itc_only/txt_r1"] >= 2.0,
+        retrieval["txt_r1"] - retrieval["itc_only/txt_r1"] >= 2.0 - 1e-4,
     "stage-1 export's ITM prefers the true caption over a random one in >= 95% of held-out pairs":
         check1["itm_true_over_random"] >= 0.95,
     "text->image R@1 >= 40%": retrieval["img_r1"] >= 40.0,
