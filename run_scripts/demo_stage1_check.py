@@ -7,6 +7,9 @@
 - ITM's per-caption offset: the spread over held-out captions of each one's mean ITM log-odds against images it
   does not describe, beside the spread of true pairs' log-odds (an offset cancels in text->image re-ranking, not
   in image->text);
+- ITM re-ranking of image->text R@1 as the retrieval evaluation does it (ITM match logit + ITC over the ITC top
+  k_test): the images it fixes and breaks, and what the caption it wrongly prefers changes of the image's scene
+  (nothing: a duplicate's caption; only the positions; the number of shapes; their colours or kinds);
 - the Q-Former LM: its per-token cross-entropy on the held-out captions (no label smoothing), beside the same
   model with the image replaced by a blank one (what the image adds to the generation loss).
 
@@ -68,6 +71,49 @@ def itm_text_offset(model, pixels: torch.Tensor, tok, test, rng: random.Random, 
             "itm_true_log_odds_mean": odds[true].mean().item(), "itm_other_log_odds_mean": odds[~true].mean().item()}
 
 
+DIFFERENCES = ("same content", "position", "count", "objects")
+
+
+def difference(scene: dict, other: dict) -> str:
+    """What another image's scene changes of this one's: nothing ("same content": a true caption the metric
+    counts as a miss), only where the shapes are ("position"), how many there are ("count"), or, as many, which
+    colours and kinds ("objects")."""
+    from blip2_train.data.synthetic import content_key
+
+    if content_key(scene) == content_key(other):
+        return "same content"
+    if len(scene["objects"]) != len(other["objects"]):
+        return "count"
+    what = sorted((o["color"], o["shape"]) for o in scene["objects"])
+    return "position" if what == sorted((o["color"], o["shape"]) for o in other["objects"]) else "objects"
+
+
+@torch.no_grad()
+def rerank_changes(model, pixels: torch.Tensor, tok, test, scenes: list[dict], sim: torch.Tensor, pool,
+                   k: int) -> dict[str, float]:
+    """Image->text at R@1 as the retrieval evaluation ranks it (ITM match logit + ITC over the ITC top k), against
+    ITC alone: how many images re-ranking fixes and breaks, and, where it breaks one, what the caption it
+    prefers changes of the image's scene."""
+    texts = [c for _, c in pool]
+    k = min(k, len(texts))
+    out = {"itm_rerank_i2t_fixed": 0, "itm_rerank_i2t_broken": 0}
+    out.update({f"itm_rerank_i2t_broken_by_{d.replace(' ', '_')}": 0 for d in DIFFERENCES})
+    for i in range(len(test)):
+        top = sim[i].topk(k).indices
+        enc = tok([texts[j] for j in top], padding="longest", truncation=True, max_length=64, return_tensors="pt")
+        logits = model(pixel_values=pixels[i:i + 1].expand(k, -1, -1, -1), input_ids=enc["input_ids"],
+                       attention_mask=enc["attention_mask"], use_image_text_matching_head=True).logits_per_image
+        pick = int(top[(logits[:, 1] + sim[i, top]).argmax()])
+        itc_ok, rerank_ok = pool[int(top[0])][0] == i, pool[pick][0] == i
+        if rerank_ok and not itc_ok:
+            out["itm_rerank_i2t_fixed"] += 1
+        elif itc_ok and not rerank_ok:
+            out["itm_rerank_i2t_broken"] += 1
+            kind = difference(scenes[i], scenes[pool[pick][0]]).replace(" ", "_")
+            out[f"itm_rerank_i2t_broken_by_{kind}"] += 1
+    return out
+
+
 @torch.no_grad()
 def itc_scores(model, pixels: torch.Tensor, tok, texts: list[str]) -> torch.Tensor:
     """[images, texts] ITC similarity (transformers: the best query's cosine with the text's [CLS] feature)."""
@@ -102,6 +148,14 @@ def main() -> None:
     size = json.loads((export / "blip2_train.json").read_text())["image_size"]
     transform = EvalTransform(size)
     pixels = torch.stack([load_eval_image(str(data / "coco" / "images" / r.image), transform) for r in test])
+    # the scenes of the test images, in the annotation's order (the synthetic world's scenes.json)
+    scenes_path = data / "coco" / "annotations" / "scenes.json"
+    by_image = {s["image"]: s for s in json.loads(scenes_path.read_text())} if scenes_path.exists() else {}
+    scenes = [by_image[r.image] for r in test] if all(r.image in by_image for r in test) else None
+    # the re-ranking depth of the demo's retrieval evaluation (preset=tiny's eval.k_test, its one owner)
+    from blip2_train.cli.common import compose
+
+    k_test = int(compose("eval", ["experiment=retrieval_coco_eval", "preset=tiny"]).eval.k_test)
     rng = random.Random(0)
     true = [r.captions[0] for r in test]
     pool = [(i, c) for i, r in enumerate(test) for c in r.captions]
@@ -136,6 +190,8 @@ def main() -> None:
         "pairs": len(test),
         **itm_text_offset(model, pixels, tok, test, rng),
     }
+    if scenes is not None:
+        result.update(rerank_changes(model, pixels, tok, test, scenes, sim, pool, k_test))
     out.write_text(json.dumps(result, indent=1))
     for k, v in result.items():
         print(f"{k:<40}{v:.4f}" if isinstance(v, float) else f"{k:<40}{v}")

@@ -36,6 +36,17 @@ rows = [
     # an offset a caption carries whatever the image: it cancels in text->image re-ranking, not in image->text
     ("retrieval-ft ITM: per-caption log-odds offset, std", check_rft["itm_text_offset_std"],
      check_rft["itm_true_log_odds_std"], "true pairs"),
+]
+# image->text R@1 that re-ranking fixes and breaks (of the held-out images), and what the caption it prefers
+# where it breaks one changes of the image's scene (README, "ITM at tiny size")
+if "itm_rerank_i2t_broken" in check_rft:
+    rows += [("retrieval-ft re-rank, image->text: images fixed", check_rft["itm_rerank_i2t_fixed"],
+              check_rft["itm_rerank_i2t_broken"], "broken"),
+             *((f"  broken, the winner: {what}", check_rft[f"itm_rerank_i2t_broken_by_{k}"],
+                check_rft["itm_rerank_i2t_broken"], "broken")
+               for k, what in (("same_content", "a duplicate's caption"), ("position", "the shapes moved"),
+                               ("count", "another shape count"), ("objects", "other colours/kinds")))]
+rows += [
     ("stage-1 Q-Former LM loss, held-out captions", check1["qformer_lm_loss_heldout"],
      check1["qformer_lm_loss_heldout_blank_image"], "blank image"),
     ("CIDEr", caption["cider"], caption["blind/cider"], "image-blind"),
@@ -128,8 +139,9 @@ Synthetic captioned shapes ({len(test)} held-out images), tiny models, CPU. Ever
 **Demo stand-ins, not pretrained models:** the frozen ViT is a tiny ViT pretrained for seconds to name each cell's
 colour and shape on the train images (`vit/`, `data_scripts/pretrain_demo_vit.py`; frozen in stage 1 as in
 BLIP-2), the Q-Former starts from a tiny random BERT, and the frozen "LLM" is a tiny OPT-architecture model trained
-on text only before stage 2: each training caption after its scene's description, and questions about train
-scenes answered from that description (`data_scripts/train_demo_llm.py --caption-context description`): it knows
+on text only before stage 2: each training caption after its scene's description (half of them after caption
+fine-tuning's prompt "a photo of"), and questions about train scenes answered from that description
+(`data_scripts/train_demo_llm.py --caption-context description --caption-prompt "a photo of"`): it knows
 how captions and answers are worded and how to read a description, not what any image shows; it never saw an image.
 
 ## Results

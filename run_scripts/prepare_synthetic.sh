@@ -4,9 +4,15 @@
 # shards/coco_karpathy_train and shards/vg_caption, the VQA sets vqav2/ okvqa/ gqa/ on the test images, and the
 # three demo stand-ins: bert/ (tokenizer + tiny random BERT), vit/ (the tiny ViT pretrained for seconds to name
 # each cell's colour and shape on the train images: the frozen image encoder) and llm/ (tiny OPT trained on the
-# captions' text, each after its scene's description, and on text-only questions answered from that description).
+# captions' text, each after its scene's description (half also after caption fine-tuning's prompt), and on
+# text-only questions answered from that description).
 # Idempotent: an existing, complete dataset is kept.
+#   bash run_scripts/prepare_synthetic.sh [all|data|llm]
+# `data`: all but the LLM stand-in; `llm`: the LLM stand-in alone, on the data (make demo trains it beside stage
+# 1, which does not read it); `all` (the default): both.
 set -euo pipefail
+PART=${1:-all}
+case "$PART" in all|data|llm) ;; *) echo "usage: prepare_synthetic.sh [all|data|llm] (got '$PART')" >&2; exit 2;; esac
 PY=${PY:-.venv/bin/python}
 DATA=${BLIP2_DATA_DIR:-data}/synthetic
 # The demo's world: one to three shapes per image, ten colours (README, "ITM at tiny size": two or more shapes and
@@ -27,25 +33,49 @@ want = {a[i].lstrip("-").replace("-", "_"): int(a[i + 1]) for i in range(0, len(
 sys.exit(0 if w.get("world_version") == WORLD_VERSION and w.get("world") == want else 1)
 PYEOF
 }
-if [ -f "$DATA/shards/vg_caption/manifest.json" ] && [ -f "$DATA/bert/config.json" ] && [ -f "$DATA/llm/config.json" ] \
-   && [ -f "$DATA/vqav2/annotations/v2_mscoco_val2014_annotations.json" ] && [ -f "$DATA/vit/model.safetensors" ] \
-   && same_world; then
-  echo "synthetic data ready in $DATA"; exit 0
+# The LLM stand-in's recipe (llm/recipe.txt): an LLM trained another way is trained again. The prompt is
+# experiment=caption_coco_ft's model.text.prompt (its owner; a test keeps the two equal)
+LLM=(--caption-context description --caption-prompt "a photo of" --steps 700)
+data_ready() {
+  [ -f "$DATA/shards/vg_caption/manifest.json" ] && [ -f "$DATA/bert/config.json" ] \
+    && [ -f "$DATA/vqav2/annotations/v2_mscoco_val2014_annotations.json" ] && [ -f "$DATA/vit/model.safetensors" ] \
+    && same_world
+}
+llm_ready() {
+  [ -f "$DATA/llm/config.json" ] && [ "$(cat "$DATA/llm/recipe.txt" 2>/dev/null)" = "${LLM[*]}" ]
+}
+
+if [ "$PART" != llm ]; then
+  if data_ready; then
+    echo "synthetic data ready in $DATA"
+  else
+    if [ -e "$DATA" ]; then echo "$DATA is incomplete or of another world (world.json): making it again"; fi
+    rm -rf "$DATA"  # generated; a partial or former world is made again whole
+    $PY data_scripts/make_synthetic.py "${WORLD[@]}" --out "$DATA" --num-train "${NUM_TRAIN:-3000}" --num-val 100 \
+      --num-test "${NUM_TEST:-200}" --seed 0
+    $PY data_scripts/train_tokenizer.py --annotations "$DATA/coco/annotations/coco_karpathy_train.json" \
+      --out "$DATA/bert" --tiny-bert
+    $PY data_scripts/build_shards.py --format karpathy --annotations "$DATA/coco/annotations/coco_karpathy_train.json" \
+      --images "$DATA/coco/images" --out "$DATA/shards/coco_karpathy_train" --shard-size 250 --workers 2
+    $PY data_scripts/build_shards.py --format vg --annotations "$DATA/vg/annotations/vg_caption.json" \
+      --images "$DATA/vg/images" --out "$DATA/shards/vg_caption" --shard-size 250 --workers 2
+    echo "DEMO STAND-IN for a pretrained image encoder (opt-in: paths.vision_checkpoint=$DATA/vit): the tiny ViT,"
+    echo "pretrained on the train images to name each cell's colour and shape (no caption, no held-out image)"
+    $PY data_scripts/pretrain_demo_vit.py --data-dir "$DATA" --out "$DATA/vit"
+  fi
 fi
-if [ -e "$DATA" ]; then echo "$DATA is incomplete or of another world (world.json): making it again"; fi
-rm -rf "$DATA"  # generated; a partial or former world is made again whole
-$PY data_scripts/make_synthetic.py "${WORLD[@]}" --out "$DATA" --num-train "${NUM_TRAIN:-3000}" --num-val 100 \
-  --num-test "${NUM_TEST:-200}" --seed 0
-$PY data_scripts/train_tokenizer.py --annotations "$DATA/coco/annotations/coco_karpathy_train.json" --out "$DATA/bert" --tiny-bert
-$PY data_scripts/build_shards.py --format karpathy --annotations "$DATA/coco/annotations/coco_karpathy_train.json" \
-  --images "$DATA/coco/images" --out "$DATA/shards/coco_karpathy_train" --shard-size 250 --workers 2
-$PY data_scripts/build_shards.py --format vg --annotations "$DATA/vg/annotations/vg_caption.json" \
-  --images "$DATA/vg/images" --out "$DATA/shards/vg_caption" --shard-size 250 --workers 2
-echo "DEMO STAND-IN for a pretrained image encoder (opt-in: paths.vision_checkpoint=$DATA/vit): the tiny ViT,"
-echo "pretrained on the train images to name each cell's colour and shape (no caption, no held-out image)"
-$PY data_scripts/pretrain_demo_vit.py --data-dir "$DATA" --out "$DATA/vit"
-echo "DEMO STAND-IN for a pretrained LLM: tiny OPT trained on text only: the captions, each after its scene's description,"
-echo "and questions about the train scenes answered from it (the reading a real LLM brings to the soft prompt and to"
-echo "zero-shot VQA; never an image)"
-$PY data_scripts/train_demo_llm.py --annotations "$DATA/coco/annotations/coco_karpathy_train.json" --out "$DATA/llm" \
-  --qa-data-dir "$DATA" --caption-context description --steps 800
+if [ "$PART" != data ]; then
+  if ! data_ready; then echo "no synthetic data in $DATA for the LLM stand-in: run prepare_synthetic.sh data first" >&2; exit 2; fi
+  if llm_ready; then
+    echo "LLM stand-in ready in $DATA/llm"
+  else
+    if [ -e "$DATA/llm" ]; then echo "$DATA/llm was trained another way (llm/recipe.txt): training it again"; fi
+    rm -rf "$DATA/llm"
+    echo "DEMO STAND-IN for a pretrained LLM: tiny OPT trained on text only: the captions, each after its scene's"
+    echo "description (half of them also after caption fine-tuning's prompt), and questions about the train scenes"
+    echo "answered from it (the reading a real LLM brings to the soft prompt and to zero-shot VQA; never an image)"
+    $PY data_scripts/train_demo_llm.py --annotations "$DATA/coco/annotations/coco_karpathy_train.json" --out "$DATA/llm" \
+      --qa-data-dir "$DATA" "${LLM[@]}"
+    echo "${LLM[*]}" > "$DATA/llm/recipe.txt"
+  fi
+fi

@@ -106,6 +106,28 @@ def test_stage1_check_scores_an_export_through_plain_transformers(stage1_export,
     assert c["itm_text_offset_std"] > 0 and c["itm_true_log_odds_std"] > 0
     assert math.isfinite(c["itm_true_log_odds_mean"]) and math.isfinite(c["itm_other_log_odds_mean"])
     assert c["qformer_lm_loss_heldout"] != c["qformer_lm_loss_heldout_blank_image"]  # the image is an input
+    # re-ranking's image->text changes: counts of the 24 images, each broken one of exactly one kind
+    kinds = ("same_content", "position", "count", "objects")
+    assert 0 <= c["itm_rerank_i2t_fixed"] <= 24 and 0 <= c["itm_rerank_i2t_broken"] <= 24
+    assert sum(c[f"itm_rerank_i2t_broken_by_{k}"] for k in kinds) == c["itm_rerank_i2t_broken"]
+
+
+def test_stage1_check_names_what_a_scene_change_is():
+    """demo_stage1_check.difference: what another scene changes of one, in the order the check reports them."""
+    sys.path.insert(0, str(REPO / "run_scripts"))
+    try:
+        from demo_stage1_check import difference
+    finally:
+        sys.path.pop(0)
+
+    def scene(*objs):
+        return {"objects": [{"color": c, "shape": s, "row": r, "col": k} for c, s, r, k in objs]}
+
+    a = scene(("red", "circle", 0, 0), ("blue", "square", 1, 1))
+    assert difference(a, scene(("blue", "square", 1, 1), ("red", "circle", 0, 0))) == "same content"
+    assert difference(a, scene(("red", "circle", 1, 1), ("blue", "square", 0, 0))) == "position"
+    assert difference(a, scene(("red", "circle", 0, 0))) == "count"
+    assert difference(a, scene(("red", "square", 0, 0), ("blue", "square", 1, 1))) == "objects"
 
 
 def test_demo_llm_reads_the_scene_description_when_asked(synth, tmp_path):
@@ -130,6 +152,11 @@ def test_demo_llm_reads_the_scene_description_when_asked(synth, tmp_path):
         assert named(context) == named(caption), (context, caption)
         orders.add(context)
     assert len(orders) > 1
+    # with caption fine-tuning's prompt, every caption is read as it is, and about half of them also after it
+    prompted = described_captions(str(synth["dir"]), records, "a photo of")
+    after = [c[len("a photo of "):] for _, c in prompted if c.startswith("a photo of ")]
+    assert sorted(c for _, c in prompted if not c.startswith("a photo of ")) == sorted(c for _, c in pairs)
+    assert 0.3 < len(after) / len(pairs) < 0.7 and set(after) <= {c for _, c in pairs}
     ann = str(synth["ann"]["train"])
     r = subprocess.run([sys.executable, "data_scripts/train_demo_llm.py", "--annotations", ann, "--out",
                         str(tmp_path / "llm"), "--qa-data-dir", str(synth["dir"]), "--caption-context", "description",
@@ -143,28 +170,63 @@ def test_demo_llm_reads_the_scene_description_when_asked(synth, tmp_path):
                         str(tmp_path / "llm2"), "--caption-context", "description"], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "give --qa-data-dir" in r.stderr
+    r = subprocess.run([sys.executable, "data_scripts/train_demo_llm.py", "--annotations", ann, "--out",
+                        str(tmp_path / "llm3"), "--caption-prompt", "a photo of"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--caption-prompt needs --caption-context description" in r.stderr
+
+
+def test_demo_llm_reads_the_prompt_caption_fine_tuning_gives_it():
+    """prepare_synthetic.sh trains the LLM stand-in with experiment=caption_coco_ft's own prompt (its one owner)."""
+    from blip2_train.cli.common import compose
+
+    prompt = compose("train", ["experiment=caption_coco_ft", "preset=tiny"]).model.text.prompt
+    assert prompt and f'--caption-prompt "{prompt}"' in (REPO / "run_scripts/prepare_synthetic.sh").read_text()
 
 
 def test_prepare_synthetic_keeps_a_data_dir_of_its_world_only(tmp_path):
     """run_scripts/prepare_synthetic.sh keeps a complete data dir whose world.json names the demo's world, and
-    makes any other one again (a data dir of world 1, the one-or-two-shape world make demo used before)."""
+    makes any other one again (a data dir of world 1, the one-or-two-shape world make demo used before); its
+    `data` and `llm` parts; an LLM stand-in of another recipe (llm/recipe.txt) is trained again."""
     import os
+    import re
+    import shlex
 
     from blip2_train.data.synthetic import WORLD_VERSION
 
+    script = (REPO / "run_scripts/prepare_synthetic.sh").read_text()
+    recipe = " ".join(shlex.split(re.search(r"^LLM=\((.*)\)$", script, re.M).group(1)))  # bash's "${LLM[*]}"
     data = tmp_path / "synthetic"
     complete = ("shards/vg_caption/manifest.json", "bert/config.json", "llm/config.json",
                 "vqav2/annotations/v2_mscoco_val2014_annotations.json", "vit/model.safetensors")
     for f in complete:  # what the script checks for a complete data dir
         (data / f).parent.mkdir(parents=True, exist_ok=True)
         (data / f).write_text("{}")
+    (data / "llm/recipe.txt").write_text(recipe + "\n")
     env = {**os.environ, "BLIP2_DATA_DIR": str(tmp_path), "PY": sys.executable, "NUM_TRAIN": "0"}
+
+    def prepare(*part: str, timeout: int = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "run_scripts/prepare_synthetic.sh", *part], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
     demo_world = {"num_colors": 10, "min_objects": 1, "max_objects": 3}
     (data / "world.json").write_text(json.dumps({"world_version": WORLD_VERSION, "world": demo_world}))
-    r = subprocess.run(["bash", "run_scripts/prepare_synthetic.sh"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0 and "synthetic data ready" in r.stdout, r.stderr[-2000:]
+    r = prepare()
+    assert r.returncode == 0 and "synthetic data ready" in r.stdout and "LLM stand-in ready" in r.stdout, r.stderr
     assert (data / "llm/config.json").exists()
+    r = prepare("data")
+    assert r.returncode == 0 and "synthetic data ready" in r.stdout and "LLM" not in r.stdout, r.stderr
+    r = prepare("vit")
+    assert r.returncode == 2 and "usage: prepare_synthetic.sh [all|data|llm] (got 'vit')" in r.stderr
+    # an LLM stand-in of another recipe (one trained before the caption prompt) is trained again, alone: here
+    # the fake data dir stops its training at once, the data kept
+    (data / "llm/recipe.txt").write_text("--caption-context description --steps 800\n")
+    r = prepare("llm")
+    assert r.returncode != 0 and "trained another way (llm/recipe.txt): training it again" in r.stdout, r.stdout
+    assert not (data / "llm/config.json").exists() and (data / "vit/model.safetensors").exists()
+    (data / "llm/config.json").parent.mkdir(exist_ok=True)
+    (data / "llm/config.json").write_text("{}")
+    (data / "llm/recipe.txt").write_text(recipe + "\n")
     # world 1 named, and a world.json from before worlds were named: made again. The old dir goes; then (so that
     # the test draws and trains nothing) NUM_TRAIN=0 stops the script at make_synthetic.py's usage error
     for old in ({"world_version": WORLD_VERSION, "world": {"num_colors": 6, "min_objects": 1, "max_objects": 2}},
@@ -173,11 +235,12 @@ def test_prepare_synthetic_keeps_a_data_dir_of_its_world_only(tmp_path):
             (data / f).parent.mkdir(parents=True, exist_ok=True)
             (data / f).write_text("{}")
         (data / "world.json").write_text(json.dumps(old))
-        r = subprocess.run(["bash", "run_scripts/prepare_synthetic.sh"], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=300)
+        r = prepare(timeout=300)
         assert r.returncode == 2 and "synthetic data ready" not in r.stdout, r.stdout[-2000:]
         assert "of another world" in r.stdout and "--num-train/--num-val/--num-test must each be at least 1" in r.stderr
         assert not (data / "world.json").exists() and not (data / "llm/config.json").exists()
+    r = prepare("llm")  # no data to train the LLM stand-in on
+    assert r.returncode == 2 and "run prepare_synthetic.sh data first" in r.stderr
 
 
 def test_caption_ceiling_scores_perfect_and_blind_captions_of_a_world():
