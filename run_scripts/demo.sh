@@ -28,23 +28,7 @@ step() { echo; echo "== $* ==  [$(( ($(date +%s) - START) / 60 )) min $(( ($(dat
 # thread speeds a process up by almost nothing (300 stage-1 steps: 68 s on 2 threads, 69 s on 1), and the
 # import and start-up seconds of one job overlap the other's work (README, "Two commands": what it saves).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-declare -A JOB
-background() {  # background NAME CMD...: CMD runs beside the next steps, its output in $OUT/logs/NAME.log
-  local name=$1; shift
-  "$@" > "$OUT/logs/$name.log" 2>&1 &
-  JOB[$name]=$!
-  echo "   ($name runs in the background: $OUT/logs/$name.log)"
-}
-finish() {  # finish NAME: wait for a background job; its failure fails the demo, with the end of its log
-  local name=$1
-  if ! wait "${JOB[$name]}"; then
-    echo "make demo: '$name' failed; the end of $OUT/logs/$name.log:" >&2
-    tail -n 40 "$OUT/logs/$name.log" >&2
-    exit 1
-  fi
-  echo "   ($name done: $OUT/logs/$name.log)"
-}
-trap 'jobs -p | xargs -r kill 2>/dev/null' EXIT  # a failed demo leaves no job running
+source run_scripts/demo_jobs.sh  # background / check / finish
 
 step "0/10 synthetic world in the real data layout, with the demo stand-ins for BERT and the ViT"
 bash run_scripts/prepare_synthetic.sh data
@@ -81,10 +65,12 @@ step "7/10 export stage 2 (Blip2ForConditionalGeneration + Blip2Processor)"
 $BIN/blip2-export "$OUT/stage2/checkpoints/last.ckpt" --out "$OUT/export_stage2"
 # zero-shot VQA of the stage-2 export, with the image-blind baseline
 background vqa env PY="$PY" bash run_scripts/demo_vqa.sh "$OUT" "${ARCH[@]}"
+check retrieval
 step "8/10 COCO caption fine-tuning: prompt \"a photo of\", ViT unfrozen  [experiment=caption_coco_ft]"
 $BIN/blip2-train experiment=caption_coco_ft "${TINY[@]}" paths.stage2_checkpoint="$OUT/export_stage2" \
   module.lr=1e-4 trainer.max_steps=300 eval.enabled=false paths.output_dir="$OUT/caption_ft" "$@"
 $BIN/blip2-export "$OUT/caption_ft/checkpoints/last.ckpt" --out "$OUT/export_caption"
+check retrieval; check vqa
 step "9/10 captioning evaluation of the export, with the image-blind baseline  [experiment=caption_coco_eval]"
 $BIN/blip2-eval experiment=caption_coco_eval "${EVAL[@]}" paths.stage2_checkpoint="$OUT/export_caption" \
   eval.image_blind_baseline=true paths.output_dir="$OUT/eval_caption"

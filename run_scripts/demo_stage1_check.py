@@ -7,8 +7,9 @@
 - ITM's per-caption offset: the spread over held-out captions of each one's mean ITM log-odds against images it
   does not describe, beside the spread of true pairs' log-odds (an offset cancels in text->image re-ranking, not
   in image->text);
-- ITM re-ranking of image->text R@1 as the retrieval evaluation does it (ITM match logit + ITC over the ITC top
-  k_test): the images it fixes and breaks, and what the caption it wrongly prefers changes of the image's scene
+- ITM re-ranking of image->text R@1 as the retrieval evaluation computes it (its functions, on the export
+  `blip2_train.load` gives: ITM match logit + ITC over the ITC top k_test), against ITC alone: the images it
+  fixes and breaks, and what the caption it wrongly prefers changes of the image's scene
   (nothing: a duplicate's caption; only the positions; the number of shapes; their colours or kinds);
 - the Q-Former LM: its per-token cross-entropy on the held-out captions (no label smoothing), beside the same
   model with the image replaced by a blank one (what the image adds to the generation loss).
@@ -89,28 +90,36 @@ def difference(scene: dict, other: dict) -> str:
 
 
 @torch.no_grad()
-def rerank_changes(model, pixels: torch.Tensor, tok, test, scenes: list[dict], sim: torch.Tensor, pool,
-                   k: int) -> dict[str, float]:
-    """Image->text at R@1 as the retrieval evaluation ranks it (ITM match logit + ITC over the ITC top k), against
-    ITC alone: how many images re-ranking fixes and breaks, and, where it breaks one, what the caption it
-    prefers changes of the image's scene."""
-    texts = [c for _, c in pool]
-    k = min(k, len(texts))
-    out = {"itm_rerank_i2t_fixed": 0, "itm_rerank_i2t_broken": 0}
+def rerank_changes(scorer, pixels: torch.Tensor, test, scenes: list[dict], k: int) -> dict[str, int]:
+    """Image->text R@1 as the retrieval evaluation computes it (`blip2_train.eval.retrieval`, on the export
+    `blip2_train.load` gives: ITM match logit + ITC over the ITC top k, its tie rule), against ITC alone under the
+    same rule: the images re-ranking fixes and breaks, and, where it breaks one, what the caption it prefers
+    changes of the image's scene."""
+    from blip2_train.eval import retrieval
+
+    m, tok = scorer.model, scorer.tokenizer
+    texts = [c for r in test for c in r.captions]
+    txt2img = [i for i, r in enumerate(test) for _ in r.captions]
+    img2txt = [[t for t, i in enumerate(txt2img) if i == n] for n in range(len(test))]
+    enc = tok(texts, padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    embeds, feats = m.retrieval_image_embeds(pixels)
+    sim = retrieval.itc_similarity(feats, m.retrieval_text_feat(ids, mask))
+
+    def score_pairs(pairs: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.itm_forward(embeds[p[:, 0]].float(), ids[p[:, 1]], mask[p[:, 1]])[:, 1].float()
+                          for p in pairs.split(256)])
+
+    i2t, t2i = retrieval.rerank(sim, k, score_pairs)
+    reranked = retrieval.ranks_from_candidates(i2t, t2i, txt2img, img2txt, sim)[0]
+    itc_alone = retrieval.itc_ranks(sim, txt2img, img2txt)[0]
+    out = {"itm_rerank_i2t_fixed": int(((reranked == 0) & (itc_alone > 0)).sum()),
+           "itm_rerank_i2t_broken": int(((itc_alone == 0) & (reranked > 0)).sum())}
     out.update({f"itm_rerank_i2t_broken_by_{d.replace(' ', '_')}": 0 for d in DIFFERENCES})
-    for i in range(len(test)):
-        top = sim[i].topk(k).indices
-        enc = tok([texts[j] for j in top], padding="longest", truncation=True, max_length=64, return_tensors="pt")
-        logits = model(pixel_values=pixels[i:i + 1].expand(k, -1, -1, -1), input_ids=enc["input_ids"],
-                       attention_mask=enc["attention_mask"], use_image_text_matching_head=True).logits_per_image
-        pick = int(top[(logits[:, 1] + sim[i, top]).argmax()])
-        itc_ok, rerank_ok = pool[int(top[0])][0] == i, pool[pick][0] == i
-        if rerank_ok and not itc_ok:
-            out["itm_rerank_i2t_fixed"] += 1
-        elif itc_ok and not rerank_ok:
-            out["itm_rerank_i2t_broken"] += 1
-            kind = difference(scenes[i], scenes[pool[pick][0]]).replace(" ", "_")
-            out[f"itm_rerank_i2t_broken_by_{kind}"] += 1
+    for i in ((itc_alone == 0) & (reranked > 0)).nonzero().flatten().tolist():
+        scores, index = i2t.score[i], i2t.index[i]
+        winner = int(index[scores == scores.max()].min())  # the evaluation's tie rule: the smaller column
+        out[f"itm_rerank_i2t_broken_by_{difference(scenes[i], scenes[txt2img[winner]]).replace(' ', '_')}"] += 1
     return out
 
 
@@ -191,7 +200,7 @@ def main() -> None:
         **itm_text_offset(model, pixels, tok, test, rng),
     }
     if scenes is not None:
-        result.update(rerank_changes(model, pixels, tok, test, scenes, sim, pool, k_test))
+        result.update(rerank_changes(scorer, pixels, test, scenes, k_test))
     out.write_text(json.dumps(result, indent=1))
     for k, v in result.items():
         print(f"{k:<40}{v:.4f}" if isinstance(v, float) else f"{k:<40}{v}")

@@ -46,6 +46,11 @@ if "itm_rerank_i2t_broken" in check_rft:
                 check_rft["itm_rerank_i2t_broken"], "broken")
                for k, what in (("same_content", "a duplicate's caption"), ("position", "the shapes moved"),
                                ("count", "another shape count"), ("objects", "other colours/kinds")))]
+    # the check ranks as the evaluation does: its fixed - broken is the evaluation's image->text R@1 change
+    net = check_rft["itm_rerank_i2t_fixed"] - check_rft["itm_rerank_i2t_broken"]
+    if net != round((retrieval["txt_r1"] - retrieval["itc_only/txt_r1"]) * len(test) / 100):
+        print(f"warning: retrieval_check.json's re-ranking changes (net {net:+d} images) disagree with the "
+              f"evaluation's image->text R@1 ({retrieval['txt_r1']:.1f} vs {retrieval['itc_only/txt_r1']:.1f} alone)")
 rows += [
     ("stage-1 Q-Former LM loss, held-out captions", check1["qformer_lm_loss_heldout"],
      check1["qformer_lm_loss_heldout_blank_image"], "blank image"),

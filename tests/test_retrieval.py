@@ -46,6 +46,26 @@ def test_fast_protocol_equals_naive(seed, k):
     assert calls[0] <= min(k, sim.shape[1]) * sim.shape[0] + min(k, sim.shape[0]) * sim.shape[1]
 
 
+def test_itc_alone_breaks_ties_as_the_reranked_ranks_do():
+    """Repeated captions give exact ITC ties (another image's identical caption). ITC alone must rank them by the
+    rule the re-ranked ranks use (the smaller index first): counting a tie a hit for ITC alone only charged
+    re-ranking for every duplicate caption. Equal to the dense stable argsort, and to re-ranking every column
+    with an ITM that adds nothing."""
+    sim, itm, txt2img, img2txt = random_case(20, 4, 5)
+    sim = sim.round(decimals=0)  # many exact ties: within rows, within columns
+    for i in range(0, 20, 2):  # image i+1's first caption is image i's first caption, again
+        sim[:, img2txt[i + 1][0]] = sim[:, img2txt[i][0]]
+    fast = retrieval.itc_ranks(sim, txt2img, img2txt)
+    dense = retrieval.ranks_from_dense(sim, sim.t(), txt2img, img2txt)
+    assert torch.equal(fast[0], dense[0]) and torch.equal(fast[1], dense[1])
+    # every column a candidate and an ITM that adds nothing: the re-ranked ranks are ITC's, ties included
+    i2t, t2i = retrieval.rerank(sim, len(txt2img), lambda p: torch.zeros(p.shape[0]))
+    reranked = retrieval.ranks_from_candidates(i2t, t2i, txt2img, img2txt, sim)
+    assert torch.equal(reranked[0], fast[0]) and torch.equal(reranked[1], fast[1])
+    strict = (sim > sim[torch.tensor(txt2img), torch.arange(len(txt2img))][None]).sum(0)  # ties counted hits
+    assert (strict < fast[1]).any()  # the case has ties that the rule decides
+
+
 def test_recall_beyond_k_test_comes_from_itc_order():
     """A target outside the k_test candidates is ranked by ITC after them, not given rank k: with k_test=1 (the
     candidate is ITC's top-1 anyway) every R@K equals the ITC ranking's, and R@5 is not inflated to 100."""

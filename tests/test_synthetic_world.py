@@ -261,3 +261,38 @@ def test_caption_ceiling_scores_perfect_and_blind_captions_of_a_world():
     r = subprocess.run([sys.executable, "data_scripts/caption_ceiling.py", "--images", "40", "--candidates", "5"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "x the image-blind" in r.stdout and "best of 5 fixed captions" in r.stdout, r.stderr
+
+
+def test_demo_background_jobs_fail_the_demo_early_and_leave_nothing_running(tmp_path):
+    """run_scripts/demo_jobs.sh, as make demo uses it: a failed background job stops the demo at the next
+    `check` (exit 1, the end of its log on stderr), a finished one is finished once, and on exit a job still
+    running is stopped with its children."""
+    import os
+    import time
+
+    script = tmp_path / "demo.sh"
+    script.write_text(f"""set -euo pipefail
+OUT={tmp_path}/out; mkdir -p "$OUT/logs"
+source run_scripts/demo_jobs.sh
+background ok bash -c 'echo fine'
+background sleeper bash -c 'sleep 300 & echo $! > {tmp_path}/child.pid; wait'
+background bad bash -c 'echo some output; echo boom >&2; exit 3'
+sleep 1
+check ok; check ok; finish ok
+check bad
+echo not reached
+""")
+    r = subprocess.run(["bash", str(script)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "not reached" not in r.stdout, (r.stdout, r.stderr)
+    assert r.stdout.count("(ok done") == 1
+    assert "'bad' failed (exit status 3)" in r.stderr and "some output\nboom" in r.stderr
+    child = int((tmp_path / "child.pid").read_text())
+    for _ in range(50):  # the sleeper's child went with its process group
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        raise AssertionError("a background job's child outlived the demo")

@@ -142,16 +142,24 @@ def recall_metrics(ranks_i2t: torch.Tensor, ranks_t2i: torch.Tensor) -> dict[str
 
 
 def itc_ranks(sim: torch.Tensor, txt2img: list[int], img2txt: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-based ranks by the ITC matrix [N_img, N_txt] alone (no ITM re-ranking): the number of candidates
-    scoring strictly higher than the true one (an image: its best caption). Vectorised: no sort."""
+    """0-based ranks by the ITC matrix [N_img, N_txt] alone (no ITM re-ranking), vectorised (no sort): the
+    columns scoring higher than the true one (an image: its best caption), plus those scoring the same with a
+    smaller index. That is the tie rule of `candidate_rank` and `ranks_from_dense`: ITC alone and re-ranked are
+    compared under one rule. Ties are exact wherever captions repeat: an identical caption of another image has
+    the same ITC, and counting the tie a hit for ITC alone only would charge re-ranking for it."""
     n_img, n_txt = sim.shape
-    true_t2i = sim[torch.tensor(txt2img), torch.arange(n_txt)]  # [N_txt]
-    ranks_t2i = (sim > true_t2i[None, :]).sum(dim=0)
+    rows, cols = torch.arange(n_img), torch.arange(n_txt)
+    true_img = torch.tensor(txt2img, dtype=torch.long)
+    true_t2i = sim[true_img, cols]  # [N_txt]
+    ranks_t2i = (sim > true_t2i[None, :]).sum(dim=0) + ((sim == true_t2i[None, :]) & (rows[:, None] < true_img)).sum(dim=0)
     owner = torch.full((n_txt,), -1, dtype=torch.long)
     for i, texts in enumerate(img2txt):
         owner[torch.tensor(texts, dtype=torch.long)] = i
-    true_i2t = sim.masked_fill(owner[None, :] != torch.arange(n_img)[:, None], float("-inf")).amax(dim=1)  # [N_img]
-    ranks_i2t = (sim > true_i2t[:, None]).sum(dim=1)
+    mine = owner[None, :] == rows[:, None]  # [N_img, N_txt]: the image's own captions
+    true_i2t = sim.masked_fill(~mine, float("-inf")).amax(dim=1)  # [N_img]: its best caption's ITC
+    at_best = sim == true_i2t[:, None]
+    first = torch.where(mine & at_best, cols[None, :], n_txt).amin(dim=1)  # the smallest own column at that ITC
+    ranks_i2t = (sim > true_i2t[:, None]).sum(dim=1) + (at_best & (cols[None, :] < first[:, None])).sum(dim=1)
     return ranks_i2t, ranks_t2i
 
 
