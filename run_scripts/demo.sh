@@ -26,7 +26,7 @@ START=$(date +%s); export DEMO_START=$START  # demo_summary.py records the time 
 step() { echo; echo "== $* ==  [$(( ($(date +%s) - START) / 60 )) min $(( ($(date +%s) - START) % 60 )) s]"; }
 # Two jobs at a time, one thread each, where one does not read the other's output: at these sizes a second
 # thread speeds a process up by almost nothing (300 stage-1 steps: 68 s on 2 threads, 69 s on 1), and the
-# import and start-up seconds of one job overlap the other's work (README, "Two commands": what it saves).
+# import and start-up seconds of one job overlap the other's work (README, "ITM at tiny size": what it saves).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 source run_scripts/demo_jobs.sh  # background / check / finish
 
