@@ -28,28 +28,30 @@ import torch
 import torch.nn.functional as F
 
 from blip2_train.data.annotations import read_annotations
-from blip2_train.data.eval_sets import load_eval_image
+from blip2_train.data.eval_sets import CaptionedImages, load_eval_image
 from blip2_train.data.transforms import EvalTransform
 
 
+def tokenize(tok, texts: list[str]):
+    return tok(texts, padding="longest", truncation=True, max_length=64, return_tensors="pt")
+
+
 @torch.no_grad()
+def itm_logits(model, pixels: torch.Tensor, enc) -> torch.Tensor:
+    """[N, 2] ITM logits (no match, match) of pixels[n] with the tokenised text n."""
+    return model(pixel_values=pixels, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                 use_image_text_matching_head=True).logits_per_image
+
+
 def itm_probs(model, pixels: torch.Tensor, tok, texts: list[str]) -> torch.Tensor:
-    enc = tok(texts, padding="longest", truncation=True, max_length=64, return_tensors="pt")
-    out = model(pixel_values=pixels, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                use_image_text_matching_head=True)
-    return out.logits_per_image.softmax(dim=-1)[:, 1]
+    return itm_logits(model, pixels, tokenize(tok, texts)).softmax(dim=-1)[:, 1]
 
 
-@torch.no_grad()
 def itm_log_odds(model, pixels: torch.Tensor, tok, texts: list[str]) -> torch.Tensor:
     """[images, texts] ITM log-odds of a match (logit 1 - logit 0) of every image with every text."""
-    enc = tok(texts, padding="longest", truncation=True, max_length=64, return_tensors="pt")
-    rows = []
-    for image in pixels:
-        logits = model(pixel_values=image[None].expand(len(texts), -1, -1, -1), input_ids=enc["input_ids"],
-                       attention_mask=enc["attention_mask"], use_image_text_matching_head=True).logits_per_image
-        rows.append(logits[:, 1] - logits[:, 0])
-    return torch.stack(rows)
+    enc = tokenize(tok, texts)
+    logits = [itm_logits(model, image[None].expand(len(texts), -1, -1, -1), enc) for image in pixels]
+    return torch.stack([row[:, 1] - row[:, 0] for row in logits])
 
 
 def itm_text_offset(model, pixels: torch.Tensor, tok, test, rng: random.Random, n_images: int = 40,
@@ -90,18 +92,17 @@ def difference(scene: dict, other: dict) -> str:
 
 
 @torch.no_grad()
-def rerank_changes(scorer, pixels: torch.Tensor, test, scenes: list[dict], k: int) -> dict[str, int]:
+def rerank_changes(scorer, pixels: torch.Tensor, captioned: CaptionedImages, scenes: list[dict],
+                   k: int) -> dict[str, int]:
     """Image->text R@1 as the retrieval evaluation computes it (`blip2_train.eval.retrieval`, on the export
     `blip2_train.load` gives: ITM match logit + ITC over the ITC top k, its tie rule), against ITC alone under the
     same rule: the images re-ranking fixes and breaks, and, where it breaks one, what the caption it prefers
-    changes of the image's scene."""
+    changes of the image's scene. `captioned`: the test split as the evaluation reads it (its cleaned texts)."""
     from blip2_train.eval import retrieval
 
-    m, tok = scorer.model, scorer.tokenizer
-    texts = [c for r in test for c in r.captions]
-    txt2img = [i for i, r in enumerate(test) for _ in r.captions]
-    img2txt = [[t for t, i in enumerate(txt2img) if i == n] for n in range(len(test))]
-    enc = tok(texts, padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    m = scorer.model
+    txt2img, img2txt = captioned.txt2img, captioned.img2txt
+    enc = tokenize(scorer.tokenizer, captioned.texts)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     embeds, feats = m.retrieval_image_embeds(pixels)
     sim = retrieval.itc_similarity(feats, m.retrieval_text_feat(ids, mask))
@@ -126,7 +127,7 @@ def rerank_changes(scorer, pixels: torch.Tensor, test, scenes: list[dict], k: in
 @torch.no_grad()
 def itc_scores(model, pixels: torch.Tensor, tok, texts: list[str]) -> torch.Tensor:
     """[images, texts] ITC similarity (transformers: the best query's cosine with the text's [CLS] feature)."""
-    enc = tok(texts, padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    enc = tokenize(tok, texts)
     out = model(pixel_values=pixels, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                 use_image_text_matching_head=False)
     assert out.logits_per_image.shape == (len(pixels), len(texts)), out.logits_per_image.shape
@@ -137,8 +138,8 @@ def itc_scores(model, pixels: torch.Tensor, tok, texts: list[str]) -> torch.Tens
 def lm_loss(scorer, pixels: torch.Tensor, texts: list[str]) -> float:
     """Mean per-token cross-entropy of the Q-Former's LM head on `texts` given the images (`blip2_train.load` of
     the export: the LM head lives in the export's extras, which transformers has no place for)."""
-    m, tok = scorer.model, scorer.tokenizer
-    enc = tok(texts, padding="longest", truncation=True, max_length=64, return_tensors="pt")
+    m = scorer.model
+    enc = tokenize(scorer.tokenizer, texts)
     ids = enc["input_ids"].clone()
     ids[:, 0] = m.bos_token_id
     embeds = m.encode_image(pixels)
@@ -200,7 +201,9 @@ def main() -> None:
         **itm_text_offset(model, pixels, tok, test, rng),
     }
     if scenes is not None:
-        result.update(rerank_changes(scorer, pixels, test, scenes, k_test))
+        captioned = CaptionedImages.from_karpathy(data / "coco" / "annotations" / "coco_karpathy_test.json",
+                                                  data / "coco" / "images")
+        result.update(rerank_changes(scorer, pixels, captioned, scenes, k_test))
     out.write_text(json.dumps(result, indent=1))
     for k, v in result.items():
         print(f"{k:<40}{v:.4f}" if isinstance(v, float) else f"{k:<40}{v}")
