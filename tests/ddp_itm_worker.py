@@ -39,7 +39,7 @@ class _GatherWithGrad(torch.autograd.Function):
         return g[dist.get_rank()]
 
 
-def former_negative_image_embeds(self, tokens, neg_image_idx, global_batch=None, pool=None):
+def former_negative_image_embeds(self, tokens, neg_image_idx):
     image_embeds = vision.ln_vision(self.hf.vision_model, tokens)
     return torch.cat(_GatherWithGrad.apply(image_embeds), dim=0)[neg_image_idx]
 

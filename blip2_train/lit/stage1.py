@@ -13,10 +13,8 @@ class Stage1Module(Blip2LitModule):
 
     def compute(self, batch: dict):
         out = self.model(batch["image"], batch["input_ids"], batch["attention_mask"], batch.get("image_id"))
-        logs = {"loss_itc": out.loss_itc, "loss_itm": out.loss_itm, "loss_lm": out.loss_lm, "temp": out.temp}
-        if out.pool_negatives is not None:  # model.itm_negative_pool: how many negatives the pool supplies
-            logs["itm_pool_negatives"] = out.pool_negatives
-        return out.loss, logs
+        return out.loss, {"loss_itc": out.loss_itc, "loss_itm": out.loss_itm, "loss_lm": out.loss_lm,
+                          "temp": out.temp}
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)

@@ -157,7 +157,6 @@ def build_stage1_model(
     text: dict | None = None,
     false_negatives: str = "caption",
     loss_weights: dict | None = None,
-    itm_negative_pool: int = 0,
 ) -> Blip2Stage1:
     """The `_target_` of `conf/model/stage1_vitg.yaml`. `text` is read by the data side (data.text).
 
@@ -172,8 +171,7 @@ def build_stage1_model(
         torch.manual_seed(seed)
     model = Blip2Stage1(cfg, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, temp=temp,
                         freeze_vision=False, ln_vision_eps=ln_vision_eps,
-                        false_negatives=false_negatives, loss_weights=loss_weights,
-                        itm_negative_pool=itm_negative_pool)
+                        false_negatives=false_negatives, loss_weights=loss_weights)
     if bert_checkpoint and not stage1_checkpoint:
         init_qformer_from_bert(model, bert_checkpoint)
     if vision_checkpoint:

@@ -17,8 +17,7 @@ from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerCo
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
 from blip2_train.models import losses, vision
-from blip2_train.models.distributed import fetch_rows, gather_padded, pad_to, rank
-from blip2_train.models.negative_pool import NegativePool
+from blip2_train.models.distributed import fetch_rows, gather_padded, pad_to
 from blip2_train.utils.errors import ConfigError
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
@@ -48,11 +47,8 @@ class Stage1Output:
     sim_i2t: torch.Tensor
     itm_logits: torch.Tensor
     pos_mask: torch.Tensor | None = None  # [B, G] the ITC positives (also never drawn as ITM negatives)
-    # the ITM negatives drawn (image per text, text per image): indices into the global batch, then the pool's
-    # samples from index G on (G = global batch size)
-    neg_idx: tuple[torch.Tensor, torch.Tensor] | None = None
+    neg_idx: tuple[torch.Tensor, torch.Tensor] | None = None  # the ITM negatives drawn (image per text, text per image)
     temp: torch.Tensor | None = None  # the ITC temperature used (a plain tensor also where the parameter is sharded)
-    pool_negatives: torch.Tensor | None = None  # share of the ITM negatives drawn from the pool (None: no pool)
 
 
 class Blip2Stage1(nn.Module):
@@ -62,12 +58,8 @@ class Blip2Stage1(nn.Module):
                  freeze_vision: bool = True, vision_dtype: torch.dtype = torch.float32,
                  ln_vision_eps: float | None = None, itc_label_smoothing: float = 0.1,
                  lm_label_smoothing: float = 0.1, false_negatives: str = "caption",
-                 loss_weights: dict | None = None, itm_negative_pool: int = 0):
+                 loss_weights: dict | None = None):
         super().__init__()
-        if not isinstance(itm_negative_pool, int) or isinstance(itm_negative_pool, bool) or itm_negative_pool < 0:
-            raise ConfigError(f"model.itm_negative_pool={itm_negative_pool!r} must be an integer >= 0 (0: the batch only)")
-        # a plain attribute, not a buffer: never in a checkpoint or an export
-        self.negative_pool = NegativePool(itm_negative_pool, pad_token_id)
         if false_negatives not in losses.FALSE_NEGATIVES:
             raise ConfigError(f"model.false_negatives={false_negatives!r} is not one of {list(losses.FALSE_NEGATIVES)}")
         self.false_negatives = false_negatives
@@ -199,75 +191,32 @@ class Blip2Stage1(nn.Module):
         itc = losses.itc_loss(image_feats, text_feat, temp, image_ids, self.itc_label_smoothing,
                               extra_pos=same_text)
 
-        # ITM with hard negatives from the global batch (and the pool of recent samples, where there is one).
-        pool = self.negative_pool.view() if self.training and len(self.negative_pool) else None
-        if self.training and self.negative_pool.size and image_ids is None:
-            raise ValueError("model.itm_negative_pool needs the batch's image_ids (a pooled sample of the same image "
-                             "must not be drawn as its negative)")
-        width = max(t_max, self.negative_pool.width) if pool else t_max
-        ids_cand, mask_cand = pad_to(ids_all, width, self.pad_token_id), pad_to(mask_all, width, 0)
-        ids_local, mask_local = pad_to(ids_local, width, self.pad_token_id), pad_to(mask_local, width, 0)
-        if pool:
-            ids_cand = torch.cat([ids_cand, pad_to(pool["ids"], width, self.pad_token_id)])
-            mask_cand = torch.cat([mask_cand, pad_to(pool["mask"], width, 0)])
+        # ITM with hard negatives from the global batch.
         if neg_idx is None:
-            sim_i2t, sim_t2i, pos_mask = itc.sim_i2t.detach(), itc.sim_t2i.detach(), itc.pos_mask
-            if pool:
-                pool_sim_i2t, pool_sim_t2i, pool_pos = self.pool_similarities(
-                    pool, image_feats.detach(), text_feat.detach(), temp.detach(), image_ids, ids_local, width)
-                sim_i2t, sim_t2i = torch.cat([sim_i2t, pool_sim_i2t], 1), torch.cat([sim_t2i, pool_sim_t2i], 1)
-                pos_mask = torch.cat([pos_mask, pool_pos], 1)
-            neg_idx = losses.sample_hard_negatives(sim_i2t, sim_t2i, pos_mask, generator)
+            neg_idx = losses.sample_hard_negatives(itc.sim_i2t.detach(), itc.sim_t2i.detach(), itc.pos_mask, generator)
         neg_image_idx, neg_text_idx = neg_idx
-        neg_image_embeds = self.negative_image_embeds(tokens, neg_image_idx, ids_all.shape[0], pool)
-        pair_ids = torch.cat([ids_local, ids_local, ids_cand[neg_text_idx]], dim=0)
-        pair_mask = torch.cat([mask_local, mask_local, mask_cand[neg_text_idx]], dim=0)
+        neg_image_embeds = self.negative_image_embeds(tokens, neg_image_idx)
+        pair_ids = torch.cat([ids_local, ids_local, ids_all[neg_text_idx]], dim=0)
+        pair_mask = torch.cat([mask_local, mask_local, mask_all[neg_text_idx]], dim=0)
         pair_images = torch.cat([image_embeds, neg_image_embeds, image_embeds], dim=0)
         itm_logits = self.itm_forward(pair_images, pair_ids, pair_mask)
         loss_itm = losses.itm_loss(itm_logits)
-        pool_share = None
-        if self.negative_pool.size:
-            pool_share = (torch.cat([neg_image_idx, neg_text_idx]) >= ids_all.shape[0]).float().mean()
-        if self.training:
-            self.negative_pool.push(tokens, ids_local, mask_local, image_ids, image_feats, text_feat)
 
         loss_lm = losses.lm_loss(lm_logits, losses.lm_labels(dec_ids, self.pad_token_id), self.lm_label_smoothing)
         w = self.loss_weights
         loss = w["itc"] * itc.loss + w["itm"] * loss_itm + w["lm"] * loss_lm
         return Stage1Output(loss, itc.loss.detach(), loss_itm.detach(), loss_lm.detach(), itc.sim_i2t.detach(),
                             itm_logits.detach(), itc.pos_mask, (neg_image_idx, neg_text_idx),
-                            temp.detach().reshape(()).clone(),  # FSDP2 frees the gathered storage after forward
-                            pool_share)
+                            temp.detach().reshape(()).clone())  # FSDP2 frees the gathered storage after forward
 
-    def negative_image_embeds(self, tokens: torch.Tensor, neg_image_idx: torch.Tensor, global_batch: int,
-                              pool: dict | None = None) -> torch.Tensor:
-        """ITM negative images [B, N, Dv] (fp32, after ln_vision) at `neg_image_idx`: the global batch's, then
-        the pool's from index `global_batch` on.
+    def negative_image_embeds(self, tokens: torch.Tensor, neg_image_idx: torch.Tensor) -> torch.Tensor:
+        """ITM negative images [B, N, Dv] (fp32, after ln_vision) at `neg_image_idx` of the global batch.
 
-        The batch's may live on other ranks: fetch just those rows BEFORE ln_vision (`tokens`, tower dtype, no
-        gradient when the tower is frozen) and apply ln_vision here. LayerNorm is per token, so every gradient
-        equals that of gathering every rank's fp32 output of ln_vision with gradient, for 1/W of the rows moved.
+        They may live on other ranks: fetch just those rows BEFORE ln_vision (`tokens`, tower dtype, no gradient
+        when the tower is frozen) and apply ln_vision here. LayerNorm is per token, so every gradient equals
+        that of gathering every rank's fp32 output of ln_vision with gradient, for 1/W of the rows moved.
         """
-        in_pool = neg_image_idx >= global_batch
-        own = rank() * tokens.shape[0] + torch.arange(tokens.shape[0], device=neg_image_idx.device)
-        # every rank fetches B rows (a collective); a pooled negative fetches its own row and replaces it
-        picked = fetch_rows(tokens, torch.where(in_pool, own, neg_image_idx))
-        if pool is not None:
-            pooled = pool["tokens"][(neg_image_idx - global_batch).clamp_min(0)].to(picked.dtype)
-            picked = torch.where(in_pool.view(-1, *([1] * (picked.dim() - 1))), pooled, picked)
-        return vision.ln_vision(self.hf.vision_model, picked)
-
-    @torch.no_grad()
-    def pool_similarities(self, pool: dict, image_feats: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor,
-                          image_ids: torch.Tensor, ids_local: torch.Tensor, width: int):
-        """ITC similarities of the local batch to the pool's samples (their stored features) and the pool's
-        positives: the same image_id, or (false_negatives=caption) the same caption text. -> [B, P] x 3."""
-        sim_i2t = torch.einsum("bqd,pd->bqp", image_feats, pool["text_feat"].to(image_feats.dtype)).amax(dim=1) / temp
-        sim_t2i = torch.einsum("bd,pqd->bpq", text_feat, pool["image_feats"].to(text_feat.dtype)).amax(dim=2) / temp
-        pos = image_ids.view(-1, 1) == pool["image_ids"].view(1, -1)
-        if self.false_negatives == "caption":
-            pos = pos | losses.same_text_mask(ids_local, pad_to(pool["ids"], width, self.pad_token_id))
-        return sim_i2t, sim_t2i, pos
+        return vision.ln_vision(self.hf.vision_model, fetch_rows(tokens, neg_image_idx))
 
     # -- retrieval scoring (evaluation) -----------------------------------------------------------------
 
