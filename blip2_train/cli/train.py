@@ -165,11 +165,40 @@ def train(cfg: DictConfig) -> dict:
     if cfg.eval.get("enabled", False):
         from blip2_train.eval.runner import run_evaluation
 
-        metrics.update(run_evaluation(module.model, datamodule, cfg.eval, out_dir=run_dir))
+        done = periodic_result_at(trainer, cfg.eval)
+        if done is not None:  # the periodic evaluation just ran the same protocol at this step
+            metrics.update(done)
+        else:
+            metrics.update(run_evaluation(module.model, datamodule, cfg.eval, out_dir=run_dir))
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)
         log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
     return {"output_dir": str(run_dir), "metrics": metrics}
+
+
+def periodic_result_at(trainer, eval_cfg) -> dict | None:
+    """The periodic evaluation's metrics at the final step when it ran the protocol of `eval_cfg`, with its output
+    files copied into the run directory; None otherwise. A run whose last step is an evaluation step (the
+    experiments' defaults: every 10k of 250k steps) would otherwise evaluate the same weights twice: a COCO 5k
+    retrieval or captioning pass. Every rank takes the same branch (the history is broadcast from rank 0)."""
+    import shutil
+
+    from blip2_train.eval.callback import PeriodicEvaluation
+
+    for cb in trainer.callbacks:
+        if not isinstance(cb, PeriodicEvaluation) or not cb.history or cb.history[-1]["step"] != trainer.global_step:
+            continue
+        if PeriodicEvaluation.protocol(cb.cfg) != PeriodicEvaluation.protocol(eval_cfg):
+            continue
+        src = Path(trainer.default_root_dir) / "eval" / f"step{trainer.global_step:07d}"
+        if trainer.is_global_zero and src.is_dir():
+            for f in src.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, Path(trainer.default_root_dir) / f.name)
+        log.info("final evaluation: the periodic evaluation of step %d (same protocol), not run again",
+                 trainer.global_step)
+        return {k: v for k, v in cb.history[-1].items() if k != "step"}
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,14 +31,28 @@ def broadcast_from_rank_zero(obj):
 class PeriodicEvaluation(L.Callback):
     def __init__(self, kind: str = "retrieval", every_n_steps: int = 5000, k_test: int = 128,
                  pair_batch_size: int = 256, generate: dict | None = None, image_blind_baseline: bool = False,
-                 samples_in_table: int = 8, prefix: str = "val/"):
+                 vqa_generate: dict | None = None, samples_in_table: int = 8, prefix: str = "val/"):
         self.cfg = {"kind": kind, "k_test": k_test, "pair_batch_size": pair_batch_size,
-                    "generate": dict(generate) if generate else None, "image_blind_baseline": image_blind_baseline}
+                    "generate": dict(generate) if generate else None, "image_blind_baseline": image_blind_baseline,
+                    "vqa_generate": dict(vqa_generate) if vqa_generate else None}
         self.every_n_steps = every_n_steps
         self.samples_in_table = samples_in_table
         self.prefix = prefix
         self._last_step = -1
         self.history: list[dict] = []
+
+    @staticmethod
+    def protocol(cfg) -> dict:
+        """What decides an evaluation's result (with `run_evaluation`'s defaults): two configs of one protocol
+        give the same metrics on the same weights. Batch sizes only change how the work is cut."""
+        kind = cfg.get("kind", "retrieval")
+        if kind == "retrieval":
+            return {"kind": kind, "k_test": int(cfg.get("k_test", 128))}
+        key = "generate" if kind == "caption" else "vqa_generate"
+        out = {"kind": kind, key: dict(cfg.get(key) or {}), "blind": bool(cfg.get("image_blind_baseline", False))}
+        if kind == "caption":
+            out["spice"] = cfg.get("spice", "auto")
+        return out
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
