@@ -33,16 +33,20 @@ want = {a[i].lstrip("-").replace("-", "_"): int(a[i + 1]) for i in range(0, len(
 sys.exit(0 if w.get("world_version") == WORLD_VERSION and w.get("world") == want else 1)
 PYEOF
 }
-# The LLM stand-in's recipe (llm/recipe.txt): an LLM trained another way is trained again. The prompt is
+# The LLM stand-in's recipe (llm/recipe.txt): its arguments and a fingerprint of the code that makes its model and
+# its texts; an LLM trained another way (or by other code) is trained again. The prompt is
 # experiment=caption_coco_ft's model.text.prompt (its owner; a test keeps the two equal)
 LLM=(--caption-context description --caption-prompt "a photo of" --steps 700)
+LLM_CODE=(data_scripts/train_demo_llm.py blip2_train/models/tiny_llm.py blip2_train/data/synthetic_vqa.py
+  blip2_train/eval/answering.py)
+llm_recipe() { echo "${LLM[*]} code $(cat "${LLM_CODE[@]}" | sha256sum | cut -c1-16)"; }
 data_ready() {
   [ -f "$DATA/shards/vg_caption/manifest.json" ] && [ -f "$DATA/bert/config.json" ] \
     && [ -f "$DATA/vqav2/annotations/v2_mscoco_val2014_annotations.json" ] && [ -f "$DATA/vit/model.safetensors" ] \
     && same_world
 }
 llm_ready() {
-  [ -f "$DATA/llm/config.json" ] && [ "$(cat "$DATA/llm/recipe.txt" 2>/dev/null)" = "${LLM[*]}" ]
+  [ -f "$DATA/llm/config.json" ] && [ "$(cat "$DATA/llm/recipe.txt" 2>/dev/null)" = "$(llm_recipe)" ]
 }
 
 if [ "$PART" != llm ]; then
@@ -76,6 +80,6 @@ if [ "$PART" != data ]; then
     echo "answered from it (the reading a real LLM brings to the soft prompt and to zero-shot VQA; never an image)"
     $PY data_scripts/train_demo_llm.py --annotations "$DATA/coco/annotations/coco_karpathy_train.json" --out "$DATA/llm" \
       --qa-data-dir "$DATA" "${LLM[@]}"
-    echo "${LLM[*]}" > "$DATA/llm/recipe.txt"
+    llm_recipe > "$DATA/llm/recipe.txt"
   fi
 fi

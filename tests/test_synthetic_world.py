@@ -195,7 +195,12 @@ def test_prepare_synthetic_keeps_a_data_dir_of_its_world_only(tmp_path):
     from blip2_train.data.synthetic import WORLD_VERSION
 
     script = (REPO / "run_scripts/prepare_synthetic.sh").read_text()
-    recipe = " ".join(shlex.split(re.search(r"^LLM=\((.*)\)$", script, re.M).group(1)))  # bash's "${LLM[*]}"
+    import hashlib
+
+    args = " ".join(shlex.split(re.search(r"^LLM=\((.*)\)$", script, re.M).group(1)))  # bash's "${LLM[*]}"
+    code = shlex.split(re.search(r"^LLM_CODE=\(([^)]*)\)$", script, re.M | re.S).group(1))
+    fingerprint = hashlib.sha256(b"".join((REPO / f).read_bytes() for f in code)).hexdigest()[:16]
+    recipe = f"{args} code {fingerprint}"  # llm_recipe
     data = tmp_path / "synthetic"
     complete = ("shards/vg_caption/manifest.json", "bert/config.json", "llm/config.json",
                 "vqav2/annotations/v2_mscoco_val2014_annotations.json", "vit/model.safetensors")
@@ -218,9 +223,9 @@ def test_prepare_synthetic_keeps_a_data_dir_of_its_world_only(tmp_path):
     assert r.returncode == 0 and "synthetic data ready" in r.stdout and "LLM" not in r.stdout, r.stderr
     r = prepare("vit")
     assert r.returncode == 2 and "usage: prepare_synthetic.sh [all|data|llm] (got 'vit')" in r.stderr
-    # an LLM stand-in of another recipe (one trained before the caption prompt) is trained again, alone: here
+    # an LLM stand-in of another recipe (the same arguments, other code) is trained again, alone: here
     # the fake data dir stops its training at once, the data kept
-    (data / "llm/recipe.txt").write_text("--caption-context description --steps 800\n")
+    (data / "llm/recipe.txt").write_text(f"{args} code 0000000000000000\n")
     r = prepare("llm")
     assert r.returncode != 0 and "trained another way (llm/recipe.txt): training it again" in r.stdout, r.stdout
     assert not (data / "llm/config.json").exists() and (data / "vit/model.safetensors").exists()
