@@ -187,3 +187,20 @@ def test_itc_similarity_blocks_stay_under_the_budget_and_match_the_full_product(
     blocks.clear()
     torch.testing.assert_close(retrieval.itc_similarity(feats, txt), full, rtol=1e-6, atol=1e-7)
     assert len(blocks) == 3 and max(blocks) <= 4 * 4 * 1000
+
+
+def test_candidates_tied_at_the_kth_are_the_smaller_columns():
+    """Of the values tied at the k-th largest, the candidates are the smaller columns (the rule of every rank
+    here), whatever order torch.topk returns them in; and, for rows full of ties, the set a stable descending
+    sort's first k columns are."""
+    sim = torch.tensor([[0.5, 0.75, 0.5, 0.5, 0.25, 0.5], [0.125, 0.125, 0.125, 0.125, 0.125, 0.125]])
+    idx, val = retrieval.topk_smaller_index_first(sim, 2)
+    assert idx.tolist() == [[0, 1], [0, 1]] and val.tolist() == [[0.5, 0.75], [0.125, 0.125]]
+    g = torch.Generator().manual_seed(3)
+    sim = torch.randint(0, 4, (37, 300), generator=g).float()  # a few values: ties everywhere
+    for k in (1, 7, 64):
+        idx, val = retrieval.topk_smaller_index_first(sim, k, rows_per_chunk=8)
+        want = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(idx, want.sort(dim=1).values) and torch.equal(val, sim.gather(1, idx))
+    c_i2t, c_t2i = retrieval.topk_candidates(sim, 5)
+    assert torch.equal(c_t2i.index, torch.sort(sim.t(), dim=1, descending=True, stable=True).indices[:, :5].sort(1).values)

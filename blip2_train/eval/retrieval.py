@@ -58,9 +58,30 @@ def itc_similarity(image_feats: torch.Tensor, text_feat: torch.Tensor) -> torch.
 def topk_candidates(sim: torch.Tensor, k: int) -> tuple[Candidates, Candidates]:
     """Candidates of every image row (texts) and every text column (images)."""
     k_i2t, k_t2i = min(k, sim.shape[1]), min(k, sim.shape[0])
-    v, i = sim.topk(k_i2t, dim=1)
-    vt, it = sim.t().topk(k_t2i, dim=1)
+    i, v = topk_smaller_index_first(sim, k_i2t)
+    it, vt = topk_smaller_index_first(sim.t(), k_t2i)
     return Candidates(i, v), Candidates(it, vt)
+
+
+def topk_smaller_index_first(sim: torch.Tensor, k: int, rows_per_chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(columns [R, k], their values) of each row's k largest values; of the values tied at the k-th, the
+    smaller columns: the rule every rank of this module breaks ties by. `torch.topk` picks among ties in an
+    unspecified order, so which of several identical captions became a candidate could depend on the device.
+    Columns come in ascending order (the candidates' order carries no meaning). Rows in chunks: the masks are
+    [chunk, N] (int64 for the running count of ties)."""
+    cols, vals = [], []
+    for lo in range(0, sim.shape[0], rows_per_chunk):
+        s = sim[lo : lo + rows_per_chunk]
+        v, i = s.topk(k, dim=1)
+        kth = v[:, -1:]
+        above, tied = s > kth, s == kth
+        keep = above | (tied & (tied.cumsum(dim=1) <= k - above.sum(dim=1, keepdim=True)))
+        if bool((keep.sum(dim=1) == k).all()):  # not so where a row holds NaN (a diverged model): topk's pick
+            i = keep.nonzero()[:, 1].view(-1, k)
+            v = s.gather(1, i)
+        cols.append(i)
+        vals.append(v)
+    return torch.cat(cols), torch.cat(vals)
 
 
 def unique_pairs(i2t: Candidates, t2i: Candidates) -> torch.Tensor:
