@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import random
 
-from blip2_train.data.synthetic import COLORS, POSITIONS, SHAPES, describe, sample_objects
+from blip2_train.data.synthetic import POSITIONS, SHAPES, add_world_arguments, describe, sample_objects, world_of
 
 
 def cider(refs: list[list[str]], preds: list[str]) -> float:
@@ -51,15 +51,15 @@ def ceiling(num_colors: int, min_objects: int, max_objects: int, images: int = 2
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--num-colors", type=int, default=6, choices=range(2, len(COLORS) + 1), metavar=f"2..{len(COLORS)}")
-    p.add_argument("--min-objects", type=int, default=1, choices=(1, 2, 3, 4))
-    p.add_argument("--max-objects", type=int, default=2, choices=(1, 2, 3, 4))
+    add_world_arguments(p)
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--candidates", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    if a.min_objects > a.max_objects:
-        p.error(f"--min-objects {a.min_objects} is above --max-objects {a.max_objects}")
+    try:
+        world_of(a)
+    except ValueError as e:
+        p.error(str(e))
     r = ceiling(a.num_colors, a.min_objects, a.max_objects, a.images, a.candidates, a.seed)
     print(f"world: {a.num_colors} colours, {a.min_objects}-{a.max_objects} shapes, {a.images} test images")
     print(f"CIDEr, best of {a.candidates} fixed captions (image-blind): {r['blind']:.1f}")

@@ -10,31 +10,37 @@ used by the demo, the tests and `preset=tiny`.
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from blip2_train.data.synthetic import COLORS, WORLD_VERSION, add_dataset_views, make_synthetic, world_report
+from blip2_train.data.synthetic import (WORLD_VERSION, add_dataset_views, add_world_arguments, make_synthetic,
+                                        world_matches, world_of, world_report)
 from blip2_train.data.synthetic_vqa import write_vqa_sets
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
+    p.add_argument("--matches", metavar="DIR", help="draw nothing: exit 0 if DIR/world.json records the world these "
+                   "arguments name (and this code's world version), 1 if not (what prepare_synthetic.sh checks)")
     p.add_argument("--num-train", type=int, default=2000)
     p.add_argument("--num-val", type=int, default=100)
     p.add_argument("--num-test", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--min-objects", type=int, default=1, choices=(1, 2, 3, 4))
-    p.add_argument("--max-objects", type=int, default=2, choices=(1, 2, 3, 4),
-                   help="shapes per image, drawn uniformly in [min, max] (README, 'ITM at tiny size')")
-    p.add_argument("--num-colors", type=int, default=6, choices=range(2, len(COLORS) + 1), metavar=f"2..{len(COLORS)}",
-                   help="colours drawn from the first N of the palette (6: world 1)")
+    add_world_arguments(p)
     a = p.parse_args()
+    try:
+        world = world_of(a)
+    except ValueError as e:
+        p.error(str(e))
+    if a.matches:
+        sys.exit(0 if world_matches(a.matches, world) else 1)
+    if not a.out:
+        p.error("--out is required (or --matches DIR)")
     if min(a.num_train, a.num_val, a.num_test) < 1:  # every split is read: stand-ins train on train, evals on test
         p.error("--num-train/--num-val/--num-test must each be at least 1 "
                 f"(got {a.num_train}/{a.num_val}/{a.num_test})")
-    if a.min_objects > a.max_objects:
-        p.error(f"--min-objects {a.min_objects} is above --max-objects {a.max_objects}")
     if Path(a.out).exists() and any(Path(a.out).iterdir()):
         # shards/, bert/, vit/ and llm/ of a former world would stay beside the new images and annotations
         p.error(f"--out {a.out} is not empty: give a new directory (run_scripts/prepare_synthetic.sh makes it again)")
@@ -45,8 +51,7 @@ def main() -> None:
     for split, path in paths.items():
         print(f"{split}: {path}")
     report = world_report(paths["scenes"])
-    # what prepare_synthetic.sh checks before it keeps an existing data directory: a former world is made again
-    world = {"num_colors": a.num_colors, "min_objects": a.min_objects, "max_objects": a.max_objects}
+    # what --matches (prepare_synthetic.sh) checks before it keeps an existing data directory
     (Path(a.out) / "world.json").write_text(json.dumps({"world_version": WORLD_VERSION, "world": world,
                                                         "splits": report}, indent=1))
     for split, r in report.items():

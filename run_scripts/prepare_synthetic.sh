@@ -20,19 +20,7 @@ DATA=${BLIP2_DATA_DIR:-data}/synthetic
 WORLD=(--num-colors 10 --min-objects 1 --max-objects 3)
 # a data dir of a former world (world.json: make_synthetic's version and this world), or without the ViT stand-in,
 # is made again
-same_world() {
-  $PY - "$DATA/world.json" "${WORLD[@]}" <<'PYEOF'
-import json, sys
-from blip2_train.data.synthetic import WORLD_VERSION
-try:
-    w = json.load(open(sys.argv[1]))
-except (OSError, ValueError):
-    sys.exit(1)
-a = sys.argv[2:]
-want = {a[i].lstrip("-").replace("-", "_"): int(a[i + 1]) for i in range(0, len(a), 2)}
-sys.exit(0 if w.get("world_version") == WORLD_VERSION and w.get("world") == want else 1)
-PYEOF
-}
+same_world() { $PY data_scripts/make_synthetic.py "${WORLD[@]}" --matches "$DATA"; }
 # The LLM stand-in's recipe (llm/recipe.txt): its arguments and a fingerprint of the code that makes its model and
 # its texts; an LLM trained another way (or by other code) is trained again. The prompt is
 # experiment=caption_coco_ft's model.text.prompt (its owner; a test keeps the two equal)

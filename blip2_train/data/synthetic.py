@@ -41,6 +41,33 @@ SHAPES = ("circle", "square", "triangle")
 # arguments that tell worlds apart ("world": num_colors, min/max_objects). 1: scenes.json, the palette's first six
 # colours unchanged by num_colors
 WORLD_VERSION = 1
+
+
+def add_world_arguments(parser) -> None:
+    """The arguments that tell worlds apart (`world_of` reads them back): one owner for every data script."""
+    parser.add_argument("--min-objects", type=int, default=1, choices=(1, 2, 3, 4))
+    parser.add_argument("--max-objects", type=int, default=2, choices=(1, 2, 3, 4),
+                        help="shapes per image, drawn uniformly in [min, max] (README, 'ITM at tiny size')")
+    parser.add_argument("--num-colors", type=int, default=6, choices=range(2, len(COLORS) + 1),
+                        metavar=f"2..{len(COLORS)}", help="colours drawn from the first N of the palette (6: world 1)")
+
+
+def world_of(args) -> dict:
+    """The world that parsed `add_world_arguments` name, as world.json records it; an error line if impossible."""
+    if args.min_objects > args.max_objects:
+        raise ValueError(f"--min-objects {args.min_objects} is above --max-objects {args.max_objects}")
+    return {"num_colors": args.num_colors, "min_objects": args.min_objects, "max_objects": args.max_objects}
+
+
+def world_matches(data_dir: str | Path, world: dict) -> bool:
+    """Whether `data_dir/world.json` records this world, drawn by this code's WORLD_VERSION."""
+    try:
+        recorded = json.loads((Path(data_dir) / "world.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return recorded.get("world_version") == WORLD_VERSION and recorded.get("world") == world
+
+
 POSITIONS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
 
 _SINGLE = (
