@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from blip2_train.eval.callback import PeriodicEvaluation
 from conftest import tiny_cli
-from test_ddp import clean_env
+from test_experiments import run
 
 
 def test_final_evaluation_reuses_the_periodic_one_of_the_last_step(synth, tmp_path):
     """When the last step is a periodic-evaluation step with the same protocol, blip2-train does not evaluate the
     same weights a second time: metrics.json carries the periodic result, its files are in the run directory."""
     out = tmp_path / "run"
-    r = subprocess.run(
-        [sys.executable, "-m", "blip2_train.cli.train", "experiment=stage1_pretrain",
-         *tiny_cli(synth, "trainer.max_steps=4", "module.max_steps=4", "data.batch_size=4",
-                   "data.samples_per_epoch=64", "eval.enabled=true", "eval.k_test=4",
-                   "callbacks.periodic_eval.every_n_steps=2", f"paths.output_dir={out}")],
-        cwd=tmp_path, env=clean_env(), timeout=300, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run("train", ["experiment=stage1_pretrain",
+                      *tiny_cli(synth, "trainer.max_steps=4", "module.max_steps=4", "data.batch_size=4",
+                                "data.samples_per_epoch=64", "eval.enabled=true", "eval.k_test=4",
+                                "callbacks.periodic_eval.every_n_steps=2", f"paths.output_dir={out}")])
     assert r.stderr.count("encodes images") == 2, r.stderr[-3000:]  # steps 2 and 4, not a third time at the end
     assert "final evaluation: the periodic evaluation of step 4 (same protocol), not run again" in r.stderr
     m = json.loads((out / "metrics.json").read_text())
