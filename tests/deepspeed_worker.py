@@ -1,7 +1,13 @@
-"""Train a tiny stage-1 model two steps with DeepSpeed ZeRO-2 on CPU (one gloo process) and save the
-checkpoint directory the way Lightning's DeepSpeedStrategy lays it out (module wrapped as `_forward_module`,
-tag `checkpoint`, Lightning's client state). Then blip2-export must read it. Used by test_scale.py."""
+"""DeepSpeed ZeRO-2 on CPU (one gloo process) through blip2-train's own strategy object and resume path: train a
+tiny stage-1 model two steps, save with `Blip2DeepSpeedStrategy.save_checkpoint` (composed from
+`strategy=deepspeed_zero2`, so the layout is Lightning's: module wrapped as `_forward_module`, tag `checkpoint`,
+Lightning's client state), once as configured (frozen weights left out) and once with
+`module.save_frozen_weights=true`; then resume the first into a fresh model with `load_deepspeed_checkpoint`
+(what the strategy's `load_checkpoint` calls), and try a checkpoint with a trainable weight removed.
+Lightning's DeepSpeed strategy itself refuses to run without CUDA, so the engine is made here the way it makes
+one. Used by test_scale.py; writes `report.json` and `trained_state.pt` into RUN_DIR."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,51 +17,110 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+class Wrapper(torch.nn.Module):  # what Lightning hands to deepspeed.initialize
+    def __init__(self, m):
+        super().__init__()
+        self._forward_module = m
+
+
 def main(tokenizer, run_dir):
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=os.environ.get("MASTER_PORT", "29561"))
+                      MASTER_PORT=os.environ.get("DS_MASTER_PORT", "29561"))
     import deepspeed
+    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from blip2_train.cli.common import compose
     from blip2_train.lit.stage1 import Stage1Module
+    from blip2_train.models.tokenizer import load_qformer_tokenizer
+    from blip2_train.utils.deepspeed_config import load_deepspeed_checkpoint
+    from blip2_train.utils.errors import CheckpointError
     from conftest import batch_of
 
-    cfg = compose("train", ["experiment=stage1_pretrain", "preset=tiny", f"paths.bert_dir={tokenizer}",
-                            f"paths.output_dir={run_dir}", "arch.qformer.hidden_dropout_prob=0.0",
-                            "arch.qformer.attention_probs_dropout_prob=0.0"])
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    from hydra.utils import instantiate
-
-    module = Stage1Module(instantiate(cfg.model), lr=1e-2, warmup_steps=0, max_steps=2)
-
-    class Wrapper(torch.nn.Module):  # what Lightning hands to deepspeed.initialize
-        def __init__(self, m):
-            super().__init__()
-            self._forward_module = m
-
+    run = Path(run_dir)
+    over = ["experiment=stage1_pretrain", "preset=tiny", f"paths.bert_dir={tokenizer}", f"paths.output_dir={run}",
+            "arch.qformer.hidden_dropout_prob=0.0", "arch.qformer.attention_probs_dropout_prob=0.0",
+            "strategy=deepspeed_zero2", "trainer.devices=1", "trainer.precision=32-true", "data.batch_size=3"]
+    cfg = compose("train", over)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     deepspeed.init_distributed(dist_backend="gloo")
-    wrapper = Wrapper(module)
-    params = [p for p in wrapper.parameters() if p.requires_grad]
-    engine, _, _, _ = deepspeed.initialize(
-        model=wrapper, optimizer=torch.optim.AdamW(params, lr=1e-2),
-        config={"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1,
-                "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
-                "steps_per_print": 10 ** 9})
-    from blip2_train.models.tokenizer import load_qformer_tokenizer
-
     tok = load_qformer_tokenizer(tokenizer)
+
+    def engine_of(module, strategy):
+        params = [p for p in module.parameters() if p.requires_grad]
+        ds = {**strategy.config, "train_batch_size": 3, "gradient_accumulation_steps": 1}
+        ds["zero_optimization"] = {**ds["zero_optimization"], "overlap_comm": False}  # no CUDA streams on CPU
+        engine, *_ = deepspeed.initialize(model=Wrapper(module), optimizer=torch.optim.AdamW(params, lr=1e-2),
+                                          config=ds)
+        strategy.model = engine  # the strategy's `deepspeed_engine`
+        return engine
+
+    strategy = instantiate(cfg.strategy)
+    keeping = instantiate(compose("train", over + ["module.save_frozen_weights=true"]).strategy)
+    torch.manual_seed(0)
+    module = Stage1Module(instantiate(cfg.model), lr=1e-2, warmup_steps=0, max_steps=2)
+    engine = engine_of(module, strategy)
     for step in range(2):
         img, ids, mask = batch_of(tok, ["a red circle", "a blue square", "two green triangles"], seed=step)
-        loss = module.model(img, ids, mask, torch.arange(3)).loss
-        engine.backward(loss)
+        engine.backward(module.model(img, ids, mask, torch.arange(3)).loss)
         engine.step()
-    ckpt = Path(run_dir) / "checkpoints" / "last.ckpt"
-    client = {"blip2_stage": 1, "global_step": 2, "epoch": 0, "pytorch-lightning_version": "2.6"}
-    engine.save_checkpoint(str(ckpt), tag="checkpoint", client_state=client)
+    client = {"blip2_stage": 1, "global_step": 2, "epoch": 0, "pytorch-lightning_version": "2.6",
+              "state_dict": {"dropped": torch.zeros(1)}, "optimizer_states": []}  # the two Lightning drops
+    ckpt, full = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "with_frozen.ckpt"
+    strategy.save_checkpoint(dict(client), ckpt)
+    keeping.model = engine
+    keeping.save_checkpoint(dict(client), full)
     trained = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
-    torch.save(trained, Path(run_dir) / "trained_state.pt")
+    torch.save(trained, run / "trained_state.pt")
+    moments = [s["exp_avg"].clone() for s in engine.optimizer.optimizer.state.values()]
+
+    def states(p):
+        return torch.load(p / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+
+    saved, saved_full = states(ckpt), states(full)
+    frozen = {n for n, p in module.model.named_parameters() if not p.requires_grad}
+    report = {
+        "exclude_frozen_parameters": [strategy.exclude_frozen_parameters, keeping.exclude_frozen_parameters],
+        "bytes": {k: (p / "checkpoint" / "mp_rank_00_model_states.pt").stat().st_size
+                  for k, p in (("trainable_only", ckpt), ("with_frozen", full))},
+        "frozen_bytes_bf16_or_fp32": sum(p.numel() * p.element_size() for n, p in module.model.named_parameters()
+                                         if n in frozen),
+        "frozen_in_module": sum(k.removeprefix("_forward_module.model.") in frozen for k in saved["module"]),
+        "frozen_in_module_with_frozen": sum(k.removeprefix("_forward_module.model.") in frozen
+                                            for k in saved_full["module"]),
+        "frozen_fragments": len(saved.get("frozen_param_fragments") or {}),
+        "frozen_fragments_with_frozen": len(saved_full.get("frozen_param_fragments") or {}),
+        "client_state_dict_dropped": "state_dict" not in saved,
+    }
+
+    # resume into a fresh model (other random trainable weights, its own frozen ones) through the strategy's load
+    torch.manual_seed(1)
+    fresh = Stage1Module(instantiate(cfg.model), lr=1e-2, warmup_steps=0, max_steps=2)
+    frozen_before = {n: p.detach().clone() for n, p in fresh.model.named_parameters() if n in frozen}
+    engine2 = engine_of(fresh, strategy)
+    client2 = load_deepspeed_checkpoint(engine2, ckpt, load_optimizer_states=True)
+    now = fresh.model.state_dict()
+    report["resumed_trainable_max_diff"] = max((now[k] - trained[k]).abs().max().item() for k in trained
+                                               if k not in frozen and k in now)
+    report["resumed_frozen_unchanged"] = all(torch.equal(now[n], v) for n, v in frozen_before.items())
+    moments2 = [s["exp_avg"] for s in engine2.optimizer.optimizer.state.values()]
+    report["resumed_moments_max_diff"] = max((a - b).abs().max().item() for a, b in zip(moments, moments2))
+    report["resumed_client_step"] = client2["global_step"]
+
+    # a checkpoint that lost a trainable weight is refused, naming it
+    import shutil
+
+    broken = run / "broken.ckpt"
+    shutil.copytree(ckpt, broken)
+    saved["module"].pop("_forward_module.model.hf.query_tokens")
+    torch.save(saved, broken / "checkpoint" / "mp_rank_00_model_states.pt")
+    try:
+        load_deepspeed_checkpoint(engine_of(fresh, strategy), broken, load_optimizer_states=True)
+        report["missing_trainable_error"] = None
+    except CheckpointError as e:
+        report["missing_trainable_error"] = str(e)
+    (run / "report.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

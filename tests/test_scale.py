@@ -70,9 +70,12 @@ def test_wandb_run_id_is_kept_on_resume(tmp_path):
     assert a._wandb_init["id"] == "blip2-abc" and a._wandb_init["resume"] == "allow"
 
 
-def test_deepspeed_sharded_checkpoint_exports_consolidated(synth, tmp_path):
-    """ZeRO-2 on CPU (deepspeed.initialize, gloo), a sharded checkpoint directory -> blip2-export -> a
-    transformers directory holding the trained weights."""
+def test_deepspeed_checkpoint_leaves_frozen_weights_out_resumes_and_exports(synth, tmp_path):
+    """ZeRO-2 on CPU (deepspeed.initialize, gloo) through `strategy=deepspeed_zero2`'s own strategy object: its
+    checkpoint holds no frozen weight (DeepSpeed's default writes the frozen ViT twice), resumes into a fresh
+    model (trainable weights and Adam moments restored, frozen ones left as configured), refuses a checkpoint
+    that lost a trainable weight by name, and blip2-export turns it into a transformers directory."""
+    import json
     import subprocess
     import sys
 
@@ -80,10 +83,27 @@ def test_deepspeed_sharded_checkpoint_exports_consolidated(synth, tmp_path):
 
     from test_ddp import REPO, clean_env
 
+    import socket
+
+    with socket.socket() as s:  # a free port: another test session on this machine may hold a fixed one
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     run = tmp_path / "ds_run"
     r = subprocess.run([sys.executable, str(REPO / "tests" / "deepspeed_worker.py"), str(synth["tokenizer"]), str(run)],
-                       cwd=REPO, env=clean_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=600)
+                       cwd=REPO, env=clean_env(DS_ACCELERATOR="cpu", DS_MASTER_PORT=str(port)),
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["exclude_frozen_parameters"] == [True, False]  # module.save_frozen_weights owns it
+    assert rep["frozen_in_module"] == 0 and rep["frozen_fragments"] == 0 and rep["client_state_dict_dropped"]
+    assert rep["frozen_in_module_with_frozen"] > 0 and rep["frozen_fragments_with_frozen"] > 0
+    # DeepSpeed's default lists the frozen weights twice (module + frozen_param_fragments, one shared storage)
+    saved = rep["bytes"]["with_frozen"] - rep["bytes"]["trainable_only"]
+    assert saved > 0.95 * rep["frozen_bytes_bf16_or_fp32"], rep
+    assert rep["resumed_trainable_max_diff"] < 1e-6 and rep["resumed_moments_max_diff"] < 1e-7
+    assert rep["resumed_frozen_unchanged"] and rep["resumed_client_step"] == 2
+    assert rep["missing_trainable_error"] and "hf.query_tokens" in rep["missing_trainable_error"]
+
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and (ckpt / "checkpoint").is_dir()
     r = subprocess.run([sys.executable, "-m", "blip2_train.cli.export", str(ckpt), "--out", str(tmp_path / "export")],

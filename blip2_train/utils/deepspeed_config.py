@@ -5,14 +5,24 @@ group; micro batch, accumulation, clipping, precision and world size from the da
 numbers cannot disagree. The full config (with the global batch) is checked with DeepSpeed's own
 `DeepSpeedConfig` plus the batch arithmetic DeepSpeed can only check once processes exist; Lightning then gets
 the config without the keys it insists on setting itself (gradient_accumulation_steps).
+
+Checkpoints leave the frozen weights out (`module.save_frozen_weights`, as under DDP and FSDP2): Lightning's
+DeepSpeed strategy keeps them by default, and DeepSpeed then writes a frozen ViT-g + OPT-2.7B into every save
+(listed twice, in the module state and as `frozen_param_fragments`, one storage: 7.3 GB in bf16 beside 1.29 GB
+of trainable state). Resuming
+such a checkpoint needs a load that accepts the missing frozen keys and nothing else (Lightning's is strict or
+not at all): `load_trainable_state`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from typing import Any
 
-from blip2_train.utils.errors import ConfigError
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+from blip2_train.utils.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +95,57 @@ def validate_deepspeed_config(cfg: dict, world_size: int) -> None:
         raise ConfigError(f"invalid DeepSpeed config: {e}") from e
 
 
+def load_trainable_state(src: dict, dst) -> None:
+    """DeepSpeed's `custom_load_fn`: load a module state that may lack the frozen weights. Every key must have a
+    place, and every trainable parameter must be there; frozen ones missing from the file keep their values
+    (they come from the model config, as the pretrained ViT / LLM did when the run started)."""
+    result = dst.load_state_dict(src, strict=False)
+    frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
+    missing = sorted(k for k in result.missing_keys if k not in frozen)
+    if missing or result.unexpected_keys:
+        parts = [f"{len(missing)} trainable weight(s) missing, e.g. {missing[:3]}"] if missing else []
+        if result.unexpected_keys:
+            parts.append(f"{len(result.unexpected_keys)} key(s) with no place, e.g. {sorted(result.unexpected_keys)[:3]}")
+        raise CheckpointError("DeepSpeed checkpoint does not fit this model: " + "; ".join(parts))
+    if result.missing_keys:
+        log.info("DeepSpeed checkpoint holds trainable weights only: %d frozen tensors keep the model config's values",
+                 len(result.missing_keys))
+
+
+def load_deepspeed_checkpoint(engine, path, load_optimizer_states: bool) -> dict | None:
+    """The engine's load with `load_trainable_state` (the rest as Lightning's DeepSpeed resume: no lr scheduler
+    state, Lightning restores that); returns the client state (Lightning's part of the checkpoint)."""
+    _, client_state = engine.load_checkpoint(str(path), load_optimizer_states=load_optimizer_states,
+                                             load_lr_scheduler_states=False, custom_load_fn=load_trainable_state)
+    return client_state
+
+
+class Blip2DeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, saving trainable weights + optimizer state only unless
+    `save_frozen_weights`, and resuming such checkpoints (`load_deepspeed_checkpoint`)."""
+
+    def __init__(self, *args, save_frozen_weights: bool = False, **kwargs):
+        super().__init__(*args, exclude_frozen_parameters=not save_frozen_weights, **kwargs)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        if self.load_full_weights and self.zero_stage_3:  # one consolidated file: the parent's path
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from lightning.pytorch.strategies.deepspeed import _validate_checkpoint_directory
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        _validate_checkpoint_directory(checkpoint_path)
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        client_state = load_deepspeed_checkpoint(self.deepspeed_engine, checkpoint_path, fitting)
+        if client_state is None:
+            raise CheckpointError(f"DeepSpeed could not load {checkpoint_path} (no `latest` tag or model states)")
+        return client_state
+
+
 def deepspeed_strategy(stage: int, micro_batch_size: int, accumulate_grad_batches: int = 1, devices="auto",
                        num_nodes: int = 1, precision: str = "bf16-mixed", gradient_clip_val: float | None = None,
-                       offload_optimizer: bool = False, offload_parameters: bool = False, **zero_kw):
+                       offload_optimizer: bool = False, offload_parameters: bool = False,
+                       save_frozen_weights: bool = False, **zero_kw):
     """The `_target_` of the DeepSpeed strategy configs: build, validate, hand to Lightning."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
     world_size = _world_size(devices, num_nodes)
     cfg = build_deepspeed_config(stage, micro_batch_size, accumulate_grad_batches, world_size, precision,
                                  gradient_clip_val, offload_optimizer, offload_parameters, **zero_kw)
@@ -99,7 +154,7 @@ def deepspeed_strategy(stage: int, micro_batch_size: int, accumulate_grad_batche
         cfg.pop(key, None)  # Lightning sets these from the Trainer (and refuses some of them in the config)
     log.info("DeepSpeed ZeRO-%d config validated (world size %d, global batch %d)", stage, world_size,
              micro_batch_size * accumulate_grad_batches * world_size)
-    return DeepSpeedStrategy(config=cfg)
+    return Blip2DeepSpeedStrategy(config=cfg, save_frozen_weights=save_frozen_weights)
 
 
 def _world_size(devices, num_nodes: int) -> int:
