@@ -152,3 +152,49 @@ def test_training_keeps_the_last_three_periodic_checkpoints_trainable_weights_on
     keys = ckpt["state_dict"].keys()
     assert "model.hf.vision_model.post_layernorm.weight" in keys
     assert not any(k.startswith("model.hf.vision_model.encoder.") for k in keys)
+
+
+def test_weights_snapshots_on_two_ranks_under_accumulation_export_like_checkpoints(synth, tmp_path):
+    """`callbacks.weights_snapshot.every_n_steps=2` through blip2-train on 2 processes (torchrun, gloo DDP) with
+    gradient accumulation 2 (the callback sees each step twice): one file per snapshot step, written once,
+    holding the trainable weights only, in bf16, equal to the checkpoint of the same step, a fraction of its
+    size, and blip2-export turns one into a transformers directory."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import tiny_cli
+    from test_ddp import REPO, clean_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         "-m", "blip2_train.cli.train", "experiment=stage1_pretrain",
+         *tiny_cli(synth, "trainer.devices=2", "+strategy.process_group_backend=gloo", "trainer.max_steps=4",
+                   "module.max_steps=4", "data.batch_size=4", "data.samples_per_epoch=128",
+                   "trainer.accumulate_grad_batches=2", "eval.enabled=false",
+                   "callbacks.periodic_eval.every_n_steps=0", "callbacks.model_checkpoint.every_n_train_steps=4",
+                   "callbacks.weights_snapshot.every_n_steps=2", f"paths.output_dir={out}")],
+        cwd=REPO, env=clean_env(), timeout=400, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step0000002.ckpt", "step0000004.ckpt"]
+    snap = torch.load(out / "snapshots" / "step0000004.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "step0000004.ckpt", map_location="cpu", weights_only=False)
+    assert snap["global_step"] == 4 and snap["blip2_stage"] == 1 and "optimizer_states" not in snap
+    assert set(snap["state_dict"]) == set(ckpt["state_dict"])  # the trainable weights, nothing frozen
+    for k, v in snap["state_dict"].items():
+        assert v.dtype == torch.bfloat16, k
+        torch.testing.assert_close(v, ckpt["state_dict"][k].to(torch.bfloat16), rtol=0, atol=0, msg=k)
+    sizes = [(out / d / "step0000004.ckpt").stat().st_size for d in ("snapshots", "checkpoints")]
+    assert sizes[0] < sizes[1] / 4, sizes  # 2 B per weight against 12 B (fp32 weight + AdamW's two moments)
+
+    r = subprocess.run([sys.executable, "-m", "blip2_train.cli.export", str(out / "snapshots" / "step0000004.ckpt"),
+                        "--out", str(tmp_path / "export")], cwd=REPO, env=clean_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hf = Blip2ForImageTextRetrieval.from_pretrained(str(tmp_path / "export"))
+    torch.testing.assert_close(hf.query_tokens.detach().reshape(-1),
+                               snap["state_dict"]["model.hf.query_tokens"].float().reshape(-1))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,95 @@ def test_resume_with_another_batch_size_is_refused_unless_allowed(synth, tmp_pat
     assert r.returncode == 0, r.stderr[-3000:]
     assert "may repeat some samples" in r.stderr
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 8
+
+
+def _synth_sources(root, tokenizer, resampled, manifests=True, names=("coco", "vg"), repeat=True):
+    from blip2_train.data.shards import shard_sizes
+
+    sources = []
+    for name, weight in (("coco", 1.0), ("vg", 0.5)):
+        if name in names:
+            urls = sorted(str(u) for u in (root / name).glob("*.tar"))
+            sources.append(Source(name, urls, weight, shards=shard_sizes(urls) if manifests else None))
+    return ShardStream(sources, SampleDecoder(TrainTransform(16)), CaptionCollator(tokenizer), 8,
+                       resampled=resampled, shuffle_buffer=10, batches_per_epoch=72 if repeat else None, seed=3)
+
+
+def _copy_synth_shards(synth, dest):
+    import shutil
+
+    for name, sub in (("coco", "coco_karpathy_train"), ("vg", "vg_caption")):
+        shutil.copytree(synth["dir"] / "shards" / sub, dest / name)
+
+
+@pytest.mark.parametrize("resampled,workers", [(False, 0), (True, 2)])
+def test_resume_skips_shards_without_reading_them_and_continues_exactly(synth, tokenizer, tmp_path, resampled,
+                                                                        workers, caplog):
+    """Shards written by blip2-train (manifest.json: samples and bytes per shard, 15 samples each), two sources
+    mixed 2:1, a shuffle buffer: a stream resumed after 64 of 72 batches replays the skipped part over sample
+    positions, passing over most shards unread, and yields exactly the uninterrupted stream's last 8 batches,
+    as the reading skip does."""
+    import logging
+    import re
+
+    _copy_synth_shards(synth, tmp_path)
+
+    def run(skip, manifests=True):
+        s = _synth_sources(tmp_path, tokenizer, resampled, manifests)
+        s.skip_batches = skip
+        return list(DataLoader(s, batch_size=None, num_workers=workers))
+
+    full = run(0)
+    with caplog.at_level(logging.INFO, logger="blip2_train.data.stream"):
+        resumed = run(64)
+    reading = run(64, manifests=False)
+    assert len(full) == 72 and len(resumed) == len(reading) == 8
+    for a, b, c in zip(full[64:], resumed, reading):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["image_id"], b["image_id"]) and a["source"] == b["source"]
+        assert torch.equal(a["image"], c["image"]) and torch.equal(a["image_id"], c["image_id"])
+    if workers == 0:  # worker processes log in their own processes
+        passed = int(re.search(r"\((\d+) shards passed over", caplog.text).group(1))
+        assert passed >= 20, caplog.text  # ~512 samples of 15-sample shards skipped, a buffer of 10
+
+
+def test_resume_does_not_read_the_shards_it_passes_over(synth, tokenizer, tmp_path, caplog):
+    """The shards a resume passes over are never opened: overwritten with zeros of the same size (the manifest's
+    byte count still holds), the resumed stream is still the uninterrupted one (one pass over the shards, so a
+    passed-over shard never comes again). A shard whose size no longer matches its manifest makes the resume
+    read what it skips instead, and say why."""
+    import logging
+    import re
+
+    from blip2_train.data.stream import shards_for_slot
+
+    _copy_synth_shards(synth, tmp_path)
+
+    def stream(skip):
+        s = _synth_sources(tmp_path, tokenizer, resampled=False, names=("coco",), repeat=False)
+        s.skip_batches = skip
+        return s
+
+    full = list(stream(0))
+    skip = len(full) - 3
+    assert skip >= 6, len(full)
+    with caplog.at_level(logging.INFO, logger="blip2_train.data.stream"):
+        list(stream(skip))
+    first = re.search(r"from (\S+)\)", caplog.text).group(1)
+    order = shards_for_slot(sorted(str(u) for u in (tmp_path / "coco").glob("*.tar")), 0, 1, 3, 0)
+    passed = order[: order.index(first)]
+    assert len(passed) >= 2, caplog.text
+    for u in passed:
+        Path(u).write_bytes(bytes(Path(u).stat().st_size))
+    resumed = list(stream(skip))
+    assert len(resumed) == 3
+    for a, b in zip(full[skip:], resumed):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["image_id"], b["image_id"])
+
+    with open(passed[0], "ab") as f:  # another size than the manifest's: its count cannot be trusted
+        f.write(bytes(512))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="blip2_train.data.stream"):
+        list(stream(skip))
+    assert f"resume: {passed[0]} is {Path(passed[0]).stat().st_size} bytes" in caplog.text
+    assert "reading the skipped samples instead" in caplog.text

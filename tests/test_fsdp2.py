@@ -16,11 +16,17 @@ import torch
 from conftest import tiny_cli
 from test_ddp import REPO, clean_env
 
-PORTS = iter(range(29711, 29730))
+def free_port() -> int:
+    """A port no one holds now: another test session on this machine may run the same fixed ports."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def fit(out: Path, synth, llm, strategy: str, *extra, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={next(PORTS)}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            "-m", "blip2_train.cli.train", "experiment=stage2_pretrain",
            *tiny_cli(synth, f"paths.llm_dir={llm}", "paths.stage1_checkpoint=null", "arch.frozen_dtype=bfloat16",
                      f"strategy={strategy}", f"trainer.devices={nproc}", "data.batch_size=4", "data.samples_per_epoch=64",
@@ -44,7 +50,8 @@ def test_fsdp2_trains_like_ddp_resumes_from_its_shards_and_exports(synth, tiny_l
 
     llm = tiny_llms["opt"]
     # fp32 all-gathers on CPU (strategy.param_dtype=null) so that FSDP2 and DDP compute the same numbers
-    r = fit(tmp_path / "fsdp", synth, llm, "fsdp", "strategy.param_dtype=null")
+    r = fit(tmp_path / "fsdp", synth, llm, "fsdp", "strategy.param_dtype=null",
+            "callbacks.weights_snapshot.every_n_steps=4")
     assert "FSDP2: 6 block units + the root, over 2 ranks" in r.stderr  # 2 ViT + 2 Q-Former + 2 OPT blocks
     fit(tmp_path / "ddp", synth, llm, "ddp", "+strategy.process_group_backend=gloo")
     sharded, ddp = losses(tmp_path / "fsdp"), losses(tmp_path / "ddp")
@@ -77,6 +84,12 @@ def test_fsdp2_trains_like_ddp_resumes_from_its_shards_and_exports(synth, tiny_l
     exported = hf.language_projection.weight  # in the export's dtype (the frozen LLM's: bf16 here)
     torch.testing.assert_close(exported, ddp_state["state_dict"]["model.hf.language_projection.weight"].to(exported.dtype),
                                rtol=0, atol=1e-3 if exported.dtype == torch.bfloat16 else 1e-6)
+    # the step-4 weights snapshot gathered the shards: whole tensors, bf16, the trainable ones only
+    snap = torch.load(tmp_path / "fsdp" / "snapshots" / "step0000004.ckpt", weights_only=False)["state_dict"]
+    proj = snap["model.hf.language_projection.weight"]
+    assert proj.dtype == torch.bfloat16 and not any("language_model" in k for k in snap)
+    torch.testing.assert_close(proj.float(), ddp_state["state_dict"]["model.hf.language_projection.weight"].float(),
+                               rtol=0, atol=1e-2)
 
 
 @pytest.mark.timeout(900)
@@ -122,7 +135,7 @@ def test_fsdp2_stage1_keeps_the_stored_temperature_clamped(synth, tmp_path):
     from blip2_train.models.stage1 import TEMP_MAX
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={next(PORTS)}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "blip2_train.cli.train", "experiment=stage1_pretrain",
            *tiny_cli(synth, "strategy=fsdp", "strategy.param_dtype=null", "trainer.devices=2", "data.batch_size=4",
                      "data.samples_per_epoch=64", "trainer.max_steps=2", "module.max_steps=2", "model.temp=0.9",

@@ -70,11 +70,13 @@ def test_wandb_run_id_is_kept_on_resume(tmp_path):
     assert a._wandb_init["id"] == "blip2-abc" and a._wandb_init["resume"] == "allow"
 
 
-def test_deepspeed_checkpoint_leaves_frozen_weights_out_resumes_and_exports(synth, tmp_path):
+def test_deepspeed_checkpoint_leaves_frozen_weights_out_resumes_and_exports(synth, tiny_llms, tmp_path):
     """ZeRO-2 on CPU (deepspeed.initialize, gloo) through `strategy=deepspeed_zero2`'s own strategy object: its
-    checkpoint holds no frozen weight (DeepSpeed's default writes the frozen ViT twice), resumes into a fresh
-    model (trainable weights and Adam moments restored, frozen ones left as configured), refuses a checkpoint
-    that lost a trainable weight by name, and blip2-export turns it into a transformers directory."""
+    checkpoint holds no frozen weight, not even a tied alias of one (DeepSpeed's default writes them all;
+    its own exclusion keeps a frozen LM head tied to the embedding), resumes through the strategy's
+    load_checkpoint into a fresh model (trainable weights and Adam moments restored, frozen ones left as
+    configured), refuses a checkpoint that lost a trainable weight by name, and blip2-export turns it into a
+    transformers directory."""
     import json
     import subprocess
     import sys
@@ -89,7 +91,8 @@ def test_deepspeed_checkpoint_leaves_frozen_weights_out_resumes_and_exports(synt
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run = tmp_path / "ds_run"
-    r = subprocess.run([sys.executable, str(REPO / "tests" / "deepspeed_worker.py"), str(synth["tokenizer"]), str(run)],
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "deepspeed_worker.py"), str(synth["tokenizer"]), str(run),
+                        str(tiny_llms["opt"])],
                        cwd=REPO, env=clean_env(DS_ACCELERATOR="cpu", DS_MASTER_PORT=str(port)),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -103,6 +106,10 @@ def test_deepspeed_checkpoint_leaves_frozen_weights_out_resumes_and_exports(synt
     assert rep["resumed_trainable_max_diff"] < 1e-6 and rep["resumed_moments_max_diff"] < 1e-7
     assert rep["resumed_frozen_unchanged"] and rep["resumed_client_step"] == 2
     assert rep["missing_trainable_error"] and "hf.query_tokens" in rep["missing_trainable_error"]
+    # the frozen OPT's LM head is its input embedding: DeepSpeed's own exclusion keeps that second name
+    assert rep["stage2_tied_frozen_aliases"], rep
+    assert set(rep["stage2_tied_frozen_aliases"]) <= set(rep["stage2_frozen_keys_saved_by_deepspeed_exclude"])
+    assert rep["stage2_frozen_keys_saved"] == [] and rep["stage2_resumed_step"] == 2
 
     ckpt = run / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and (ckpt / "checkpoint").is_dir()
@@ -115,6 +122,22 @@ def test_deepspeed_checkpoint_leaves_frozen_weights_out_resumes_and_exports(synt
     trained = torch.load(run / "trained_state.pt")
     for k in ("hf.query_tokens", "hf.qformer.encoder.layer.0.crossattention.attention.query.weight", "temp"):
         torch.testing.assert_close(exported[k].float(), trained[k].float().reshape(exported[k].shape), msg=k)
+
+
+def test_bench_data_runs_and_times_both_resume_skips(synth, tmp_path, capsys):
+    """`blip2-bench data --resume-skip N` at tiny size: decode-only, the loader, and a resume that reads the
+    skipped tar members beside one replayed over sample positions, written into the given markdown file."""
+    from blip2_train.cli.bench import main
+
+    doc = tmp_path / "bench.md"
+    assert main(["data", "--shards", str(synth["train_shards"]), "--tokenizer", str(synth["tokenizer"]),
+                 "--batches", "3", "--batch-size", "4", "--image-size", "32", "--rounds", "1", "--resume-skip", "6",
+                 "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| resume: skipping 6 batches")]
+    assert len(rows) == 2 and "read, not decoded" in rows[0][1] and "replayed" in rows[1][1], text
+    assert all(float(r[2]) > 0 for r in rows), text
+    assert "replaying" in text and "Resume at real size" in text
 
 
 @pytest.mark.parametrize("stage,model,extra", [(1, "tiny", []), (2, "tiny", ["--llm", "tiny"])])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import platform
 import re
@@ -115,10 +116,10 @@ def bench_data(a) -> None:
 
     tok = load_qformer_tokenizer(a.tokenizer)
 
-    def stream(fast: bool, batches: int) -> ShardStream:
+    def stream(fast: bool, batches: int, shards=None) -> ShardStream:
         dec = SampleDecoder(TrainTransform(a.image_size, resize="torch" if fast else "pil"), jpeg_draft=fast)
-        return ShardStream([Source("bench", urls)], dec, CaptionCollator(tok), a.batch_size, resampled=True,
-                           shuffle_buffer=100, batches_per_epoch=batches)
+        return ShardStream([Source("bench", urls, shards=shards)], dec, CaptionCollator(tok), a.batch_size,
+                           resampled=True, shuffle_buffer=100, batches_per_epoch=batches)
 
     def loader(fast: bool) -> float:
         it = iter(stream(fast, a.batches + 1))
@@ -148,20 +149,36 @@ def bench_data(a) -> None:
     for name, v in rows:
         body.append(f"| {name} | {v:.0f} | {v / base:.2f}x |")
     if a.resume_skip:
-        s = stream(True, a.resume_skip + 1)
-        s.skip_batches = a.resume_skip
-        t0 = time.perf_counter()
-        next(iter(s))  # the skipped batches' tar members are read (and shuffled), not decoded
-        skip = a.resume_skip * a.batch_size / max(1e-9, time.perf_counter() - t0 - a.batch_size / full)
-        body += [f"| resume: skipping {a.resume_skip} batches (tar members read, not decoded) | {skip:.0f} | "
-                 f"{skip / base:.2f}x |", "", resume_arithmetic(skip, exact, full, kb)]
+        def resume_seconds(shards) -> float:  # to the first batch after the skipped ones, less its own decoding
+            s = stream(True, a.resume_skip + 1, shards)
+            s.skip_batches = a.resume_skip
+            t0 = time.perf_counter()
+            next(iter(s))
+            return max(1e-9, time.perf_counter() - t0 - a.batch_size / full)
+
+        skipped = a.resume_skip * a.batch_size
+        # without shard counts the skipped batches' tar members are read (and shuffled), not decoded; with them
+        # (manifest.json, as `blip2_train.data.shards` writes it) the shuffle is replayed over sample positions
+        sizes = {u: (sum(1 for _ in tarfile_samples([{"url": u}])), os.path.getsize(u)) for u in urls}
+        read_s, replay_s = min(resume_seconds(None) for _ in range(2)), min(resume_seconds(sizes) for _ in range(2))
+        skip = skipped / read_s
+        body += [f"| resume: skipping {a.resume_skip} batches, tar members read, not decoded (shards without a "
+                 f"manifest) | {skip:.0f} | {skip / base:.2f}x |",
+                 f"| resume: skipping {a.resume_skip} batches replayed over sample positions (manifest counts: only "
+                 f"the shards still holding later samples are read) | {skipped / replay_s:.0f} | "
+                 f"{skipped / replay_s / base:.2f}x |", "",
+                 f"Resume, {skipped} samples skipped: {read_s:.2f} s reading them, {replay_s:.3f} s replaying "
+                 f"(shuffle buffer 100, shards of {sum(c for c, _ in sizes.values()) / len(sizes):.0f} samples "
+                 "drawn with replacement).", "",
+                 resume_arithmetic(skip, exact, full, kb)]
     text = "\n".join(body)
     print(text)
-    write_section("data-photo" if a.photo_like else "data", text)
+    write_section("data-photo" if a.photo_like else "data", text, Path(a.doc))
 
 
 def resume_arithmetic(skip_rate: float, before: float, now: float, kb: float, samples: float = 129e6,
-                      gpus: int = 16, steps: int = 40_000, batch: int = 100, workers: int = 6) -> str:
+                      gpus: int = 16, steps: int = 40_000, batch: int = 100, workers: int = 6,
+                      buffer: int = 2000) -> str:
     """What a requeue `steps` into an epoch of `samples` costs each rank before it trains again."""
     per_rank = steps * batch
     per_worker = per_rank / workers
@@ -172,9 +189,14 @@ def resume_arithmetic(skip_rate: float, before: float, now: float, kb: float, sa
             f"again, as before: {per_worker / before / 60:.0f} min at {before:.0f} images/s per worker (the old "
             f"pipeline; {per_worker / now / 60:.0f} min with the new transform); reading them without decoding: "
             f"{per_worker / skip_rate / 60:.1f} min at {skip_rate:.0f} samples/s per worker, as long as the "
-            f"filesystem delivers {skip_rate * workers * kb / 1024:.0f} MiB/s per rank: the skip reads "
-            f"{per_rank * kb / 2**20:.0f} GiB of tar per rank ({kb:.0f} KiB per sample), so on shared storage the "
-            f"read rate, not the CPU, bounds it.")
+            f"filesystem delivers {skip_rate * workers * kb / 1024:.0f} MiB/s per rank: that skip reads "
+            f"{per_rank * kb / 2**20:.0f} GiB of tar per rank ({kb:.0f} KiB per sample). Replayed over sample "
+            f"positions (shards with manifests, the default for shards this package writes), nothing skipped is "
+            f"read but the shards still holding a sample that comes later: those of the shuffle buffer's oldest "
+            f"resident, on average {buffer} x (ln {buffer} + 0.58) = {buffer * (math.log(buffer) + 0.577) / 1e3:.1f}k "
+            f"samples back per worker at data.shuffle_buffer {buffer} (each draw replaces a uniform place), "
+            f"{workers * buffer * (math.log(buffer) + 0.577) * kb / 2**20:.1f} GiB per rank plus a shard per "
+            f"worker, and the positions themselves: {per_worker / 1e3:.0f}k integers per worker.")
 
 
 def bench_eval(a) -> None:
@@ -248,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--image-size", type=int, default=224)
     d.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best of each is kept")
+    d.add_argument("--doc", default=str(BENCH_DOC), help="markdown file to update")
     d.add_argument("--resume-skip", type=int, default=0, metavar="N",
                    help="also time a resume that skips N batches (read, not decoded) against decoding")
     e = sub.add_parser("eval", help="retrieval evaluation: batched protocol vs one-image-at-a-time ITM")

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from blip2_train.data.collate import CaptionCollator, Stage2Collator
 from blip2_train.data.eval_sets import CaptionedImages, EvalImageDataset, collate_eval_images
-from blip2_train.data.shards import read_manifest
+from blip2_train.data.shards import read_manifest, shard_sizes
 from blip2_train.data.stream import SampleDecoder, ShardStream, Source, stable_hash
 from blip2_train.data.transforms import TrainTransform
 from blip2_train.data.vqa import VQA_FORMATS, VqaQuestions, read_vqa_set
@@ -172,8 +172,9 @@ class Blip2DataModule(L.LightningDataModule):
         for i, s in enumerate(self.train_sources_cfg):
             if "urls" not in s:
                 raise ConfigError(f"data.train_sources[{i}] needs 'urls' (a shard directory, glob or brace pattern)")
-            out.append(Source(name=str(s.get("name", f"source{i}")), urls=expand_urls(s["urls"]),
-                              weight=float(s.get("weight", 1.0))))
+            urls = expand_urls(s["urls"])
+            out.append(Source(name=str(s.get("name", f"source{i}")), urls=urls, weight=float(s.get("weight", 1.0)),
+                              shards=shard_sizes(urls)))
         return out
 
     def batches_per_epoch(self, world_size: int) -> int:

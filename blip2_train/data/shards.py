@@ -161,6 +161,25 @@ def read_manifest(shard_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def shard_sizes(urls: list[str]) -> dict[str, tuple[int, int]] | None:
+    """(samples, bytes) of each shard, from the manifest.json beside it (written by `write_shards`); None when a
+    shard has none (another tool's shards, remote URLs): a mid-epoch resume then reads what it skips."""
+    by_dir: dict[str, dict] = {}
+    out = {}
+    for u in urls:
+        d, name = os.path.split(u)
+        if d not in by_dir:
+            try:
+                by_dir[d] = {e["name"]: e for e in read_manifest(d or ".")["shards"]}
+            except (FileNotFoundError, KeyError, TypeError, ValueError):
+                return None
+        e = by_dir[d].get(name)
+        if e is None or "num_samples" not in e or "bytes" not in e:
+            return None
+        out[u] = (int(e["num_samples"]), int(e["bytes"]))
+    return out
+
+
 def make_jpeg(img: Image.Image, quality: int = 92) -> bytes:
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=quality)

@@ -144,11 +144,13 @@ class EmptyRoundGuard:
 
 @dataclass
 class Source:
-    """One training source: a list of shard paths and its mixing weight."""
+    """One training source: a list of shard paths and its mixing weight. `shards`: (samples, bytes) of each url,
+    from the shard directories' manifest.json (None where unknown): a resume then skips without reading."""
 
     name: str
     urls: list[str]
     weight: float = 1.0
+    shards: dict[str, tuple[int, int]] | None = None
 
 
 def shards_for_slot(urls: Sequence[str], slot: int, num_slots: int, seed: int, epoch: int) -> list[str]:
@@ -207,6 +209,39 @@ class SampleDecoder:
             "caption": pick_caption(cleaned, rng),
             "image_id": image_id_to_int(image_id if image_id is not None else key),
         }
+
+
+class ShuffleBuffer:
+    """WebDataset-style shuffle buffer as an iterator whose state is visible: its draws depend only on how many
+    samples it has taken, never on what they hold, so a resume can replay them over sample positions (integers)
+    and then put the real samples in the places their positions took (`ShardStream._replayed`)."""
+
+    def __init__(self, samples, size: int, rng: random.Random):
+        self.samples, self.size, self.rng = iter(samples), size, rng
+        self.buf: list = []
+        self.drain: int | None = None  # once the input has ended: the next buffer place to yield
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.size <= 1:
+            return next(self.samples)
+        if self.drain is None:
+            for s in self.samples:
+                if len(self.buf) < self.size:
+                    self.buf.append(s)
+                    continue
+                i = self.rng.randrange(len(self.buf))
+                self.buf[i], s = s, self.buf[i]
+                return s
+            self.rng.shuffle(self.buf)
+            self.drain = 0
+        if self.drain < len(self.buf):
+            s, self.buf[self.drain] = self.buf[self.drain], None
+            self.drain += 1
+            return s
+        raise StopIteration
 
 
 class ShardStream(IterableDataset):
@@ -277,7 +312,7 @@ class ShardStream(IterableDataset):
             epoch += 1_000_003  # a fresh shard order for the wrap-around, still identical on every rank
 
     def _raw_samples(self, source: Source, slot: int, num_slots: int, repeat: bool, counter: SkipCounter,
-                     warnings: WarningLimiter):
+                     warnings: WarningLimiter, start_shard: int = 0):
         # every shard when they repeat or are resampled; a one-pass stream may draw only its own share
         reachable = set(source.urls) if repeat or self.resampled else set(
             shards_for_slot(source.urls, slot, num_slots, self.seed, self.epoch))
@@ -293,7 +328,7 @@ class ShardStream(IterableDataset):
             return True
 
         def urls():
-            for u in self._shard_urls(source, slot, num_slots, repeat):
+            for u in itertools.islice(self._shard_urls(source, slot, num_slots, repeat), start_shard, None):
                 guard.next_shard(u)
                 yield {"url": u}
             guard.finished()
@@ -301,21 +336,6 @@ class ShardStream(IterableDataset):
         for sample in tarfile_samples(urls(), handler=on_error):
             guard.sample()
             yield sample
-
-    def _shuffled(self, samples, rng: random.Random):
-        if self.shuffle_buffer <= 1:
-            yield from samples
-            return
-        buf = []
-        for s in samples:
-            if len(buf) < self.shuffle_buffer:
-                buf.append(s)
-                continue
-            i = rng.randrange(len(buf))
-            buf[i], s = s, buf[i]
-            yield s
-        rng.shuffle(buf)
-        yield from buf
 
     def _check_skip_rate(self, counter: SkipCounter, raw: dict) -> None:
         if counter.seen >= self.min_samples_for_skip_check and counter.skipped > self.max_skip_rate * counter.seen:
@@ -361,25 +381,33 @@ class ShardStream(IterableDataset):
                 out[j] = self.decoder(window[good[j % len(good)]], self._sample_rng(slot, k, first + j), scratch)
         return out
 
+    def _source_of(self, global_batch: int) -> int:
+        if len(self.sources) == 1:
+            return 0
+        return random.Random(stable_hash("mix", self.seed, self.epoch, global_batch)).choices(
+            range(len(self.sources)), [s.weight for s in self.sources])[0]
+
     def _batches(self, worker, num_workers, slot, num_slots, rng, counter, warnings) -> Iterator[dict]:
         repeat = self.batches_per_epoch is not None
-        # raw tar samples through each source's shuffle buffer; the buffer's draws never depend on decoding
-        streams = [iter(self._shuffled(self._raw_samples(s, slot, num_slots, repeat, counter, warnings), rng))
-                   for s in self.sources]
-        position = [0] * len(streams)  # raw samples taken from each source so far: the per-sample RNG key
-        weights = [s.weight for s in self.sources]
         reported = (0, 0)
-
         n_local = None
         if repeat:  # ceil: each worker yields the same count, so every rank yields the same total
             n_local = -(-self.batches_per_epoch // num_workers)
         # batches of this rank are dealt round-robin over workers: batch g comes from worker g % num_workers
         skip_local = max(0, -(-(self.skip_batches - worker) // num_workers))
-        i = 0
+        replayed = self._replayed(slot, num_slots, repeat, rng, skip_local, worker, num_workers, counter,
+                                  warnings) if skip_local else None
+        if replayed is not None:  # the skipped windows were replayed over sample positions: nothing read for them
+            streams, position = replayed
+            i = skip_local
+        else:  # raw tar samples through each source's shuffle buffer; the buffer's draws never depend on decoding
+            streams = [ShuffleBuffer(self._raw_samples(s, slot, num_slots, repeat, counter, warnings),
+                                     self.shuffle_buffer, rng) for s in self.sources]
+            position = [0] * len(streams)  # raw samples taken from each source so far: the per-sample RNG key
+            i = 0
         while n_local is None or i < n_local:
             global_batch = i * num_workers + worker
-            k = 0 if len(streams) == 1 else random.Random(
-                stable_hash("mix", self.seed, self.epoch, global_batch)).choices(range(len(streams)), weights)[0]
+            k = self._source_of(global_batch)
             window = list(itertools.islice(streams[k], self.batch_size))
             first, position[k] = position[k], position[k] + len(window)
             if not window:
@@ -399,3 +427,105 @@ class ShardStream(IterableDataset):
             reported = (counter.seen, counter.skipped)
             yield batch
             i += 1
+
+    # -- mid-epoch resume without reading what is skipped ---------------------------------------------
+
+    def _replayed(self, slot, num_slots, repeat, rng, skip_local, worker, num_workers, counter, warnings):
+        """The streams positioned after this worker's first `skip_local` windows, found without reading them.
+
+        A slot's raw stream is its shard sequence (`_shard_urls`, drawn from seeds) cut into samples, so with each
+        shard's sample count (manifest.json) the shuffle buffers' draws can be replayed over sample positions
+        (shard ordinal, member) instead of samples. What the skipped windows took is never read; the shards
+        still holding a sample that comes later (in a buffer, or the next input) are read from the first of them
+        on, their already-used members dropped undecoded. At 129M samples a requeue 40k steps in would otherwise
+        read ~250 GiB of tar per rank before training. Returns (streams, position), or None (with a warning:
+        the caller then reads the skipped samples) when a shard's count is unknown, a skipped shard's size on
+        disk is not the manifest's (rewritten or truncated: its count cannot be trusted), or the re-read
+        shards do not hold the members the manifest promised.
+        """
+        if any(not s.shards or any(u not in s.shards for u in s.urls) for s in self.sources):
+            return None
+        start_state = rng.getstate()
+        plans = [_PositionReplay(self, s, slot, num_slots, repeat) for s in self.sources]
+        sims = [ShuffleBuffer(p.positions(), self.shuffle_buffer, rng) for p in plans]
+        position = [0] * len(sims)
+        for i in range(skip_local):
+            k = self._source_of(i * num_workers + worker)
+            got = sum(1 for _ in itertools.islice(sims[k], self.batch_size))
+            position[k] += got
+            if got < self.batch_size:
+                if repeat:
+                    raise DataError(f"source {self.sources[k].name!r} ran dry inside a repeating stream")
+                break  # a one-pass stream ended inside the skipped part: nothing is left to read
+        streams = []
+        for k, (plan, sim) in enumerate(zip(plans, sims)):
+            stream = plan.materialise(sim, counter, warnings)
+            if stream is None:
+                rng.setstate(start_state)
+                return None
+            streams.append(stream)
+        log.info("resume: skipped %d batches of slot %d without reading them (%d shards passed over, %d read "
+                 "again for the samples still to come, from %s)", skip_local, slot, sum(p.passed for p in plans),
+                 sum(p.reread for p in plans), ", ".join(str(p.first_read) for p in plans))
+        return streams, position
+
+
+class _PositionReplay:
+    """One source's raw stream as sample positions (shard ordinal, member), then as samples again from the first
+    shard whose members are still needed (`ShardStream._replayed`)."""
+
+    def __init__(self, stream: ShardStream, source: Source, slot: int, num_slots: int, repeat: bool):
+        self.stream, self.source, self.slot, self.num_slots, self.repeat = stream, source, slot, num_slots, repeat
+        self.urls: list[str] = []  # the shard of each ordinal so far
+        self.last: tuple[int, int] | None = None  # the last position the buffer took
+        self.passed = self.reread = 0
+        self.first_read: str | None = None  # the shard the resumed stream reads first
+
+    def positions(self):
+        for ordinal, url in enumerate(self.stream._shard_urls(self.source, self.slot, self.num_slots, self.repeat)):
+            self.urls.append(url)
+            for member in range(self.source.shards[url][0]):
+                self.last = (ordinal, member)
+                yield self.last
+
+    def materialise(self, sim: ShuffleBuffer, counter: SkipCounter, warnings: WarningLimiter):
+        """A ShuffleBuffer over real samples in the state `sim` reached over positions, or None."""
+        import os
+
+        if self.last is None:  # nothing taken yet: the plain stream
+            return ShuffleBuffer(self.stream._raw_samples(self.source, self.slot, self.num_slots, self.repeat,
+                                                          counter, warnings), sim.size, sim.rng)
+        held = {pos: i for i, pos in enumerate(sim.buf) if pos is not None}
+        start = min([o for o, _ in held] + [self.last[0]])
+        for url in set(self.urls[:start]):
+            size = os.path.getsize(url) if os.path.isfile(url) else None
+            if size != self.source.shards[url][1]:
+                log.warning("resume: %s is %s bytes, its manifest says %d: reading the skipped samples instead",
+                            url, size, self.source.shards[url][1])
+                return None
+        self.passed, real = start, ShuffleBuffer(iter(()), sim.size, sim.rng)
+        real.buf, real.drain = list(sim.buf), sim.drain
+        raw = self.stream._raw_samples(self.source, self.slot, self.num_slots, self.repeat, counter, warnings,
+                                       start_shard=start)
+        ordinal, member, seen_urls = start, 0, set()
+        for sample in raw:  # the members up to the last taken position: into the buffer, or dropped (used)
+            while member >= self.source.shards[self.urls[ordinal]][0]:
+                ordinal, member = ordinal + 1, 0
+            if sample.get("__url__") != self.urls[ordinal]:
+                log.warning("resume: %s does not hold the members its manifest counts: reading the skipped samples "
+                            "instead", self.urls[ordinal])
+                return None
+            seen_urls.add(ordinal)
+            if (ordinal, member) in held:
+                real.buf[held.pop((ordinal, member))] = sample
+            if (ordinal, member) == self.last:
+                break
+            member += 1
+        if held or (ordinal, member) != self.last:
+            log.warning("resume: the shards from %s on hold fewer samples than their manifest counts: reading the "
+                        "skipped samples instead", self.urls[start])
+            return None
+        self.reread, self.first_read = len(seen_urls), self.urls[start]
+        real.samples = raw  # the rest of the raw stream: what the uninterrupted run read next
+        return real
+

@@ -7,11 +7,12 @@ numbers cannot disagree. The full config (with the global batch) is checked with
 the config without the keys it insists on setting itself (gradient_accumulation_steps).
 
 Checkpoints leave the frozen weights out (`module.save_frozen_weights`, as under DDP and FSDP2): Lightning's
-DeepSpeed strategy keeps them by default, and DeepSpeed then writes a frozen ViT-g + OPT-2.7B into every save
-(listed twice, in the module state and as `frozen_param_fragments`, one storage: 7.3 GB in bf16 beside 1.29 GB
-of trainable state). Resuming
-such a checkpoint needs a load that accepts the missing frozen keys and nothing else (Lightning's is strict or
-not at all): `load_trainable_state`.
+DeepSpeed strategy keeps them by default, and DeepSpeed then writes a frozen ViT-g + OPT-2.7B into every save,
+under ZeRO-2 twice on GPU (the module state, and `frozen_param_fragments`: CPU copies): 14.6 GB in bf16 beside
+1.29 GB of optimizer state. DeepSpeed's own `exclude_frozen_parameters` drops each frozen parameter under one
+name only, so a tied alias (OPT's `lm_head.weight` = its input embedding, 257 MB) stays: `save_checkpoint` here
+drops every name of a frozen parameter. Resuming such a checkpoint needs a load that accepts the missing frozen
+keys and nothing else (Lightning's is strict or not at all): `load_trainable_state`.
 """
 
 from __future__ import annotations
@@ -95,12 +96,17 @@ def validate_deepspeed_config(cfg: dict, world_size: int) -> None:
         raise ConfigError(f"invalid DeepSpeed config: {e}") from e
 
 
+def frozen_names(module) -> set[str]:
+    """Every name of every frozen parameter, tied aliases included (`named_parameters` lists a shared one once)."""
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
 def load_trainable_state(src: dict, dst) -> None:
     """DeepSpeed's `custom_load_fn`: load a module state that may lack the frozen weights. Every key must have a
     place, and every trainable parameter must be there; frozen ones missing from the file keep their values
     (they come from the model config, as the pretrained ViT / LLM did when the run started)."""
     result = dst.load_state_dict(src, strict=False)
-    frozen = {n for n, p in dst.named_parameters() if not p.requires_grad}
+    frozen = frozen_names(dst)
     missing = sorted(k for k in result.missing_keys if k not in frozen)
     if missing or result.unexpected_keys:
         parts = [f"{len(missing)} trainable weight(s) missing, e.g. {missing[:3]}"] if missing else []
@@ -126,6 +132,23 @@ class Blip2DeepSpeedStrategy(DeepSpeedStrategy):
 
     def __init__(self, *args, save_frozen_weights: bool = False, **kwargs):
         super().__init__(*args, exclude_frozen_parameters=not save_frozen_weights, **kwargs)
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
+        engine = self.deepspeed_engine
+        if not self.exclude_frozen_parameters or "module_state_dict" in vars(engine):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        frozen, own = frozen_names(engine.module), engine.module_state_dict
+
+        def trainable_state(*args, **kwargs):  # what DeepSpeed writes as `module`, tied frozen aliases dropped too
+            from collections import OrderedDict
+
+            return OrderedDict((k, v) for k, v in own(*args, **kwargs).items() if k not in frozen)
+
+        engine.module_state_dict = trainable_state  # for this save only (an instance attribute, removed below)
+        try:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+        finally:
+            del engine.module_state_dict
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         if self.load_full_weights and self.zero_stage_3:  # one consolidated file: the parent's path
