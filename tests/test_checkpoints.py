@@ -198,3 +198,19 @@ def test_weights_snapshots_on_two_ranks_under_accumulation_export_like_checkpoin
     hf = Blip2ForImageTextRetrieval.from_pretrained(str(tmp_path / "export"))
     torch.testing.assert_close(hf.query_tokens.detach().reshape(-1),
                                snap["state_dict"]["model.hf.query_tokens"].float().reshape(-1))
+
+
+def test_snapshot_retention_keeps_what_this_run_wrote_after_a_resume(tmp_path):
+    """keep_last counts the snapshots up to the step just written: a run killed at step 40 and resumed from its
+    step-20 checkpoint does not delete its new step-20 snapshot because steps 30 and 40 (which it writes again)
+    sort later. A dtype that is not a float type is a config error."""
+    from blip2_train.lit.snapshot import WeightsSnapshot
+    from blip2_train.utils.errors import ConfigError
+
+    for step in (5, 10, 20, 30, 40):
+        (tmp_path / f"step{step:07d}.ckpt").write_bytes(b"x")
+    WeightsSnapshot(every_n_steps=5, dirpath=str(tmp_path), keep_last=2)._prune(20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step0000010.ckpt", "step0000020.ckpt", "step0000030.ckpt", "step0000040.ckpt"]
+    with pytest.raises(ConfigError, match="dtype"):
+        WeightsSnapshot(every_n_steps=5, dtype="int8")

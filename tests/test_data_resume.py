@@ -130,7 +130,7 @@ def test_resume_with_another_batch_size_is_refused_unless_allowed(synth, tmp_pat
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 8
 
 
-def _synth_sources(root, tokenizer, resampled, manifests=True, names=("coco", "vg"), repeat=True):
+def _synth_sources(root, tokenizer, resampled, manifests=True, names=("coco", "vg"), repeat=True, batch_size=8):
     from blip2_train.data.shards import shard_sizes
 
     sources = []
@@ -138,7 +138,7 @@ def _synth_sources(root, tokenizer, resampled, manifests=True, names=("coco", "v
         if name in names:
             urls = sorted(str(u) for u in (root / name).glob("*.tar"))
             sources.append(Source(name, urls, weight, shards=shard_sizes(urls) if manifests else None))
-    return ShardStream(sources, SampleDecoder(TrainTransform(16)), CaptionCollator(tokenizer), 8,
+    return ShardStream(sources, SampleDecoder(TrainTransform(16)), CaptionCollator(tokenizer), batch_size,
                        resampled=resampled, shuffle_buffer=10, batches_per_epoch=72 if repeat else None, seed=3)
 
 
@@ -220,3 +220,26 @@ def test_resume_does_not_read_the_shards_it_passes_over(synth, tokenizer, tmp_pa
         list(stream(skip))
     assert f"resume: {passed[0]} is {Path(passed[0]).stat().st_size} bytes" in caplog.text
     assert "reading the skipped samples instead" in caplog.text
+
+
+def test_one_pass_resume_over_two_sources_matches_the_uninterrupted_tail(synth, tokenizer, tmp_path):
+    """A one-pass stream of two mixed sources ends when the drawn source is empty, possibly after short windows
+    of either: resumed at any point (inside, at and past its end), the replay yields exactly the uninterrupted
+    stream's remaining batches, and nothing past its end."""
+    _copy_synth_shards(synth, tmp_path)
+    short = 0
+    for weight, batch in ((3.0, 7), (0.3, 7), (1.0, 6)):
+        def stream(skip):
+            s = _synth_sources(tmp_path, tokenizer, resampled=False, repeat=False, batch_size=batch)
+            s.sources[1].weight = weight
+            s.skip_batches = skip
+            return list(s)
+
+        full = stream(0)
+        short += sum(b["image"].shape[0] < batch for b in full)
+        for skip in range(1, len(full) + 3):
+            resumed = stream(skip)
+            assert len(resumed) == max(0, len(full) - skip), (weight, batch, skip)
+            for a, b in zip(full[skip:], resumed):
+                assert torch.equal(a["image"], b["image"]) and torch.equal(a["image_id"], b["image_id"]), skip
+    assert short, "no configuration drew a short window: the test no longer covers them"

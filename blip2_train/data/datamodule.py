@@ -94,6 +94,7 @@ class Blip2DataModule(L.LightningDataModule):
         seed: int = 0,
         text: dict | None = None,
         allow_reshuffled_resume: bool = False,
+        resume_replay: bool = True,
     ):
         super().__init__()
         self.tokenizer_spec = tokenizer
@@ -112,6 +113,7 @@ class Blip2DataModule(L.LightningDataModule):
         self.jpeg_draft = jpeg_draft
         self.seed = seed
         self.allow_reshuffled_resume = allow_reshuffled_resume
+        self.resume_replay = resume_replay
         # How captions become model inputs: the model config's `text` node (data.text = ${model.text}), so both
         # sides agree. kind=qformer (stage 1): BERT tokens. kind=llm (stage 2): LLM tokens with image tokens and
         # labels (num_query_tokens, prompt, end_text, prefix_lm, encoder_decoder).
@@ -194,7 +196,7 @@ class Blip2DataModule(L.LightningDataModule):
             rank=rank, world_size=world_size, seed=self.seed, resampled=self.resampled and not one_pass,
             shuffle_buffer=self.shuffle_buffer,
             batches_per_epoch=None if one_pass else self.batches_per_epoch(world_size),
-            max_skip_rate=self.max_skip_rate)
+            max_skip_rate=self.max_skip_rate, resume_replay=self.resume_replay)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and self.train_sources_cfg:

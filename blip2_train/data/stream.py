@@ -262,6 +262,7 @@ class ShardStream(IterableDataset):
         batches_per_epoch: int | None = None,
         max_skip_rate: float = 0.1,
         min_samples_for_skip_check: int = 200,
+        resume_replay: bool = True,
     ):
         if not sources or not all(s.urls for s in sources):
             raise DataError("every training source needs at least one shard")
@@ -275,6 +276,7 @@ class ShardStream(IterableDataset):
         self.batches_per_epoch = batches_per_epoch
         self.max_skip_rate = max_skip_rate
         self.min_samples_for_skip_check = min_samples_for_skip_check
+        self.resume_replay = resume_replay
         self.epoch = 0
         # Exact mid-epoch resume: this rank's first `skip_batches` batches of the epoch are read again from the tars
         # (same shard order, same shuffle-buffer draws) but not decoded: a batch is a fixed window of raw samples
@@ -398,7 +400,9 @@ class ShardStream(IterableDataset):
         replayed = self._replayed(slot, num_slots, repeat, rng, skip_local, worker, num_workers, counter,
                                   warnings) if skip_local else None
         if replayed is not None:  # the skipped windows were replayed over sample positions: nothing read for them
-            streams, position = replayed
+            streams, position, ended = replayed
+            if ended:
+                return
             i = skip_local
         else:  # raw tar samples through each source's shuffle buffer; the buffer's draws never depend on decoding
             streams = [ShuffleBuffer(self._raw_samples(s, slot, num_slots, repeat, counter, warnings),
@@ -438,25 +442,29 @@ class ShardStream(IterableDataset):
         (shard ordinal, member) instead of samples. What the skipped windows took is never read; the shards
         still holding a sample that comes later (in a buffer, or the next input) are read from the first of them
         on, their already-used members dropped undecoded. At 129M samples a requeue 40k steps in would otherwise
-        read ~250 GiB of tar per rank before training. Returns (streams, position), or None (with a warning:
-        the caller then reads the skipped samples) when a shard's count is unknown, a skipped shard's size on
-        disk is not the manifest's (rewritten or truncated: its count cannot be trusted), or the re-read
-        shards do not hold the members the manifest promised.
+        read ~250 GiB of tar per rank before training. Returns (streams, position, ended), or None (with a
+        warning: the caller then reads the skipped samples) when a shard's count is unknown, a skipped shard's
+        size on disk is not the manifest's (rewritten or truncated: its count cannot be trusted), or the re-read
+        shards do not hold the members the manifest promised. A skipped shard is trusted by its size: one
+        damaged in place with its size unchanged yields fewer samples to a run that reads it, and the replay
+        then continues otherwise than that run did (`data.resume_replay=false` reads instead).
         """
-        if any(not s.shards or any(u not in s.shards for u in s.urls) for s in self.sources):
-            return None
+        if not self.resume_replay or any(not s.shards or any(u not in s.shards for u in s.urls)
+                                         or not sum(s.shards[u][0] for u in s.urls) for s in self.sources):
+            return None  # no counts (or a source of empty shards): the read path, which also reports the latter
         start_state = rng.getstate()
         plans = [_PositionReplay(self, s, slot, num_slots, repeat) for s in self.sources]
         sims = [ShuffleBuffer(p.positions(), self.shuffle_buffer, rng) for p in plans]
-        position = [0] * len(sims)
-        for i in range(skip_local):
+        position, ended = [0] * len(sims), False
+        for i in range(skip_local):  # the loop of `_batches` over the skipped windows, on positions
             k = self._source_of(i * num_workers + worker)
             got = sum(1 for _ in itertools.islice(sims[k], self.batch_size))
             position[k] += got
-            if got < self.batch_size:
-                if repeat:
-                    raise DataError(f"source {self.sources[k].name!r} ran dry inside a repeating stream")
-                break  # a one-pass stream ended inside the skipped part: nothing is left to read
+            if not got:  # there the stream ends: a one-pass stream that ended inside the skipped part
+                ended = True
+                break
+            if got < self.batch_size and repeat:
+                raise DataError(f"source {self.sources[k].name!r} ran dry inside a repeating stream")
         streams = []
         for k, (plan, sim) in enumerate(zip(plans, sims)):
             stream = plan.materialise(sim, counter, warnings)
@@ -467,7 +475,7 @@ class ShardStream(IterableDataset):
         log.info("resume: skipped %d batches of slot %d without reading them (%d shards passed over, %d read "
                  "again for the samples still to come, from %s)", skip_local, slot, sum(p.passed for p in plans),
                  sum(p.reread for p in plans), ", ".join(str(p.first_read) for p in plans))
-        return streams, position
+        return streams, position, ended
 
 
 class _PositionReplay:

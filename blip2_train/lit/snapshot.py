@@ -10,18 +10,20 @@ it is not a resume point (`ckpt_path=auto` only looks in `checkpoints/`).
 
 Under FSDP2 every rank takes part in gathering each sharded weight (`DTensor.full_tensor`), and rank 0 writes;
 under DDP and ZeRO-1/2 the weights are whole on every rank. ZeRO-3 is refused at the start (its weights are
-partitioned in DeepSpeed's own format): export its sharded checkpoints with `blip2-export` instead.
+partitioned in DeepSpeed's own format): export its sharded checkpoints with `blip2-export` instead. "Step" is
+the trainer's `global_step`, as in checkpoint names: under DeepSpeed, which accumulates gradients itself, Lightning
+counts micro-batches there.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from blip2_train.utils.checkpoint_io import AtomicCheckpointIO
 from blip2_train.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ class WeightsSnapshot(L.Callback):
         if every_n_steps < 0 or (keep_last is not None and keep_last < 1):
             raise ConfigError("callbacks.weights_snapshot: every_n_steps must be >= 0 (0 = off) and keep_last >= 1 "
                               f"or null (keep all), not {every_n_steps} / {keep_last}")
+        if dtype not in ("bfloat16", "float16", "float32"):
+            raise ConfigError(f"callbacks.weights_snapshot.dtype must be bfloat16, float16 or float32, not {dtype!r}")
         self.every_n_steps, self.dirpath, self.keep_last = int(every_n_steps), Path(dirpath), keep_last
         self.dtype = getattr(torch, dtype)
         self._last_step = -1
@@ -63,19 +67,21 @@ class WeightsSnapshot(L.Callback):
                 weights["model." + name] = t.to(device="cpu", dtype=self.dtype).clone()
         path = self.dirpath / f"step{step:07d}.ckpt"
         if trainer.is_global_zero:
-            self.dirpath.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            torch.save({"state_dict": weights, "blip2_stage": pl_module.stage, "global_step": step,
-                        "frozen_weights_omitted": True, "weights_only_snapshot": str(self.dtype)}, tmp)
-            os.replace(tmp, path)  # a snapshot killed half-way never appears under its name
+            # same-directory temp file, fsync, rename: a snapshot killed half-way never appears under its name
+            AtomicCheckpointIO().save_checkpoint(
+                {"state_dict": weights, "blip2_stage": pl_module.stage, "global_step": step,
+                 "frozen_weights_omitted": True, "weights_only_snapshot": str(self.dtype)}, path)
             log.info("weights snapshot %s: %d trainable tensors in %s, %.1f MB", path, len(weights),
                      str(self.dtype).removeprefix("torch."), path.stat().st_size / 2**20)
-            self._prune()
+            self._prune(step)
         trainer.strategy.barrier("weights_snapshot")
         return path
 
-    def _prune(self) -> None:
+    def _prune(self, step: int) -> None:
+        """Keep the newest `keep_last` snapshots up to this step. Later ones were left by a run that was killed
+        and resumed from an earlier checkpoint: this run writes those steps again (and replaces them)."""
         if self.keep_last is None:
             return
-        for old in sorted(self.dirpath.glob("step*.ckpt"))[: -self.keep_last]:
+        mine = sorted(p for p in self.dirpath.glob("step*.ckpt") if p.stem[4:].isdigit() and int(p.stem[4:]) <= step)
+        for old in mine[: -self.keep_last]:
             old.unlink()
