@@ -150,3 +150,27 @@ def test_coco_annotation_of_the_wrong_shape_names_the_file(tmp_path):
     bad.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 2}]}))
     with pytest.raises(DataError, match=r"annotations\[0\] refers to image_id 2"):
         read_annotations(bad, "coco")
+
+
+def test_a_checkpoint_missing_a_trained_weight_is_refused_by_name(synth, tmp_path):
+    """blip2-export of a Lightning checkpoint that lost a Q-Former weight: one error naming it, no export
+    (it would otherwise keep that weight at its initial values)."""
+    r = cli("experiment=stage1_pretrain", *tiny_cli(synth, "trainer.max_steps=1", "data.batch_size=4",
+                                                    "data.samples_per_epoch=40", "eval.enabled=false",
+                                                    f"paths.output_dir={tmp_path / 'run'}"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    name = "model.hf.qformer.encoder.layer.0.attention.attention.query.weight"
+    assert name in state["state_dict"]
+    del state["state_dict"][name]
+    torch.save(state, ckpt)
+    import subprocess
+    import sys
+
+    from test_ddp import REPO, clean_env
+
+    r = subprocess.run([sys.executable, "-m", "blip2_train.cli.export", str(ckpt), "--out", str(tmp_path / "exp")],
+                       cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "hf.qformer.encoder.layer.0.attention.attention.query.weight" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "exp").exists()

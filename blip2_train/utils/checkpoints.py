@@ -39,6 +39,14 @@ def load_lightning_checkpoint(model, path: str | Path) -> dict:
     unexpected = [k for k in sd if k not in own]
     if unexpected:
         raise CheckpointError(f"{p} does not fit this model: {len(unexpected)} key(s) have no place, e.g. {unexpected[:3]}")
+    # Every blip2-train run trains the Q-Former and its queries (stage 2 also the projection): a checkpoint
+    # without one of them would leave it at its initial values, silently. (Parameter names, not state_dict
+    # keys: a tied weight is stored under one name.)
+    trained_always = ("hf.query_tokens", "hf.qformer.", "hf.language_projection.")
+    missing = sorted(n for n, _ in model.named_parameters() if n.startswith(trained_always) and n not in sd)
+    if missing:
+        raise CheckpointError(f"{p} lacks {len(missing)} trained weight(s), e.g. {missing[:3]}: an incomplete or "
+                              "foreign checkpoint")
     with torch.no_grad():
         for k, v in sd.items():
             if own[k].shape != v.shape:
