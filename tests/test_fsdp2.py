@@ -43,10 +43,35 @@ def losses(run: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f.open()) if r.get("train/loss")}
 
 
+def assert_resume_repeats(out: Path, reference: dict[int, float], synth, llm, ckpt: Path, *extra, nproc: int = 2):
+    """A requeued job resumed from `ckpt` (its step-2 shards; frozen weights come from the model config)
+    repeats steps 2-3 of the uninterrupted run."""
+    fit(out, synth, llm, "fsdp", "strategy.param_dtype=null", *extra, f"ckpt_path={ckpt}", nproc=nproc)
+    resumed = losses(out)
+    assert sorted(resumed) == [2, 3]
+    for step, value in resumed.items():
+        assert value == pytest.approx(reference[step], rel=1e-6), f"step {step}"
+
+
+def assert_export_equals_ddp(ckpt: Path, export: Path, ddp_run: Path) -> dict:
+    """blip2-export consolidates the shards into a directory plain transformers loads, with the trained weights
+    (DDP's on the same data); -> DDP's last checkpoint."""
+    from transformers import Blip2ForConditionalGeneration
+
+    r = subprocess.run([sys.executable, "-m", "blip2_train.cli.export", str(ckpt), "--out", str(export)], cwd=REPO,
+                       env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    exported = Blip2ForConditionalGeneration.from_pretrained(str(export)).language_projection.weight
+    ddp_state = torch.load(ddp_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    # in the export's dtype (the frozen LLM's: bf16 here)
+    torch.testing.assert_close(exported, ddp_state["state_dict"]["model.hf.language_projection.weight"].to(exported.dtype),
+                               rtol=0, atol=1e-3 if exported.dtype == torch.bfloat16 else 1e-6)
+    return ddp_state
+
+
 @pytest.mark.timeout(900)
 def test_fsdp2_trains_like_ddp_resumes_from_its_shards_and_exports(synth, tiny_llms, tmp_path):
     import torch.distributed.checkpoint as dcp
-    from transformers import Blip2ForConditionalGeneration
 
     llm = tiny_llms["opt"]
     # fp32 all-gathers on CPU (strategy.param_dtype=null) so that FSDP2 and DDP compute the same numbers
@@ -66,24 +91,8 @@ def test_fsdp2_trains_like_ddp_resumes_from_its_shards_and_exports(synth, tiny_l
     assert "state_dict.model.hf.language_projection.weight" in stored and "optimizer_0.state" in str(stored)
     assert not [k for k in stored if "language_model" in k or "vision_model.encoder" in k]
 
-    # a requeued job resumes from the step-2 shards (frozen weights come from the model config) and repeats steps 2-3
-    fit(tmp_path / "resumed", synth, llm, "fsdp", "strategy.param_dtype=null",
-        f"ckpt_path={ckpt / 'step0000002.ckpt'}")
-    resumed = losses(tmp_path / "resumed")
-    assert sorted(resumed) == [2, 3]
-    for step, value in resumed.items():
-        assert value == pytest.approx(sharded[step], rel=1e-6), f"step {step}"
-
-    # blip2-export consolidates the shards into a directory plain transformers loads, with the trained weights
-    r = subprocess.run([sys.executable, "-m", "blip2_train.cli.export", str(ckpt / "last.ckpt"), "--out",
-                        str(tmp_path / "export")], cwd=REPO, env=clean_env(), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    hf = Blip2ForConditionalGeneration.from_pretrained(str(tmp_path / "export"))
-    ddp_state = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    exported = hf.language_projection.weight  # in the export's dtype (the frozen LLM's: bf16 here)
-    torch.testing.assert_close(exported, ddp_state["state_dict"]["model.hf.language_projection.weight"].to(exported.dtype),
-                               rtol=0, atol=1e-3 if exported.dtype == torch.bfloat16 else 1e-6)
+    assert_resume_repeats(tmp_path / "resumed", sharded, synth, llm, ckpt / "step0000002.ckpt")
+    ddp_state = assert_export_equals_ddp(ckpt / "last.ckpt", tmp_path / "export", tmp_path / "ddp")
     # the step-4 weights snapshot gathered the shards: whole tensors, bf16, the trainable ones only
     snap = torch.load(tmp_path / "fsdp" / "snapshots" / "step0000004.ckpt", weights_only=False)["state_dict"]
     proj = snap["model.hf.language_projection.weight"]
@@ -97,8 +106,6 @@ def test_hsdp_two_replicas_of_two_shards_trains_like_ddp_resumes_and_exports(syn
     """HSDP (`strategy.replicate_degree=2`) on 4 processes: a 2 x 2 mesh, each replica sharded over 2 ranks,
     gradients reduce-scattered within a replica and all-reduced across the two. Same losses as DDP on 4
     processes; a resume from its step-2 shards on the same mesh repeats steps 2-3; blip2-export consolidates it."""
-    from transformers import Blip2ForConditionalGeneration
-
     llm = tiny_llms["opt"]
     r = fit(tmp_path / "hsdp", synth, llm, "fsdp", "strategy.param_dtype=null", "strategy.replicate_degree=2",
             nproc=4)
@@ -109,21 +116,9 @@ def test_hsdp_two_replicas_of_two_shards_trains_like_ddp_resumes_and_exports(syn
     for step, value in ddp.items():
         assert hsdp[step] == pytest.approx(value, rel=1e-5), f"step {step}"
     ckpt = tmp_path / "hsdp" / "checkpoints"
-    fit(tmp_path / "resumed", synth, llm, "fsdp", "strategy.param_dtype=null", "strategy.replicate_degree=2",
-        f"ckpt_path={ckpt / 'step0000002.ckpt'}", nproc=4)
-    resumed = losses(tmp_path / "resumed")
-    assert sorted(resumed) == [2, 3]
-    for step, value in resumed.items():
-        assert value == pytest.approx(hsdp[step], rel=1e-6), f"step {step}"
-    r = subprocess.run([sys.executable, "-m", "blip2_train.cli.export", str(ckpt / "last.ckpt"), "--out",
-                        str(tmp_path / "export")], cwd=REPO, env=clean_env(), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    hf = Blip2ForConditionalGeneration.from_pretrained(str(tmp_path / "export"))
-    ddp_state = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    exported = hf.language_projection.weight
-    torch.testing.assert_close(exported, ddp_state["state_dict"]["model.hf.language_projection.weight"].to(exported.dtype),
-                               rtol=0, atol=1e-3 if exported.dtype == torch.bfloat16 else 1e-6)
+    assert_resume_repeats(tmp_path / "resumed", hsdp, synth, llm, ckpt / "step0000002.ckpt",
+                          "strategy.replicate_degree=2", nproc=4)
+    assert_export_equals_ddp(ckpt / "last.ckpt", tmp_path / "export", tmp_path / "ddp")
 
 
 @pytest.mark.timeout(600)

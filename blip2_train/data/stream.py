@@ -34,7 +34,6 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
