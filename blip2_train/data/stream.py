@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -497,8 +498,6 @@ class _PositionReplay:
 
     def materialise(self, sim: ShuffleBuffer, counter: SkipCounter, warnings: WarningLimiter):
         """A ShuffleBuffer over real samples in the state `sim` reached over positions, or None."""
-        import os
-
         if self.last is None:  # nothing taken yet: the plain stream
             return ShuffleBuffer(self.stream._raw_samples(self.source, self.slot, self.num_slots, self.repeat,
                                                           counter, warnings), sim.size, sim.rng)
@@ -514,7 +513,7 @@ class _PositionReplay:
         real.buf, real.drain = list(sim.buf), sim.drain
         raw = self.stream._raw_samples(self.source, self.slot, self.num_slots, self.repeat, counter, warnings,
                                        start_shard=start)
-        ordinal, member, seen_urls = start, 0, set()
+        ordinal, member, reread = start, 0, set()
         for sample in raw:  # the members up to the last taken position: into the buffer, or dropped (used)
             while member >= self.source.shards[self.urls[ordinal]][0]:
                 ordinal, member = ordinal + 1, 0
@@ -522,7 +521,7 @@ class _PositionReplay:
                 log.warning("resume: %s does not hold the members its manifest counts: reading the skipped samples "
                             "instead", self.urls[ordinal])
                 return None
-            seen_urls.add(ordinal)
+            reread.add(ordinal)
             if (ordinal, member) in held:
                 real.buf[held.pop((ordinal, member))] = sample
             if (ordinal, member) == self.last:
@@ -532,7 +531,7 @@ class _PositionReplay:
             log.warning("resume: the shards from %s on hold fewer samples than their manifest counts: reading the "
                         "skipped samples instead", self.urls[start])
             return None
-        self.reread, self.first_read = len(seen_urls), self.urls[start]
+        self.reread, self.first_read = len(reread), self.urls[start]
         real.samples = raw  # the rest of the raw stream: what the uninterrupted run read next
         return real
 

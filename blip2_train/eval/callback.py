@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning as L
 import torch
+
+from blip2_train.lit.periodic import EveryNSteps
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +29,16 @@ def broadcast_from_rank_zero(obj):
     return box[0]
 
 
-class PeriodicEvaluation(L.Callback):
+class PeriodicEvaluation(EveryNSteps):
     def __init__(self, kind: str = "retrieval", every_n_steps: int = 5000, k_test: int = 128,
                  pair_batch_size: int = 256, generate: dict | None = None, image_blind_baseline: bool = False,
                  vqa_generate: dict | None = None, samples_in_table: int = 8, prefix: str = "val/"):
         self.cfg = {"kind": kind, "k_test": k_test, "pair_batch_size": pair_batch_size,
                     "generate": dict(generate) if generate else None, "image_blind_baseline": image_blind_baseline,
                     "vqa_generate": dict(vqa_generate) if vqa_generate else None}
-        self.every_n_steps = every_n_steps
+        super().__init__(every_n_steps)
         self.samples_in_table = samples_in_table
         self.prefix = prefix
-        self._last_step = -1
         self.history: list[dict] = []
 
     @staticmethod
@@ -54,11 +54,7 @@ class PeriodicEvaluation(L.Callback):
             out["spice"] = cfg.get("spice", "auto")
         return out
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if not self.every_n_steps or step == 0 or step % self.every_n_steps or step == self._last_step:
-            return
-        self._last_step = step
+    def at_step(self, trainer, pl_module, step: int) -> None:
         self.evaluate(trainer, pl_module, step)
 
     def evaluate(self, trainer, pl_module, step: int) -> dict:

@@ -20,16 +20,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning as L
 import torch
 
+from blip2_train.lit.periodic import EveryNSteps
 from blip2_train.utils.checkpoint_io import AtomicCheckpointIO
 from blip2_train.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-class WeightsSnapshot(L.Callback):
+class WeightsSnapshot(EveryNSteps):
     def __init__(self, every_n_steps: int = 0, dirpath: str = "snapshots", dtype: str = "bfloat16",
                  keep_last: int | None = None):
         if every_n_steps < 0 or (keep_last is not None and keep_last < 1):
@@ -37,9 +37,9 @@ class WeightsSnapshot(L.Callback):
                               f"or null (keep all), not {every_n_steps} / {keep_last}")
         if dtype not in ("bfloat16", "float16", "float32"):
             raise ConfigError(f"callbacks.weights_snapshot.dtype must be bfloat16, float16 or float32, not {dtype!r}")
-        self.every_n_steps, self.dirpath, self.keep_last = int(every_n_steps), Path(dirpath), keep_last
+        super().__init__(every_n_steps)
+        self.dirpath, self.keep_last = Path(dirpath), keep_last
         self.dtype = getattr(torch, dtype)
-        self._last_step = -1
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         strategy = trainer.strategy
@@ -47,12 +47,7 @@ class WeightsSnapshot(L.Callback):
             raise ConfigError("callbacks.weights_snapshot does not run under ZeRO-3 (partitioned weights): set "
                               "callbacks.weights_snapshot.every_n_steps=0 and export a checkpoint with blip2-export")
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        # called once per micro-batch: under gradient accumulation a step is seen several times
-        if not self.every_n_steps or step == 0 or step % self.every_n_steps or step == self._last_step:
-            return
-        self._last_step = step
+    def at_step(self, trainer, pl_module, step: int) -> None:
         self.save(trainer, pl_module, step)
 
     def save(self, trainer, pl_module, step: int) -> Path:

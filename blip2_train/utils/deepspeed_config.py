@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -140,8 +141,6 @@ class Blip2DeepSpeedStrategy(DeepSpeedStrategy):
         frozen, own = frozen_names(engine.module), engine.module_state_dict
 
         def trainable_state(*args, **kwargs):  # what DeepSpeed writes as `module`, tied frozen aliases dropped too
-            from collections import OrderedDict
-
             return OrderedDict((k, v) for k, v in own(*args, **kwargs).items() if k not in frozen)
 
         engine.module_state_dict = trainable_state  # for this save only (an instance attribute, removed below)
