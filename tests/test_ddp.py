@@ -73,6 +73,8 @@ def test_two_process_ddp_fit_through_cli_and_its_resume(synth, tmp_path):
     r = fit(6, "ckpt_path=auto")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr and "last.ckpt" in r.stderr
+    # mid-epoch (step 4 of 8 per epoch): each rank's loader worker replayed its consumed batches, unread
+    assert r.stderr.count("without reading them") == 2, r.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 6
     r = fit(8)  # without ckpt_path the existing checkpoints are protected
     assert r.returncode == 2 and "already holds checkpoints" in r.stderr
