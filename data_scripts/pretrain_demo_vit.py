@@ -29,7 +29,7 @@ def main() -> None:
     r = pretrain_demo_vit(a.data_dir, a.out, vision, a.steps, a.batch_size, a.lr, a.seed,
                           log=lambda s: print(s, flush=True))
     print(f"DEMO STAND-IN for a pretrained ViT saved to {a.out}: per-patch colour accuracy "
-          f"{r['patch_color_accuracy']:.1%}, shape {r['patch_shape_accuracy']:.1%} on {r['held_out_train_images']} "
+          f"{r['patch_color_accuracy']:.1%}, shape {r['patch_shape_accuracy']:.1%}, cell {r['patch_cell_accuracy']:.1%} on {r['held_out_train_images']} "
           f"train images it did not train on ({r['seconds']} s)")
 
 

@@ -141,8 +141,8 @@ Synthetic captioned shapes ({len(test)} held-out images), tiny models, CPU. Ever
 (`stage1_pretrain`, `retrieval_coco_ft`, `retrieval_coco_eval`, `stage2_pretrain`, `caption_coco_ft`,
 `caption_coco_eval`, `vqa_vqav2_eval`), with the size/data overlay `preset=tiny`.
 
-**Demo stand-ins, not pretrained models:** the frozen ViT is a tiny ViT pretrained for seconds to name each cell's
-colour and shape on the train images (`vit/`, `data_scripts/pretrain_demo_vit.py`; frozen in stage 1 as in
+**Demo stand-ins, not pretrained models:** the frozen ViT is a tiny ViT pretrained for ~45 s to name each cell's
+colour and shape, and the cell each patch lies in, on the train images (`vit/`, `data_scripts/pretrain_demo_vit.py`; frozen in stage 1 as in
 BLIP-2), the Q-Former starts from a tiny random BERT, and the frozen "LLM" is a tiny OPT-architecture model trained
 on text only before stage 2: each training caption after its scene's description (half of them after caption
 fine-tuning's prompt "a photo of"), and questions about train scenes answered from that description

@@ -79,6 +79,7 @@ def test_vit_stand_in_script_writes_what_preset_tiny_loads(synth, tmp_path):
     assert "DEMO STAND-IN for a pretrained ViT" in r.stdout
     report = json.loads((out / "pretrain.json").read_text())
     assert report["steps"] == 3 and 0.0 <= report["patch_color_accuracy"] <= 1.0
+    assert 0.0 <= report["patch_cell_accuracy"] <= 1.0 and "cell" in r.stdout
     cfg = compose("train", ["experiment=stage1_pretrain", "preset=tiny", f"paths.data_dir={synth['dir']}",
                             f"paths.vision_checkpoint={out}"])
     model = instantiate(cfg.model)
@@ -187,7 +188,8 @@ def test_demo_llm_reads_the_prompt_caption_fine_tuning_gives_it():
 def test_prepare_synthetic_keeps_a_data_dir_of_its_world_only(tmp_path):
     """run_scripts/prepare_synthetic.sh keeps a complete data dir whose world.json names the demo's world, and
     makes any other one again (a data dir of world 1, the one-or-two-shape world make demo used before); its
-    `data` and `llm` parts; an LLM stand-in of another recipe (llm/recipe.txt) is trained again."""
+    `data` and `llm` parts; an LLM stand-in of another recipe (llm/recipe.txt) is trained again, and a ViT
+    stand-in of another recipe (vit/recipe.txt) pretrained again."""
     import os
     import re
     import shlex
@@ -197,10 +199,14 @@ def test_prepare_synthetic_keeps_a_data_dir_of_its_world_only(tmp_path):
     script = (REPO / "run_scripts/prepare_synthetic.sh").read_text()
     import hashlib
 
-    args = " ".join(shlex.split(re.search(r"^LLM=\((.*)\)$", script, re.M).group(1)))  # bash's "${LLM[*]}"
-    code = shlex.split(re.search(r"^LLM_CODE=\(([^)]*)\)$", script, re.M | re.S).group(1))
-    fingerprint = hashlib.sha256(b"".join((REPO / f).read_bytes() for f in code)).hexdigest()[:16]
-    recipe = f"{args} code {fingerprint}"  # llm_recipe
+    def recipe_of(name: str) -> tuple[str, str]:  # llm_recipe / vit_recipe: (its arguments, the whole line)
+        args = " ".join(shlex.split(re.search(rf"^{name}=\((.*)\)$", script, re.M).group(1)))  # "${LLM[*]}"
+        code = shlex.split(re.search(rf"^{name}_CODE=\(([^)]*)\)$", script, re.M | re.S).group(1))
+        fingerprint = hashlib.sha256(b"".join((REPO / f).read_bytes() for f in code)).hexdigest()[:16]
+        return args, f"{args} code {fingerprint}"
+
+    args, recipe = recipe_of("LLM")
+    vit_args, vit_recipe = recipe_of("VIT")
     data = tmp_path / "synthetic"
     complete = ("shards/vg_caption/manifest.json", "bert/config.json", "llm/config.json",
                 "vqav2/annotations/v2_mscoco_val2014_annotations.json", "vit/model.safetensors")
@@ -208,6 +214,7 @@ def test_prepare_synthetic_keeps_a_data_dir_of_its_world_only(tmp_path):
         (data / f).parent.mkdir(parents=True, exist_ok=True)
         (data / f).write_text("{}")
     (data / "llm/recipe.txt").write_text(recipe + "\n")
+    (data / "vit/recipe.txt").write_text(vit_recipe + "\n")
     env = {**os.environ, "BLIP2_DATA_DIR": str(tmp_path), "PY": sys.executable, "NUM_TRAIN": "0"}
 
     def prepare(*part: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -232,6 +239,18 @@ def test_prepare_synthetic_keeps_a_data_dir_of_its_world_only(tmp_path):
     (data / "llm/config.json").parent.mkdir(exist_ok=True)
     (data / "llm/config.json").write_text("{}")
     (data / "llm/recipe.txt").write_text(recipe + "\n")
+    # a ViT stand-in of another recipe (without the cell read-out, say) is pretrained again, the data and the LLM
+    # stand-in kept; the fake data dir stops its pretraining at once
+    (data / "vit/recipe.txt").write_text(f"{vit_args} code 0000000000000000\n")
+    r = prepare("data")
+    assert r.returncode != 0 and "pretrained another way (vit/recipe.txt): pretraining it again" in r.stdout, r.stdout
+    assert not (data / "vit/model.safetensors").exists() and (data / "llm/config.json").exists()
+    r = prepare("llm")  # the LLM stand-in is trained on a complete data dir only
+    assert r.returncode == 2 and "run prepare_synthetic.sh data first" in r.stderr
+    (data / "vit").mkdir(exist_ok=True)
+    (data / "vit/model.safetensors").write_text("{}")
+    (data / "vit/recipe.txt").write_text(vit_recipe + "\n")
+    assert prepare().returncode == 0
     # world 1 named, and a world.json from before worlds were named: made again. The old dir goes; then (so that
     # the test draws and trains nothing) NUM_TRAIN=0 stops the script at make_synthetic.py's usage error
     for old in ({"world_version": WORLD_VERSION, "world": {"num_colors": 6, "min_objects": 1, "max_objects": 2}},

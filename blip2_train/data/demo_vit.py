@@ -1,5 +1,6 @@
 """DEMO STAND-IN for a pretrained image encoder: the tiny ViT of `conf/arch/tiny.yaml`, pretrained for seconds on
-the synthetic TRAIN scenes to name what lies in each grid cell (colour, shape, or empty), then saved where
+the synthetic TRAIN scenes to name what lies in each grid cell (colour, shape, or empty) and which cell each
+patch lies in (where: the read-out that lets ITM re-ranking help, README "ITM at tiny size"), then saved where
 `paths.vision_checkpoint` reads a BLIP-2 vision tower (a directory with `vision_model.*` weights).
 
 BLIP-2 freezes an image encoder that was pretrained (EVA-CLIP): its patch features already say what is where,
@@ -45,14 +46,18 @@ def patch_cells(image_size: int, patch: int, grid: int) -> torch.Tensor:
 
 
 class CellProbe(nn.Module):
-    """Linear read-outs of every patch token: the colour and shape of the object in the patch's cell."""
+    """Linear read-outs of every patch token: the colour and shape of the object in the patch's cell, and which
+    cell that is. The last keeps *where* in the output features, as a real pretrained ViT's patch tokens keep it:
+    trained on what only, the features let the Q-Former's cross-attention (blind to order) find an object but
+    not its position, and ITC and ITM then confuse the same scene with the object moved."""
 
-    def __init__(self, hidden: int, n_colors: int, n_shapes: int):
+    def __init__(self, hidden: int, n_colors: int, n_shapes: int, n_cells: int):
         super().__init__()
         self.color, self.shape = nn.Linear(hidden, n_colors + 1), nn.Linear(hidden, n_shapes + 1)
+        self.cell = nn.Linear(hidden, n_cells)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.color(tokens), self.shape(tokens)
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.color(tokens), self.shape(tokens), self.cell(tokens)
 
 
 def pretrain_demo_vit(data_dir: str | Path, out: str | Path, vision_config: dict, steps: int = 300,
@@ -77,7 +82,7 @@ def pretrain_demo_vit(data_dir: str | Path, out: str | Path, vision_config: dict
     col_p, shp_p = col[:, cells], shp[:, cells]  # [N, P] targets per patch token
 
     vit = Blip2VisionModel(Blip2VisionConfig(**vision_config))
-    probe = CellProbe(vit.config.hidden_size, len(colors), len(shapes))
+    probe = CellProbe(vit.config.hidden_size, len(colors), len(shapes), grid * grid)
     opt = torch.optim.AdamW(list(vit.parameters()) + list(probe.parameters()), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     n_val = max(1, len(images) // 10)  # the last tenth of the train images: how well the probe generalises
@@ -86,9 +91,10 @@ def pretrain_demo_vit(data_dir: str | Path, out: str | Path, vision_config: dict
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(images) - n_val, (batch_size,), generator=g)
         tokens = vit(pixel_values=images[idx]).last_hidden_state[:, 1:]  # after post_layernorm, CLS dropped
-        lc, ls = probe(tokens)
+        lc, ls, lp = probe(tokens)
         loss = (F.cross_entropy(lc.flatten(0, 1), col_p[idx].flatten())
-                + F.cross_entropy(ls.flatten(0, 1), shp_p[idx].flatten()))
+                + F.cross_entropy(ls.flatten(0, 1), shp_p[idx].flatten())
+                + F.cross_entropy(lp.flatten(0, 1), cells.expand(len(idx), -1).flatten()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -97,9 +103,10 @@ def pretrain_demo_vit(data_dir: str | Path, out: str | Path, vision_config: dict
             log(f"  ViT step {step}/{steps}: loss {loss.item():.3f}")
     with torch.no_grad():
         vit.eval()
-        lc, ls = probe(vit(pixel_values=images[-n_val:]).last_hidden_state[:, 1:])
+        lc, ls, lp = probe(vit(pixel_values=images[-n_val:]).last_hidden_state[:, 1:])
         acc_c = (lc.argmax(-1) == col_p[-n_val:]).float().mean().item()
         acc_s = (ls.argmax(-1) == shp_p[-n_val:]).float().mean().item()
+        acc_p = (lp.argmax(-1) == cells).float().mean().item()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({f"vision_model.{k}": v.contiguous() for k, v in vit.state_dict().items()},
@@ -108,6 +115,7 @@ def pretrain_demo_vit(data_dir: str | Path, out: str | Path, vision_config: dict
                                                  "demo_stand_in": "tiny ViT pretrained on the synthetic cells"},
                                                 indent=1))
     report = {"steps": steps, "seconds": round(time.time() - t0, 1), "held_out_train_images": n_val,
-              "patch_color_accuracy": acc_c, "patch_shape_accuracy": acc_s}
+              "patch_color_accuracy": acc_c, "patch_shape_accuracy": acc_s,
+              "patch_cell_accuracy": acc_p}
     (out / "pretrain.json").write_text(json.dumps(report, indent=1))
     return report
