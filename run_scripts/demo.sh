@@ -27,7 +27,7 @@ step() { echo; echo "== $* ==  [$(( ($(date +%s) - START) / 60 )) min $(( ($(dat
 source run_scripts/demo_jobs.sh  # background / check / finish
 
 step "0/10 synthetic world in the real data layout, with the demo stand-ins for BERT and the ViT"
-# alone on the machine: every thread (the ViT stand-in's pretraining, ~45 s on 2 cores, 65 s on one)
+# alone on the machine, on every thread (the ViT stand-in's pretraining takes about a minute)
 bash run_scripts/prepare_synthetic.sh data
 # Two jobs at a time, one thread each, where one does not read the other's output: at these sizes a second
 # thread speeds a process up by almost nothing (300 stage-1 steps: 68 s on 2 threads, 69 s on 1), and the

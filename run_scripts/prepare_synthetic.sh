@@ -29,7 +29,7 @@ LLM_CODE=(data_scripts/train_demo_llm.py blip2_train/models/tiny_llm.py blip2_tr
   blip2_train/eval/answering.py)
 llm_recipe() { echo "${LLM[*]} code $(cat "${LLM_CODE[@]}" | sha256sum | cut -c1-16)"; }
 # The ViT stand-in's recipe (vit/recipe.txt), checked the same way: a ViT pretrained another way is pretrained
-# again, the data kept. 3000 steps (~45 s on 2 cores): per patch 99% colour, 97% shape and 100% cell on train
+# again, the data kept. 3000 steps (45-60 s on 2 cores): per patch 99% colour, 97% shape and 100% cell on train
 # images it did not train on (README, "ITM at tiny size": the cell is what lets ITM re-ranking help)
 VIT=(--steps 3000)
 VIT_CODE=(data_scripts/pretrain_demo_vit.py blip2_train/data/demo_vit.py)
