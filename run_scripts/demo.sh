@@ -16,8 +16,12 @@ OUT=outputs/demo
 DATA=${BLIP2_DATA_DIR:-data}/synthetic
 # 16 queries for every run (an evaluation builds the model it loads the export into from the same overrides)
 ARCH=(arch.num_query_tokens=16)
-TINY=(preset=tiny trainer=cpu logger=csv "${ARCH[@]}")  # training runs
-EVAL=(preset=tiny "${ARCH[@]}")                         # evaluation runs (blip2-eval has no trainer)
+# Retrieval re-ranks with the two heads' log-probabilities (eval.rerank_score=product: log p_ITM(match) + ITC
+# cosine / temperature) instead of the reference's ITM logit + cosine, which at this size lets a raw ITM logit
+# overrule ITC wherever the two disagree (docs/itm_at_tiny_size.md); every evaluation reports both
+RERANK=(eval.rerank_score=product)
+TINY=(preset=tiny trainer=cpu logger=csv "${ARCH[@]}" "${RERANK[@]}")  # training runs
+EVAL=(preset=tiny "${ARCH[@]}" "${RERANK[@]}")                         # evaluation runs (blip2-eval has no trainer)
 # Stage 1 and retrieval fine-tuning at tiny size (README, "ITM at tiny size": what makes ITM learn here): ITC
 # weighted 0.1 and no Q-Former dropout (batch 32 is preset=tiny's); stage 1 starts from the pretrained ViT
 # stand-in, frozen (retrieval fine-tuning takes the ViT from the stage-1 export, unfrozen)
@@ -44,14 +48,14 @@ $BIN/blip2-export "$OUT/stage1/checkpoints/last.ckpt" --out "$OUT/export_stage1"
 
 retrieval() {  # steps 3-5, beside stage 2
   # what ITM and the Q-Former LM learnt, on held-out images through plain transformers' Blip2ForImageTextRetrieval
-  $PY run_scripts/demo_stage1_check.py "$OUT/export_stage1" "$DATA" "$OUT/stage1_check.json"
+  $PY run_scripts/demo_stage1_check.py "$OUT/export_stage1" "$DATA" "$OUT/stage1_check.json" "${EVAL[@]}"
   step "3/10 COCO retrieval fine-tuning: ViT unfrozen, layer-wise lr decay  [experiment=retrieval_coco_ft]"
   $BIN/blip2-train experiment=retrieval_coco_ft "${TINY[@]}" "${ITM_TINY[@]}" \
     paths.stage1_checkpoint="$OUT/export_stage1" module.lr=1e-4 trainer.max_steps=300 eval.enabled=false \
     paths.output_dir="$OUT/retrieval_ft" "$@"
   step "4/10 export the retrieval model"
   $BIN/blip2-export "$OUT/retrieval_ft/checkpoints/last.ckpt" --out "$OUT/export_retrieval"
-  $PY run_scripts/demo_stage1_check.py "$OUT/export_retrieval" "$DATA" "$OUT/retrieval_check.json"
+  $PY run_scripts/demo_stage1_check.py "$OUT/export_retrieval" "$DATA" "$OUT/retrieval_check.json" "${EVAL[@]}"
   step "5/10 retrieval evaluation of the export (ITC top-k + ITM re-ranking)  [experiment=retrieval_coco_eval]"
   $BIN/blip2-eval experiment=retrieval_coco_eval "${EVAL[@]}" paths.stage1_checkpoint="$OUT/export_retrieval" \
     paths.output_dir="$OUT/eval_retrieval"

@@ -8,13 +8,15 @@
   does not describe, beside the spread of true pairs' log-odds (an offset cancels in text->image re-ranking, not
   in image->text);
 - ITM re-ranking of image->text R@1 as the retrieval evaluation computes it (its functions, on the export
-  `blip2_train.load` gives: ITM match logit + ITC over the ITC top k_test), against ITC alone: the images it
+  `blip2_train.load` gives: the ITC top k_test scored by eval.rerank_score), against ITC alone: the images it
   fixes and breaks, and what the caption it wrongly prefers changes of the image's scene
   (nothing: a duplicate's caption; only the positions; the number of shapes; their colours or kinds);
 - the Q-Former LM: its per-token cross-entropy on the held-out captions (no label smoothing), beside the same
   model with the image replaced by a blank one (what the image adds to the generation loss).
 
-    python run_scripts/demo_stage1_check.py outputs/demo/export_stage1 data/synthetic outputs/demo/stage1_check.json
+    python run_scripts/demo_stage1_check.py outputs/demo/export_stage1 data/synthetic outputs/demo/stage1_check.json \
+        [blip2-eval overrides: the evaluation's k_test and rerank_score are composed from experiment=retrieval_coco_eval
+        and these]
 """
 
 from __future__ import annotations
@@ -93,12 +95,13 @@ def difference(scene: dict, other: dict) -> str:
 
 @torch.no_grad()
 def rerank_changes(scorer, pixels: torch.Tensor, captioned: CaptionedImages, scenes: list[dict],
-                   k: int) -> dict[str, int]:
+                   k: int, rule: str = "reference") -> dict[str, int]:
     """Image->text R@1 as the retrieval evaluation computes it (`blip2_train.eval.retrieval`, on the export
-    `blip2_train.load` gives: ITM match logit + ITC over the ITC top k, its tie rule), against ITC alone under the
-    same rule: the images re-ranking fixes and breaks, and, where it breaks one, what the caption it prefers
-    changes of the image's scene. `captioned`: the test split as the evaluation reads it (its cleaned texts)."""
+    `blip2_train.load` gives: the ITC top k scored by `rule`, its tie rule), against ITC alone under the same tie
+    rule: the images re-ranking fixes and breaks, and, where it breaks one, what the caption it prefers changes
+    of the image's scene. `captioned`: the test split as the evaluation reads it (its cleaned texts)."""
     from blip2_train.eval import retrieval
+    from blip2_train.eval.runner import itc_temperature
 
     m = scorer.model
     txt2img, img2txt = captioned.txt2img, captioned.img2txt
@@ -107,11 +110,11 @@ def rerank_changes(scorer, pixels: torch.Tensor, captioned: CaptionedImages, sce
     embeds, feats = m.retrieval_image_embeds(pixels)
     sim = retrieval.itc_similarity(feats, m.retrieval_text_feat(ids, mask))
 
-    def score_pairs(pairs: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m.itm_forward(embeds[p[:, 0]].float(), ids[p[:, 1]], mask[p[:, 1]])[:, 1].float()
+    def pair_logits(pairs: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.itm_forward(embeds[p[:, 0]].float(), ids[p[:, 1]], mask[p[:, 1]]).float()
                           for p in pairs.split(256)])
 
-    i2t, t2i = retrieval.rerank(sim, k, score_pairs)
+    i2t, t2i = retrieval.rerank_all(sim, k, pair_logits, itc_temperature(m), rules=(rule,))[rule]
     reranked = retrieval.ranks_from_candidates(i2t, t2i, txt2img, img2txt, sim)[0]
     itc_alone = retrieval.itc_ranks(sim, txt2img, img2txt)[0]
     out = {"itm_rerank_i2t_fixed": int(((reranked == 0) & (itc_alone > 0)).sum()),
@@ -152,6 +155,7 @@ def main() -> None:
     from transformers import Blip2ForImageTextRetrieval, Blip2Processor
 
     export, data, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    eval_overrides = sys.argv[4:]
     test = read_annotations(data / "coco" / "annotations" / "coco_karpathy_test.json", "karpathy")
     model = Blip2ForImageTextRetrieval.from_pretrained(str(export)).eval()
     tok = Blip2Processor.from_pretrained(str(export)).tokenizer
@@ -162,10 +166,11 @@ def main() -> None:
     scenes_path = data / "coco" / "annotations" / "scenes.json"
     by_image = {s["image"]: s for s in json.loads(scenes_path.read_text())} if scenes_path.exists() else {}
     scenes = [by_image[r.image] for r in test] if all(r.image in by_image for r in test) else None
-    # the re-ranking depth of the demo's retrieval evaluation (preset=tiny's eval.k_test, its one owner)
+    # the re-ranking depth and score of the demo's retrieval evaluation, composed as blip2-eval composes them
     from blip2_train.cli.common import compose
 
-    k_test = int(compose("eval", ["experiment=retrieval_coco_eval", "preset=tiny"]).eval.k_test)
+    protocol = compose("eval", ["experiment=retrieval_coco_eval", *eval_overrides]).eval
+    k_test, rule = int(protocol.k_test), str(protocol.rerank_score)
     rng = random.Random(0)
     true = [r.captions[0] for r in test]
     pool = [(i, c) for i, r in enumerate(test) for c in r.captions]
@@ -203,7 +208,8 @@ def main() -> None:
     if scenes is not None:
         captioned = CaptionedImages.from_karpathy(data / "coco" / "annotations" / "coco_karpathy_test.json",
                                                   data / "coco" / "images")
-        result.update(rerank_changes(scorer, pixels, captioned, scenes, k_test))
+        result.update(rerank_changes(scorer, pixels, captioned, scenes, k_test, rule))
+        result["rerank_score"] = rule
     out.write_text(json.dumps(result, indent=1))
     for k, v in result.items():
         print(f"{k:<40}{v:.4f}" if isinstance(v, float) else f"{k:<40}{v}")

@@ -39,11 +39,15 @@ def test_evaluation_protocols_differ_where_results_would():
     vqa = {"kind": "vqa", "vqa_generate": {"num_beams": 5}, "generate": {"num_beams": 3}}
     assert same(vqa) == same({**vqa, "generate": None}) and same(vqa) != same({**vqa, "vqa_generate": {}})
     assert same({"kind": "retrieval", "k_test": 4}) != same({"kind": "retrieval", "k_test": 8})
+    # the re-ranking score decides the headline recalls (the default is the reference's)
+    assert same({"kind": "retrieval", "k_test": 4}) == same({"kind": "retrieval", "k_test": 4, "rerank_score": "reference"})
+    assert same({"kind": "retrieval", "k_test": 4}) != same({"kind": "retrieval", "k_test": 4, "rerank_score": "product"})
     # the periodic evaluation of every experiment runs the final evaluation's protocol (conf/callbacks/default)
     from hydra.utils import instantiate
 
     from blip2_train.cli.common import compose
 
     for experiment in ("stage1_pretrain", "stage2_pretrain", "caption_coco_ft", "retrieval_coco_ft"):
-        cfg = compose("train", [f"experiment={experiment}", "preset=tiny"])
-        assert same(instantiate(cfg.callbacks.periodic_eval).cfg) == same(cfg.eval), experiment
+        for extra in ([], ["eval.rerank_score=product"]):
+            cfg = compose("train", [f"experiment={experiment}", "preset=tiny", *extra])
+            assert same(instantiate(cfg.callbacks.periodic_eval).cfg) == same(cfg.eval), (experiment, extra)

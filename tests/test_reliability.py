@@ -176,6 +176,26 @@ def test_eval_k_test_out_of_range_is_one_line(synth, tmp_path, capsys):
     assert not (tmp_path / "ev").exists()
 
 
+@pytest.mark.parametrize("override,line", [
+    ("eval.rerank_score=products", "eval.rerank_score='products' must be one of ['reference', 'product']"),
+    ("eval.kind=retreival", "eval.kind='retreival' must be one of ['retrieval', 'caption', 'vqa']")])
+def test_eval_setting_outside_its_choices_is_one_line(synth, tmp_path, capsys, override, line):
+    """A misspelt score rule or kind is refused before any work, by blip2-eval and by blip2-train (whose
+    periodic and final evaluations would otherwise fail after training)."""
+    from blip2_train.cli.evaluate import main as evaluate
+    from blip2_train.cli.train import main as train
+
+    rc = evaluate(["experiment=retrieval_coco_eval", "preset=tiny", f"paths.data_dir={synth['dir']}",
+                   "paths.stage1_checkpoint=null", override, f"paths.output_dir={tmp_path / 'ev'}"])
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert rc == 2 and len(err) == 1 and line in err[0], err
+    assert not (tmp_path / "ev").exists()
+    rc = train(train_args(synth, tmp_path / "run", override))
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert rc == 2 and len(err) == 1 and line in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 # -- a run's history survives kills, truncated checkpoints and resumes -------------------------------------------
 
 def test_killed_run_resumed_with_auto_keeps_its_whole_metrics_history(synth, tmp_path):

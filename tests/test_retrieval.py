@@ -27,8 +27,8 @@ def random_case(n_img, caps_per_img, seed):
     return sim, itm, txt2img, img2txt
 
 
-@pytest.mark.parametrize("seed,k", [(0, 3), (1, 8), (2, 100)])
-def test_fast_protocol_equals_naive(seed, k):
+@pytest.mark.parametrize("seed,k,itc_temp", [(0, 3, 1.0), (1, 8, 1.0), (2, 100, 1.0), (3, 8, 0.07), (4, 100, 0.05)])
+def test_fast_protocol_equals_naive(seed, k, itc_temp):
     sim, itm, txt2img, img2txt = random_case(17, 5, seed)
     calls = []
 
@@ -36,9 +36,9 @@ def test_fast_protocol_equals_naive(seed, k):
         calls.append(pairs.shape[0])
         return itm[pairs[:, 0], pairs[:, 1]]
 
-    i2t, t2i = retrieval.rerank(sim, k, score_pairs)
+    i2t, t2i = retrieval.rerank(sim, k, score_pairs, itc_temp)
     fast = retrieval.ranks_from_candidates(i2t, t2i, txt2img, img2txt, sim)
-    dense = retrieval.naive_protocol(sim, k, lambda i, j: float(itm[i, j]))
+    dense = retrieval.naive_protocol(sim, k, lambda i, j: float(itm[i, j]), itc_temp)
     naive = retrieval.ranks_from_dense(*dense, txt2img, img2txt)
     assert torch.equal(fast[0], naive[0]) and torch.equal(fast[1], naive[1])
     assert retrieval.recall_metrics(*fast) == retrieval.recall_metrics(*naive)
@@ -98,14 +98,56 @@ def test_recall_matches_torchmetrics_hit_rate():
         assert m[f"img_r{k}"] == pytest.approx(100 * hit_t(score.t().flatten(), target_t.flatten(), indexes=idx_t.flatten()).item())
 
 
-def test_tiny_model_eval_equals_naive_protocol(synth, tiny_model, tokenizer):
+def test_score_rules_from_one_itm_call():
+    """`rerank_all` scores every rule from one batched ITM call, each as `rerank` scores it alone; "product" is
+    log p_ITM(match) + ITC / temperature, and it ranks differently from the reference's sum."""
+    sim, itm, txt2img, img2txt = random_case(25, 4, 9)
+    logits = torch.stack([-itm, itm], dim=-1) / 2  # [I, T, 2]: log-odds itm
+    calls = []
+
+    def pair_logits(pairs):
+        calls.append(pairs.shape[0])
+        return logits[pairs[:, 0], pairs[:, 1]]
+
+    temp = 0.07
+    both = retrieval.rerank_all(sim, 6, pair_logits, temp)
+    assert len(calls) == 1 and set(both) == set(retrieval.RERANK_SCORES)
+    ranks = {}
+    for rule, (i2t, t2i) in both.items():
+        ranks[rule] = retrieval.ranks_from_candidates(i2t, t2i, txt2img, img2txt, sim)
+        itm_term = logits[..., 1] if rule == "reference" else logits.log_softmax(-1)[..., 1]
+        alone = retrieval.rerank(sim, 6, lambda p, t=itm_term: t[p[:, 0], p[:, 1]],
+                                 1.0 if rule == "reference" else temp)
+        expect = retrieval.ranks_from_candidates(*alone, txt2img, img2txt, sim)
+        assert torch.equal(ranks[rule][0], expect[0]) and torch.equal(ranks[rule][1], expect[1]), rule
+    assert not torch.equal(ranks["reference"][1], ranks["product"][1])  # the rule matters on this case
+    with pytest.raises(ValueError, match="temperature"):
+        retrieval.rerank_all(sim, 6, pair_logits, None)
+    with pytest.raises(ValueError, match="unknown rerank score"):
+        retrieval.rerank_terms(logits[0], "sum", temp)
+
+
+def test_config_choices_are_the_codes_own():
+    """utils.config_ranges refuses what the code that reads the setting would refuse, no more, no less."""
+    from blip2_train.eval.runner import EVAL_KINDS
+    from blip2_train.utils.config_ranges import CHOICES
+
+    assert CHOICES["eval.rerank_score"] == retrieval.RERANK_SCORES
+    assert CHOICES["eval.kind"] == EVAL_KINDS
+
+
+@pytest.mark.parametrize("rule", ["reference", "product"])
+def test_tiny_model_eval_equals_naive_protocol(synth, tiny_model, tokenizer, rule):
     from blip2_train.data.eval_sets import EvalImageDataset, collate_eval_images
     from torch.utils.data import DataLoader
 
     data = CaptionedImages.from_karpathy(synth["ann"]["test"], synth["root"])
     loader = DataLoader(EvalImageDataset(data, 32), batch_size=8, collate_fn=collate_eval_images)
     k = 5
-    m = evaluate_retrieval(tiny_model, data, loader, tokenizer, (0, len(data)), k_test=k, pair_batch_size=7)
+    m = evaluate_retrieval(tiny_model, data, loader, tokenizer, (0, len(data)), k_test=k, pair_batch_size=7,
+                           rerank_score=rule)
+    temp = float(tiny_model.temp.detach())
+    assert m["itc_temp"] == pytest.approx(temp)
     # naive: features again, ITM one pair at a time
     tiny_model.eval()
     tok = tokenizer(data.texts, padding="longest", truncation=True, max_length=35, return_tensors="pt")
@@ -116,13 +158,14 @@ def test_tiny_model_eval_equals_naive_protocol(synth, tiny_model, tokenizer):
         sim = retrieval.itc_similarity(feats, txt)
 
         def itm_one(i, j):
-            return float(tiny_model.itm_forward(ie[i : i + 1], tok["input_ids"][j : j + 1],
-                                                tok["attention_mask"][j : j + 1])[0, 1])
+            logits = tiny_model.itm_forward(ie[i : i + 1], tok["input_ids"][j : j + 1], tok["attention_mask"][j : j + 1])
+            return float(logits[0, 1] if rule == "reference" else logits.log_softmax(-1)[0, 1])
 
-        dense = retrieval.naive_protocol(sim, k, itm_one)
+        dense = retrieval.naive_protocol(sim, k, itm_one, 1.0 if rule == "reference" else temp)
     naive = retrieval.recall_metrics(*retrieval.ranks_from_dense(*dense, data.txt2img, data.img2txt))
     for key, v in naive.items():
-        assert m[key] == pytest.approx(v, abs=1e-6), key
+        assert m[key] == pytest.approx(v, abs=1e-6), key  # the headline follows eval.rerank_score
+        assert m[f"rerank_{rule}/{key}"] == m[key], key
     # ITC alone, reported beside: the dense ITC order, no ITM
     itc_only = retrieval.recall_metrics(*retrieval.ranks_from_dense(sim, sim.t(), data.txt2img, data.img2txt))
     for key, v in itc_only.items():

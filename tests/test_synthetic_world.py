@@ -94,11 +94,13 @@ def test_stage1_check_scores_an_export_through_plain_transformers(stage1_export,
     """run_scripts/demo_stage1_check.py on a stage-1 export: one true, one random and one hardest other caption
     per held-out image; the LM loss with the image and with a blank one."""
     out = tmp_path / "check.json"
+    # the evaluation's protocol from blip2-eval's overrides, as make demo passes them
     r = subprocess.run([sys.executable, "run_scripts/demo_stage1_check.py", str(stage1_export), str(synth["dir"]),
-                        str(out)], cwd=REPO, capture_output=True, text=True, timeout=180)
+                        str(out), "preset=tiny", "eval.k_test=5", "eval.rerank_score=product"],
+                       cwd=REPO, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     c = json.loads(out.read_text())
-    assert c["pairs"] == 24
+    assert c["pairs"] == 24 and c["rerank_score"] == "product"
     for k in ("itm_true_over_random", "itm_true_over_hard"):
         assert 0.0 <= c[k] <= 1.0 and abs(c[k] * 24 - round(c[k] * 24)) < 1e-4  # a share of the 24 pairs
     for k in ("itm_match_prob_true", "itm_match_prob_random", "itm_match_prob_hard"):
@@ -111,6 +113,20 @@ def test_stage1_check_scores_an_export_through_plain_transformers(stage1_export,
     kinds = ("same_content", "position", "count", "objects")
     assert 0 <= c["itm_rerank_i2t_fixed"] <= 24 and 0 <= c["itm_rerank_i2t_broken"] <= 24
     assert sum(c[f"itm_rerank_i2t_broken_by_{k}"] for k in kinds) == c["itm_rerank_i2t_broken"]
+    # ... and they are the evaluation's: fixed - broken = the change of its image->text R@1 under that protocol
+    from torch.utils.data import DataLoader
+
+    from blip2_train.api import load
+    from blip2_train.data.eval_sets import CaptionedImages, EvalImageDataset, collate_eval_images
+    from blip2_train.eval.runner import evaluate_retrieval
+
+    scorer = load(stage1_export, device="cpu")
+    data = CaptionedImages.from_karpathy(synth["ann"]["test"], synth["root"])
+    loader = DataLoader(EvalImageDataset(data, 32), batch_size=8, collate_fn=collate_eval_images)
+    m = evaluate_retrieval(scorer.model, data, loader, scorer.tokenizer, (0, len(data)), k_test=5,
+                           rerank_score="product")
+    net = c["itm_rerank_i2t_fixed"] - c["itm_rerank_i2t_broken"]
+    assert net == round((m["txt_r1"] - m["itc_only/txt_r1"]) * 24 / 100)
 
 
 def test_stage1_check_names_what_a_scene_change_is():

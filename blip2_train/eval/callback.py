@@ -32,8 +32,9 @@ def broadcast_from_rank_zero(obj):
 class PeriodicEvaluation(EveryNSteps):
     def __init__(self, kind: str = "retrieval", every_n_steps: int = 5000, k_test: int = 128,
                  pair_batch_size: int = 256, generate: dict | None = None, image_blind_baseline: bool = False,
-                 vqa_generate: dict | None = None, samples_in_table: int = 8, prefix: str = "val/"):
-        self.cfg = {"kind": kind, "k_test": k_test, "pair_batch_size": pair_batch_size,
+                 vqa_generate: dict | None = None, samples_in_table: int = 8, prefix: str = "val/",
+                 rerank_score: str = "reference"):
+        self.cfg = {"kind": kind, "k_test": k_test, "pair_batch_size": pair_batch_size, "rerank_score": rerank_score,
                     "generate": dict(generate) if generate else None, "image_blind_baseline": image_blind_baseline,
                     "vqa_generate": dict(vqa_generate) if vqa_generate else None}
         super().__init__(every_n_steps)
@@ -47,7 +48,8 @@ class PeriodicEvaluation(EveryNSteps):
         give the same metrics on the same weights. Batch sizes only change how the work is cut."""
         kind = cfg.get("kind", "retrieval")
         if kind == "retrieval":
-            return {"kind": kind, "k_test": int(cfg.get("k_test", 128))}
+            return {"kind": kind, "k_test": int(cfg.get("k_test", 128)),
+                    "rerank_score": cfg.get("rerank_score", "reference")}
         key = "generate" if kind == "caption" else "vqa_generate"
         out = {"kind": kind, key: dict(cfg.get(key) or {}), "blind": bool(cfg.get("image_blind_baseline", False))}
         if kind == "caption":

@@ -4,6 +4,15 @@ Protocol (LAVIS `compute_sim_matrix` + `_report_metrics`): ITC similarity = max 
 temperature). For every image row and every text column keep the top `k_test` candidates by ITC and score
 them ITM(match logit) + ITC; all others count as -100. Image->text rank = best rank of the image's captions.
 
+The candidates' score (`RERANK_SCORES`, `eval.rerank_score`):
+- "reference": the ITM match logit + the ITC cosine, LAVIS's sum (comparable with published numbers). The two
+  are on unrelated scales: a raw logit spans units where the top candidates' cosines differ by hundredths, so
+  ITM alone decides and ITC only breaks its ties.
+- "product": log p_ITM(match) + ITC cosine / temperature, the log of the product of the two heads'
+  probabilities (ITC's softmax over one row is cosine / temperature up to a constant of that row). Each head
+  scores on the scale it was trained on: ITM vetoes what it rejects, and among the pairs it accepts, ITC
+  keeps its say.
+
 Faster than the reference:
 - Each (image, text) pair is ITM-scored once even when it is a candidate of both directions, and pairs are
   scored in large batches, not one image at a time.
@@ -19,6 +28,7 @@ from typing import Callable
 
 import torch
 
+RERANK_SCORES = ("reference", "product")
 # Below every candidate's ITM + ITC score: non-candidates keep their ITC order there (the reference: a flat -100).
 TAIL = -1.0e4
 ITC_BLOCK_BYTES = 256 * 2**20  # the largest [images, Q, texts] fp32 block `itc_similarity` builds
@@ -94,8 +104,21 @@ def unique_pairs(i2t: Candidates, t2i: Candidates) -> torch.Tensor:
     return torch.unique(pairs, dim=0)  # sorted lexicographically: by image, then text
 
 
-def fill_scores(i2t: Candidates, t2i: Candidates, pairs: torch.Tensor, itm: torch.Tensor, n_txt: int) -> None:
-    """Scatter the pair ITM scores back to both candidate tables: score = ITM + ITC."""
+def rerank_terms(itm_logits: torch.Tensor, rule: str, temp: float | None) -> tuple[torch.Tensor, float]:
+    """ITM logits [P, 2] (no match, match) -> (the ITM term of each pair's score [P], the divisor of its ITC
+    cosine), for the score `rule` (RERANK_SCORES). "product" needs the model's ITC temperature."""
+    if rule == "reference":
+        return itm_logits[:, 1].float(), 1.0
+    if rule == "product":
+        if temp is None or not temp > 0:
+            raise ValueError(f"rerank score 'product' needs the ITC temperature (> 0), got {temp!r}")
+        return itm_logits.float().log_softmax(dim=-1)[:, 1], float(temp)
+    raise ValueError(f"unknown rerank score {rule!r}; expected one of {list(RERANK_SCORES)}")
+
+
+def fill_scores(i2t: Candidates, t2i: Candidates, pairs: torch.Tensor, itm: torch.Tensor, n_txt: int,
+                itc_temp: float = 1.0) -> None:
+    """Scatter the pair ITM terms back to both candidate tables: score = ITM + ITC / itc_temp (fp32)."""
     key = pairs[:, 0] * n_txt + pairs[:, 1]
     order = torch.argsort(key)
     key, itm = key[order], itm[order]
@@ -105,9 +128,9 @@ def fill_scores(i2t: Candidates, t2i: Candidates, pairs: torch.Tensor, itm: torc
         return itm[pos]
 
     img_rows = torch.arange(i2t.index.shape[0]).unsqueeze(1).expand_as(i2t.index)
-    i2t.score = lookup(img_rows, i2t.index).float() + i2t.itc.float()
+    i2t.score = lookup(img_rows, i2t.index).float() + i2t.itc.float() / itc_temp
     txt_rows = torch.arange(t2i.index.shape[0]).unsqueeze(1).expand_as(t2i.index)
-    t2i.score = lookup(t2i.index, txt_rows).float() + t2i.itc.float()
+    t2i.score = lookup(t2i.index, txt_rows).float() + t2i.itc.float() / itc_temp
 
 
 def candidate_rank(c: Candidates, row: int, targets: list[int], itc_row: torch.Tensor) -> int:
@@ -184,18 +207,37 @@ def itc_ranks(sim: torch.Tensor, txt2img: list[int], img2txt: list[list[int]]) -
     return ranks_i2t, ranks_t2i
 
 
-def rerank(sim: torch.Tensor, k: int, score_pairs: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Candidates, Candidates]:
-    """Top-k selection + one batched ITM call over the unique pairs (`score_pairs([P,2]) -> [P]`)."""
+def rerank(sim: torch.Tensor, k: int, score_pairs: Callable[[torch.Tensor], torch.Tensor],
+           itc_temp: float = 1.0) -> tuple[Candidates, Candidates]:
+    """Top-k selection + one batched ITM call over the unique pairs (`score_pairs([P,2]) -> [P]`, each pair's ITM
+    term), scored ITM + ITC / itc_temp."""
     i2t, t2i = topk_candidates(sim, k)
     pairs = unique_pairs(i2t, t2i)
-    fill_scores(i2t, t2i, pairs, score_pairs(pairs).float().cpu(), sim.shape[1])
+    fill_scores(i2t, t2i, pairs, score_pairs(pairs).float().cpu(), sim.shape[1], itc_temp)
     return i2t, t2i
 
 
-def naive_protocol(sim: torch.Tensor, k: int, itm_score: Callable[[int, int], float]
+def rerank_all(sim: torch.Tensor, k: int, pair_logits: Callable[[torch.Tensor], torch.Tensor],
+               temp: float | None, rules=RERANK_SCORES) -> dict[str, tuple[Candidates, Candidates]]:
+    """`rerank` under every score rule from ONE batched ITM call (`pair_logits([P,2]) -> [P, 2]` logits): the
+    rules differ only in how the same logits and cosines are combined."""
+    i2t, t2i = topk_candidates(sim, k)
+    pairs = unique_pairs(i2t, t2i)
+    logits = pair_logits(pairs).float().cpu()
+    out = {}
+    for rule in rules:
+        itm, itc_temp = rerank_terms(logits, rule, temp)
+        a, b = Candidates(i2t.index, i2t.itc), Candidates(t2i.index, t2i.itc)
+        fill_scores(a, b, pairs, itm, sim.shape[1], itc_temp)
+        out[rule] = (a, b)
+    return out
+
+
+def naive_protocol(sim: torch.Tensor, k: int, itm_score: Callable[[int, int], float], itc_temp: float = 1.0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference protocol, literally (dense matrices, one row at a time), except that non-candidates keep
-    their ITC order below every candidate (`TAIL + itc`) instead of a flat -100.
+    their ITC order below every candidate (`TAIL + itc`) instead of a flat -100. `itm_score(i, j)` is a pair's
+    ITM term, added to its ITC / `itc_temp` (1: the reference's sum).
 
     Used by the tests (and `blip2-bench eval`) as the ground truth for `rerank` + `ranks_from_candidates`.
     """
@@ -205,17 +247,18 @@ def naive_protocol(sim: torch.Tensor, k: int, itm_score: Callable[[int, int], fl
     for i in range(n_img):
         v, idx = sim[i].topk(min(k, n_txt))
         for c, j in zip(v.tolist(), idx.tolist()):
-            score_i2t[i, j] = fp32_sum(itm_score(i, j), c)
+            score_i2t[i, j] = fp32_sum(itm_score(i, j), c, itc_temp)
     for j in range(n_txt):
         v, idx = sim[:, j].topk(min(k, n_img))
         for c, i in zip(v.tolist(), idx.tolist()):
-            score_t2i[j, i] = fp32_sum(itm_score(i, j), c)
+            score_t2i[j, i] = fp32_sum(itm_score(i, j), c, itc_temp)
     return score_i2t, score_t2i
 
 
-def fp32_sum(a: float, b: float) -> float:
-    """ITM + ITC rounded as the fast path rounds it (float32), so exact ties stay ties."""
-    return torch.tensor(a, dtype=torch.float32).add(torch.tensor(b, dtype=torch.float32)).item()
+def fp32_sum(a: float, b: float, b_divisor: float = 1.0) -> float:
+    """ITM + ITC / divisor rounded as the fast path rounds it (float32), so exact ties stay ties."""
+    itc = torch.tensor([b], dtype=torch.float32) / b_divisor
+    return torch.tensor([a], dtype=torch.float32).add(itc).item()
 
 
 def ranks_from_dense(score_i2t, score_t2i, txt2img, img2txt) -> tuple[torch.Tensor, torch.Tensor]:

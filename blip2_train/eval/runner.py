@@ -12,6 +12,7 @@ from blip2_train.eval import retrieval
 from blip2_train.models.distributed import gather_varlen, rank, shard_range, world_size
 
 log = logging.getLogger(__name__)
+EVAL_KINDS = ("retrieval", "caption", "vqa")
 
 
 def _device_of(model) -> torch.device:
@@ -51,9 +52,25 @@ def encode_texts(model, input_ids, attention_mask, device, batch_size: int = 256
 
 
 @torch.no_grad()
+def itc_temperature(model) -> float:
+    """The model's learnt ITC temperature (the "product" score's divisor of the cosine)."""
+    temp = model.temp.detach()
+    if hasattr(temp, "full_tensor"):  # a DTensor (FSDP2)
+        temp = temp.full_tensor()
+    return float(temp.float().reshape(-1)[0])
+
+
 def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[int, int], k_test: int = 128,
-                       pair_batch_size: int = 256, max_txt_len: int = 35) -> dict[str, float]:
-    """The reference retrieval protocol over `data` (a CaptionedImages), this rank encoding `image_range`."""
+                       pair_batch_size: int = 256, max_txt_len: int = 35,
+                       rerank_score: str = "reference") -> dict[str, float]:
+    """The reference retrieval protocol over `data` (a CaptionedImages), this rank encoding `image_range`.
+
+    The unprefixed recalls re-rank with `rerank_score`; `rerank_<rule>/*` give every rule's, from the same ITM
+    logits, and `itc_only/*` ITC alone (what re-ranking adds, or costs)."""
+    if rerank_score not in retrieval.RERANK_SCORES:
+        from blip2_train.utils.errors import ConfigError
+
+        raise ConfigError(f"eval.rerank_score={rerank_score!r} is not one of {list(retrieval.RERANK_SCORES)}")
     device = _device_of(model)
     was_training = model.training
     model.eval()
@@ -75,11 +92,11 @@ def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[
 
     text_len = mask.sum(dim=1)
 
-    def score_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    def pair_logits(pairs: torch.Tensor) -> torch.Tensor:
         mine = pairs[(pairs[:, 0] >= lo) & (pairs[:, 0] < hi)]
         # Batches of pairs with similar text length, each cut to its longest text: no compute on padding.
         order = torch.argsort(text_len[mine[:, 1]], stable=True)
-        local = torch.zeros(mine.shape[0], device=device)
+        local = torch.zeros(mine.shape[0], 2, device=device)
         for s in tqdm(range(0, mine.shape[0], pair_batch_size), desc="ITM re-rank", disable=rank() != 0,
                       leave=False):
             sel = order[s : s + pair_batch_size]
@@ -88,16 +105,21 @@ def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[
             with _autocast(device):
                 logits = model.itm_forward(image_embeds_local[p[:, 0] - lo].float(), ids[p[:, 1], :width].to(device),
                                            mask[p[:, 1], :width].to(device))
-            local[sel.to(device)] = logits[:, 1].float()  # the match logit, no softmax (the reference's score)
+            local[sel.to(device)] = logits.float()  # (no match, match): each score rule reads them its way
         # Pairs are sorted by image and image ranges are contiguous in rank order: concatenation = pair order.
         return gather_varlen(local)
 
-    i2t, t2i = retrieval.rerank(sim, k_test, score_pairs)
-    ranks_i2t, ranks_t2i = retrieval.ranks_from_candidates(i2t, t2i, data.txt2img, data.img2txt, sim)
-    metrics = retrieval.recall_metrics(ranks_i2t, ranks_t2i)
-    # ITC alone beside the reference's ITC + ITM numbers: what the ITM re-ranking adds (or costs)
+    temp = itc_temperature(model)
+    by_rule = {rule: retrieval.recall_metrics(*retrieval.ranks_from_candidates(
+        i2t, t2i, data.txt2img, data.img2txt, sim)) for rule, (i2t, t2i) in
+        retrieval.rerank_all(sim, k_test, pair_logits, temp).items()}
+    metrics = dict(by_rule[rerank_score])
+    for rule, m in by_rule.items():
+        metrics.update({f"rerank_{rule}/{k}": v for k, v in m.items()})
+    # ITC alone beside the re-ranked numbers: what the ITM re-ranking adds (or costs)
     itc_only = retrieval.recall_metrics(*retrieval.itc_ranks(sim, data.txt2img, data.img2txt))
     metrics.update({f"itc_only/{k}": v for k, v in itc_only.items()})
+    metrics["itc_temp"] = temp
     metrics["eval_seconds"] = time.perf_counter() - t0
     metrics["eval_itc_seconds"] = t_itc
     model.train(was_training)
@@ -145,6 +167,6 @@ def run_evaluation(model, datamodule, cfg, out_dir=None) -> dict[str, float]:
             metrics.update({f"blind/{k}": v for k, v in blind.items() if k not in ("num_questions", "eval_seconds")})
         return metrics
     if kind != "retrieval":
-        raise ConfigError(f"eval kind must be 'retrieval', 'caption' or 'vqa', not {kind!r}")
+        raise ConfigError(f"eval.kind must be one of {list(EVAL_KINDS)}, not {kind!r}")
     return evaluate_retrieval(model, data, loader, datamodule.tokenizer, image_range, int(cfg.get("k_test", 128)),
-                              int(cfg.get("pair_batch_size", 256)))
+                              int(cfg.get("pair_batch_size", 256)), rerank_score=cfg.get("rerank_score", "reference"))

@@ -66,10 +66,27 @@ RANGES: dict[str, Range] = {
 }
 
 
-def check_ranges(cfg, ranges: dict[str, Range] = RANGES) -> None:
-    """Raise ConfigError naming the first configured value outside its range. Absent keys, nulls and
-    non-numbers are left alone (wrong types are refused by the schemas)."""
+# String settings with a fixed set of values, so that a typo is one line before any work, not an error after
+# training (utils imports nothing to its right: tests/test_retrieval.py keeps these equal to the tuples of the code
+# that reads them, eval.retrieval.RERANK_SCORES and eval.runner.EVAL_KINDS)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "eval.kind": ("retrieval", "caption", "vqa"),
+    "eval.rerank_score": ("reference", "product"),
+}
+
+
+def check_ranges(cfg, ranges: dict[str, Range] = RANGES, choices: dict[str, tuple] = CHOICES) -> None:
+    """Raise ConfigError naming the first configured value outside its range or its choices. Absent keys, nulls
+    and non-numbers are left alone by the ranges (wrong types are refused by the schemas)."""
     from omegaconf import OmegaConf
+
+    for key, allowed in choices.items():
+        try:
+            v = OmegaConf.select(cfg, key, default=None)
+        except Exception:  # noqa: BLE001 - an unresolvable interpolation is reported where it is used
+            continue
+        if v is not None and v not in allowed:
+            raise ConfigError(f"config value {key}={v!r}{_source(cfg, key)} must be one of {list(allowed)}")
 
     for key, rng in ranges.items():
         try:
