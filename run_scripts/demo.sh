@@ -22,7 +22,7 @@ ARCH=(arch.num_query_tokens=16)
 RERANK=(eval.rerank_score=product)
 TINY=(preset=tiny trainer=cpu logger=csv "${ARCH[@]}" "${RERANK[@]}")  # training runs
 EVAL=(preset=tiny "${ARCH[@]}" "${RERANK[@]}")                         # evaluation runs (blip2-eval has no trainer)
-# Stage 1 and retrieval fine-tuning at tiny size (README, "ITM at tiny size": what makes ITM learn here): ITC
+# Stage 1 and retrieval fine-tuning at tiny size (docs/itm_at_tiny_size.md: what makes ITM learn here): ITC
 # weighted 0.1 and no Q-Former dropout (batch 32 is preset=tiny's); stage 1 starts from the pretrained ViT
 # stand-in, frozen (retrieval fine-tuning takes the ViT from the stage-1 export, unfrozen)
 ITM_TINY=(loss_weights=tiny arch.qformer.hidden_dropout_prob=0 arch.qformer.attention_probs_dropout_prob=0)
@@ -35,7 +35,7 @@ step "0/10 synthetic world in the real data layout, with the demo stand-ins for 
 bash run_scripts/prepare_synthetic.sh data
 # Two jobs at a time, one thread each, where one does not read the other's output: at these sizes a second
 # thread speeds a process up by almost nothing (300 stage-1 steps: 68 s on 2 threads, 69 s on 1), and the
-# import and start-up seconds of one job overlap the other's work (README, "ITM at tiny size": what it saves).
+# import and start-up seconds of one job overlap the other's work (docs/itm_at_tiny_size.md: what it saves).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 rm -rf "$OUT"; mkdir -p "$OUT/logs"
 # the LLM stand-in: stage 2 is the first to read it

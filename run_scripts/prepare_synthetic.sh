@@ -15,7 +15,7 @@ PART=${1:-all}
 case "$PART" in all|data|llm) ;; *) echo "usage: prepare_synthetic.sh [all|data|llm] (got '$PART')" >&2; exit 2;; esac
 PY=${PY:-.venv/bin/python}
 DATA=${BLIP2_DATA_DIR:-data}/synthetic
-# The demo's world: one to three shapes per image, ten colours (README, "ITM at tiny size": two or more shapes and
+# The demo's world: one to three shapes per image, ten colours (docs/itm_at_tiny_size.md: two or more shapes and
 # more colours give each image a caption of its own, rarer words for CIDEr, and ITM hard negatives that differ)
 WORLD=(--num-colors 10 --min-objects 1 --max-objects 3)
 # a data dir of a former world (world.json: make_synthetic's version and this world), or without the ViT stand-in,
@@ -30,7 +30,7 @@ LLM_CODE=(data_scripts/train_demo_llm.py blip2_train/models/tiny_llm.py blip2_tr
 llm_recipe() { echo "${LLM[*]} code $(cat "${LLM_CODE[@]}" | sha256sum | cut -c1-16)"; }
 # The ViT stand-in's recipe (vit/recipe.txt), checked the same way: a ViT pretrained another way is pretrained
 # again, the data kept. 3000 steps (45-60 s on 2 cores): per patch 99% colour, 97% shape and 100% cell on train
-# images it did not train on (README, "ITM at tiny size": the cell is what lets ITM re-ranking help)
+# images it did not train on (docs/itm_at_tiny_size.md: the cell is what lets ITM re-ranking help)
 VIT=(--steps 3000)
 VIT_CODE=(data_scripts/pretrain_demo_vit.py blip2_train/data/demo_vit.py)
 vit_recipe() { echo "${VIT[*]} code $(cat "${VIT_CODE[@]}" | sha256sum | cut -c1-16)"; }

@@ -64,6 +64,77 @@ def test_itc_alone_breaks_ties_as_the_reranked_ranks_do():
     assert torch.equal(reranked[0], fast[0]) and torch.equal(reranked[1], fast[1])
     strict = (sim > sim[torch.tensor(txt2img), torch.arange(len(txt2img))][None]).sum(0)  # ties counted hits
     assert (strict < fast[1]).any()  # the case has ties that the rule decides
+    # ... and under the product score (an ITM that adds nothing: log p = log 1/2 everywhere; cosine / 0.07)
+    both = retrieval.rerank_all(sim, len(txt2img), lambda p: torch.zeros(p.shape[0], 2), 0.07)
+    for rule, (i2t, t2i) in both.items():
+        reranked = retrieval.ranks_from_candidates(i2t, t2i, txt2img, img2txt, sim)
+        assert torch.equal(reranked[0], fast[0]) and torch.equal(reranked[1], fast[1]), rule
+
+
+def test_product_score_with_exact_ties_equals_naive():
+    """Repeated captions and coarse scores: exact ties among the candidates' product scores (the same ITM logit
+    and cosine), broken by the smaller index in the fast path as in the dense stable sort. Every column is a
+    candidate: the naive protocol picks its candidates by torch.topk, whose order among ties at the k-th is not
+    the fast path's rule (test_candidates_tied_at_the_kth_are_the_smaller_columns tests that one)."""
+    sim, itm, txt2img, img2txt = random_case(20, 4, 6)
+    sim, itm = sim.round(decimals=1), itm.round(decimals=0)
+    for i in range(0, 20, 2):  # image i+1's first caption is image i's first caption, again
+        sim[:, img2txt[i + 1][0]] = sim[:, img2txt[i][0]]
+        itm[:, img2txt[i + 1][0]] = itm[:, img2txt[i][0]]
+    logp = torch.stack([-itm, itm], dim=-1).log_softmax(-1)[..., 1]
+    for k in (100,):
+        i2t, t2i = retrieval.rerank(sim, k, lambda p: logp[p[:, 0], p[:, 1]], 0.07)
+        fast = retrieval.ranks_from_candidates(i2t, t2i, txt2img, img2txt, sim)
+        naive = retrieval.ranks_from_dense(*retrieval.naive_protocol(sim, k, lambda i, j: float(logp[i, j]), 0.07),
+                                           txt2img, img2txt)
+        assert torch.equal(fast[0], naive[0]) and torch.equal(fast[1], naive[1]), k
+        assert (i2t.score[:, :, None] == i2t.score[:, None, :]).sum() > i2t.score.numel()  # ties exist
+
+
+def test_evaluation_runs_without_autograd(synth, tiny_model, tokenizer, monkeypatch):
+    """Every forward of the retrieval evaluation runs under no_grad (also inside training, where autograd is on):
+    a graph kept per ITM batch would hold the activations of every candidate pair (COCO 5k: millions)."""
+    from blip2_train.data.eval_sets import EvalImageDataset, collate_eval_images
+    from torch.utils.data import DataLoader
+
+    data = CaptionedImages.from_karpathy(synth["ann"]["test"], synth["root"])
+    loader = DataLoader(EvalImageDataset(data, 32), batch_size=8, collate_fn=collate_eval_images)
+    seen = []
+    for name in ("itm_forward", "retrieval_image_embeds", "retrieval_text_feat"):
+        fn = getattr(tiny_model, name)
+        monkeypatch.setattr(tiny_model, name, lambda *a, _f=fn, **k: (seen.append(torch.is_grad_enabled()), _f(*a, **k))[1])
+    with torch.enable_grad():
+        evaluate_retrieval(tiny_model, data, loader, tokenizer, (0, len(data)), k_test=3)
+    assert seen and not any(seen)
+
+
+def test_product_score_needs_a_learnt_temperature(synth, stage1_export, tmp_path, tokenizer, caplog):
+    """A stage-1 checkpoint without `temp` (what transformers' Blip2ForImageTextRetrieval saves): the product score
+    is refused by name before any work, the reference's is reported without rerank_product/*; once training
+    steps, the temperature is the run's own."""
+    import shutil
+
+    from blip2_train.data.eval_sets import EvalImageDataset, collate_eval_images
+    from blip2_train.utils.errors import ConfigError
+    from conftest import batch_of, tiny_stage1
+    from torch.utils.data import DataLoader
+
+    plain = tmp_path / "plain_transformers"
+    shutil.copytree(stage1_export, plain)
+    (plain / "blip2_train_extras.safetensors").unlink()
+    model = tiny_stage1(synth["tokenizer"], stage1_checkpoint=str(plain))
+    data = CaptionedImages.from_karpathy(synth["ann"]["test"], synth["root"])
+    loader = DataLoader(EvalImageDataset(data, 32), batch_size=8, collate_fn=collate_eval_images)
+    with pytest.raises(ConfigError, match="eval.rerank_score=product .*plain_transformers holds no ITC temperature"):
+        evaluate_retrieval(model, data, loader, tokenizer, (0, len(data)), k_test=3, rerank_score="product")
+    with caplog.at_level("WARNING"):
+        m = evaluate_retrieval(model, data, loader, tokenizer, (0, len(data)), k_test=3)
+    assert "rerank_product/* not computed" in caplog.text and "txt_r1" in m and "rerank_reference/txt_r1" in m
+    assert not any(k.startswith("rerank_product/") for k in m)
+    model.train()
+    model(*batch_of(tokenizer, ["a red circle", "a blue square"]))  # a training forward
+    assert "rerank_product/txt_r1" in evaluate_retrieval(model, data, loader, tokenizer, (0, len(data)), k_test=3,
+                                                         rerank_score="product")
 
 
 def test_recall_beyond_k_test_comes_from_itc_order():
@@ -132,8 +203,9 @@ def test_config_choices_are_the_codes_own():
     from blip2_train.eval.runner import EVAL_KINDS
     from blip2_train.utils.config_ranges import CHOICES
 
-    assert CHOICES["eval.rerank_score"] == retrieval.RERANK_SCORES
-    assert CHOICES["eval.kind"] == EVAL_KINDS
+    for root in ("eval", "callbacks.periodic_eval"):
+        assert CHOICES[f"{root}.rerank_score"] == retrieval.RERANK_SCORES
+        assert CHOICES[f"{root}.kind"] == EVAL_KINDS
 
 
 @pytest.mark.parametrize("rule", ["reference", "product"])

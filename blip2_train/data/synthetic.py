@@ -9,7 +9,7 @@ Each image holds `min_objects`..`max_objects` coloured shapes in distinct quadra
 shape's colour, kind and quadrant, so a caption fully determines its image's content (retrieval and captioning
 are learnable, and chance levels are known). Phrasings vary across an image's 1-5 captions. The defaults are
 world 1 (one or two shapes, six colours: half the images are one of 72 single-shape contents, each shared with
-~20 others); `make demo` draws one to three shapes from ten colours (README, "ITM at tiny size": fewer duplicate
+~20 others); `make demo` draws one to three shapes from ten colours (docs/itm_at_tiny_size.md: fewer duplicate
 contents, and rarer words for CIDEr). `make_synthetic.py` reports the duplicate-content rate. `scenes.json`
 beside the annotations records every image's objects (what the VQA sets and the demo ViT stand-in read).
 """
@@ -30,7 +30,7 @@ COLORS = {
     "purple": (150, 60, 200),
     "orange": (245, 140, 30),
     # the first six are world 1's palette; `num_colors` draws from the first N (more colours: rarer words, a lower
-    # image-blind captioning baseline, fewer duplicate contents: README, "ITM at tiny size")
+    # image-blind captioning baseline, fewer duplicate contents: docs/itm_at_tiny_size.md)
     "pink": (250, 140, 200),
     "cyan": (50, 210, 220),
     "white": (235, 235, 235),
@@ -47,7 +47,7 @@ def add_world_arguments(parser) -> None:
     """The arguments that tell worlds apart (`world_of` reads them back): one owner for every data script."""
     parser.add_argument("--min-objects", type=int, default=1, choices=(1, 2, 3, 4))
     parser.add_argument("--max-objects", type=int, default=2, choices=(1, 2, 3, 4),
-                        help="shapes per image, drawn uniformly in [min, max] (README, 'ITM at tiny size')")
+                        help="shapes per image, drawn uniformly in [min, max] (docs/itm_at_tiny_size.md)")
     parser.add_argument("--num-colors", type=int, default=6, choices=range(2, len(COLORS) + 1),
                         metavar=f"2..{len(COLORS)}", help="colours drawn from the first N of the palette (6: world 1)")
 
@@ -164,7 +164,7 @@ def scene_record(image: str, image_id: str, split: str, objects: list[tuple[str,
     """What `synthetic_vqa.read_scenes` reads: objects with their grid row / column. No caption: the demo LLM
     stand-in answers its text-only questions from the scene's words (train_demo_llm.py's `scene_words`); with the
     first caption as that context the image-blind captioning baseline came out at 84.3 CIDEr instead of 46.2, and
-    the demo's CIDEr bar (3x) failed at 2.9x (README, "ITM at tiny size")."""
+    the demo's CIDEr bar (3x) failed at 2.9x (docs/itm_at_tiny_size.md)."""
     return {"image": image, "image_id": image_id, "split": split, "background": None,
             "objects": [{"color": c, "shape": s, "size": None, "row": POSITIONS[p][1], "col": POSITIONS[p][0]}
                         for c, s, p in objects]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -51,15 +52,41 @@ def encode_texts(model, input_ids, attention_mask, device, batch_size: int = 256
     return torch.cat(out) if out else torch.zeros(0, model.config.image_text_hidden_size, device=device)
 
 
-@torch.no_grad()
 def itc_temperature(model) -> float:
-    """The model's learnt ITC temperature (the "product" score's divisor of the cosine)."""
+    """The model's learnt ITC temperature (the "product" score's divisor of the cosine), clamped as training
+    uses it."""
+    from blip2_train.models.stage1 import TEMP_MAX, TEMP_MIN
+
     temp = model.temp.detach()
     if hasattr(temp, "full_tensor"):  # a DTensor (FSDP2)
         temp = temp.full_tensor()
-    return float(temp.float().reshape(-1)[0])
+    return float(temp.float().reshape(-1)[0].clamp(TEMP_MIN, TEMP_MAX))
 
 
+def score_rules(model, rerank_score: str) -> tuple[tuple[str, ...], float]:
+    """(the score rules this model can be evaluated under, its ITC temperature). "product" needs the temperature
+    the model learnt. A checkpoint without one (transformers' Blip2ForImageTextRetrieval stores none) is refused
+    for it, by name, before any work; a non-finite one (a diverged run) is not refused, so that its evaluation
+    still reports the reference's score and ITC alone (the product's recalls then read NaN). Either way the other
+    rule's report leaves rerank_product/* out, with a warning."""
+    from blip2_train.utils.errors import ConfigError
+
+    temp = itc_temperature(model)
+    missing = getattr(model, "temp_missing_from", None)
+    if missing:
+        why = f"{missing} holds no ITC temperature ('temp'; transformers' Blip2ForImageTextRetrieval stores none)"
+        if rerank_score == "product":
+            raise ConfigError(f"eval.rerank_score=product divides the ITC cosine by the learnt temperature, and "
+                              f"{why}: use eval.rerank_score=reference")
+    elif not math.isfinite(temp):
+        why = f"the model's ITC temperature is {temp}"
+    else:
+        return retrieval.RERANK_SCORES, temp
+    log.warning("rerank_product/* not computed: %s", why)
+    return ("reference",), temp
+
+
+@torch.no_grad()
 def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[int, int], k_test: int = 128,
                        pair_batch_size: int = 256, max_txt_len: int = 35,
                        rerank_score: str = "reference") -> dict[str, float]:
@@ -71,6 +98,7 @@ def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[
         from blip2_train.utils.errors import ConfigError
 
         raise ConfigError(f"eval.rerank_score={rerank_score!r} is not one of {list(retrieval.RERANK_SCORES)}")
+    rules, temp = score_rules(model, rerank_score)  # before any work: a refused rule costs nothing
     device = _device_of(model)
     was_training = model.training
     model.eval()
@@ -109,11 +137,11 @@ def evaluate_retrieval(model, data, image_loader, tokenizer, image_range: tuple[
         # Pairs are sorted by image and image ranges are contiguous in rank order: concatenation = pair order.
         return gather_varlen(local)
 
-    temp = itc_temperature(model)
     by_rule = {rule: retrieval.recall_metrics(*retrieval.ranks_from_candidates(
         i2t, t2i, data.txt2img, data.img2txt, sim)) for rule, (i2t, t2i) in
-        retrieval.rerank_all(sim, k_test, pair_logits, temp).items()}
-    metrics = dict(by_rule[rerank_score])
+        retrieval.rerank_all(sim, k_test, pair_logits, temp, rules).items()}
+    # the headline: the configured rule's recalls (NaN where that rule could not score: score_rules)
+    metrics = dict(by_rule.get(rerank_score) or {k: float("nan") for k in by_rule["reference"]})
     for rule, m in by_rule.items():
         metrics.update({f"rerank_{rule}/{k}": v for k, v in m.items()})
     # ITC alone beside the re-ranked numbers: what the ITM re-ranking adds (or costs)

@@ -112,6 +112,11 @@ def load_stage1_weights(model: Blip2Stage1, source: str | os.PathLike) -> None:
     vision.fit_position_embedding(sd, "hf.vision_model.embeddings.position_embedding",
                                   model.hf.vision_model.embeddings.position_embedding)
     missing = convert.load_into(model, sd, what, allow_missing=TIED)
+    if "temp" in missing:
+        # transformers' Blip2ForImageTextRetrieval has no place for it: the retrieval evaluation's "product"
+        # score needs it (eval/runner.py), and stage-1 training learns it again from model.temp
+        model.temp_missing_from = what
+        log.warning("%s holds no ITC temperature ('temp'): it starts at %.3g", what, float(model.temp.detach()[0]))
     if missing:
         log.warning("%s did not cover %d tensor(s), kept at init: %s", what, len(missing), missing[:8])
     log.info("loaded %d tensors from %s", len(sd), what)

@@ -75,6 +75,8 @@ class Blip2Stage1(nn.Module):
         self.tie_lm_head()
         # shape [1], not a 0-d scalar: DeepSpeed broadcasts parameters as bytes and cannot view a 0-d tensor
         self.temp = nn.Parameter(torch.tensor([float(temp)]))
+        # a checkpoint loaded without `temp` (build.load_stage1_weights) names itself here until training learns it
+        self.temp_missing_from: str | None = None
         self.bos_token_id, self.pad_token_id = bos_token_id, pad_token_id
         self.itc_label_smoothing, self.lm_label_smoothing = itc_label_smoothing, lm_label_smoothing
         self.freeze_vision = freeze_vision
@@ -166,6 +168,7 @@ class Blip2Stage1(nn.Module):
         """BLIP-1 clamps the temperature in place; the BLIP-2 reference forgot to (it can collapse)."""
         with torch.no_grad():
             self.temp.clamp_(TEMP_MIN, TEMP_MAX)
+        self.temp_missing_from = None  # training learns it from here (a checkpoint without it started at init)
         return self.temp
 
     # -- the stage-1 objective -------------------------------------------------------------------------

@@ -72,6 +72,9 @@ RANGES: dict[str, Range] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "eval.kind": ("retrieval", "caption", "vqa"),
     "eval.rerank_score": ("reference", "product"),
+    # the periodic evaluation follows eval.* unless set on its own
+    "callbacks.periodic_eval.kind": ("retrieval", "caption", "vqa"),
+    "callbacks.periodic_eval.rerank_score": ("reference", "product"),
 }
 
 
