@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from blip2_train.data.annotations import read_annotations
+from blip2_train.eval.retrieval import RERANK_SCORES
 from blip2_train.report import caption_grid, plot_curves, read_csv_metrics, series
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/demo")
@@ -25,7 +26,7 @@ chance_r1 = 100.0 / len(test)
 
 # the re-ranking score of the evaluation's headline recalls (eval.rerank_score, from its resolved config) and the other
 rule = OmegaConf.load(out / "eval_retrieval" / "config.yaml").eval.get("rerank_score", "reference")
-other = next(r for r in ("reference", "product") if r != rule)
+other = next(r for r in RERANK_SCORES if r != rule)
 rows = [
     ("text->image R@1", retrieval["img_r1"], chance_r1, "chance"),
     ("text->image R@5", retrieval["img_r5"], 5 * chance_r1, "chance"),

@@ -57,10 +57,8 @@ def itc_temperature(model) -> float:
     uses it."""
     from blip2_train.models.stage1 import TEMP_MAX, TEMP_MIN
 
-    temp = model.temp.detach()
-    if hasattr(temp, "full_tensor"):  # a DTensor (FSDP2)
-        temp = temp.full_tensor()
-    return float(temp.float().reshape(-1)[0].clamp(TEMP_MIN, TEMP_MAX))
+    # never a DTensor: evaluation under sharded training is refused (cli.train: export and run blip2-eval)
+    return float(model.temp.detach().float().reshape(-1)[0].clamp(TEMP_MIN, TEMP_MAX))
 
 
 def score_rules(model, rerank_score: str) -> tuple[tuple[str, ...], float]:

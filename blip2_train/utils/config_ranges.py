@@ -69,13 +69,27 @@ RANGES: dict[str, Range] = {
 # String settings with a fixed set of values, so that a typo is one line before any work, not an error after
 # training (utils imports nothing to its right: tests/test_retrieval.py keeps these equal to the tuples of the code
 # that reads them, eval.retrieval.RERANK_SCORES and eval.runner.EVAL_KINDS)
+EVAL_KINDS = ("retrieval", "caption", "vqa")
+RERANK_SCORES = ("reference", "product")
 CHOICES: dict[str, tuple[str, ...]] = {
-    "eval.kind": ("retrieval", "caption", "vqa"),
-    "eval.rerank_score": ("reference", "product"),
+    "eval.kind": EVAL_KINDS,
+    "eval.rerank_score": RERANK_SCORES,
     # the periodic evaluation follows eval.* unless set on its own
-    "callbacks.periodic_eval.kind": ("retrieval", "caption", "vqa"),
-    "callbacks.periodic_eval.rerank_score": ("reference", "product"),
+    "callbacks.periodic_eval.kind": EVAL_KINDS,
+    "callbacks.periodic_eval.rerank_score": RERANK_SCORES,
 }
+_UNSET = object()
+
+
+def _value(cfg, key: str):
+    """The configured value at `key`, None when absent or null, _UNSET when its interpolation cannot resolve
+    (reported where it is used)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.select(cfg, key, default=None)
+    except Exception:  # noqa: BLE001 - an unresolvable interpolation is reported where it is used
+        return _UNSET
 
 
 def check_ranges(cfg, ranges: dict[str, Range] = RANGES, choices: dict[str, tuple] = CHOICES) -> None:
@@ -84,18 +98,11 @@ def check_ranges(cfg, ranges: dict[str, Range] = RANGES, choices: dict[str, tupl
     from omegaconf import OmegaConf
 
     for key, allowed in choices.items():
-        try:
-            v = OmegaConf.select(cfg, key, default=None)
-        except Exception:  # noqa: BLE001 - an unresolvable interpolation is reported where it is used
-            continue
-        if v is not None and v not in allowed:
+        v = _value(cfg, key)
+        if v is not None and v is not _UNSET and v not in allowed:
             raise ConfigError(f"config value {key}={v!r}{_source(cfg, key)} must be one of {list(allowed)}")
-
     for key, rng in ranges.items():
-        try:
-            v = OmegaConf.select(cfg, key, default=None)
-        except Exception:  # noqa: BLE001 - an unresolvable interpolation is reported where it is used
-            continue
+        v = _value(cfg, key)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         if not rng.allows(v):
