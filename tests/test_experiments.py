@@ -81,8 +81,9 @@ def starts(name: str, chain: dict) -> list[str]:
     if name == "retrieval_coco_ft":  # fine-tuned at a higher resolution than stage 1 (the reference: 224 -> 364 px)
         return [f"paths.stage1_checkpoint={chain['export/stage1_pretrain']}", "data.image_size=48"]
     if name == "retrieval_coco_eval":  # an export holds the Q-Former tokenizer: no paths.bert_dir needed
+        # re-ranked as make demo re-ranks (the flickr run keeps the default, the reference's score)
         return [f"paths.stage1_checkpoint={chain['export/retrieval_coco_ft']}", "data.image_size=48",
-                "paths.bert_dir=???"]
+                "paths.bert_dir=???", "eval.rerank_score=product"]
     if name == "retrieval_flickr_eval":  # the official .pth layout of the 32 px stage-1 result, at 48 px
         return [f"paths.stage1_checkpoint={chain['pth']}", "data.image_size=48"]
     if name == "caption_coco_eval":  # as make demo runs it: with the image-blind baseline
@@ -188,6 +189,12 @@ def test_eval_experiment_one_and_two_processes_agree(name, chain, synth, tiny_ll
         assert 0.0 <= one["accuracy"] <= 100.0 and any(k.startswith("question_type/") for k in one)
     else:
         assert one["txt_r10"] <= 100.0 and one["img_r1"] <= one["img_r5"] <= one["img_r10"]
+        # both score rules from one ITM pass; the headline is the configured one's (the temperature the run learnt,
+        # from an export and from the official .pth layout)
+        rule = "product" if name == "retrieval_coco_eval" else "reference"
+        for k in ("txt_r1", "img_r1", "r_mean"):
+            assert one[k] == one[f"rerank_{rule}/{k}"] and f"rerank_product/{k}" in one, k
+        assert 0.001 <= one["itc_temp"] <= 0.5
 
 
 def test_caption_labels_hold_the_prompt_once_and_never_as_a_target(synth, tiny_llms):
