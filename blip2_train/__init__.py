@@ -1,10 +1,12 @@
 """blip2-train: train BLIP-2 vision-language models (Q-Former stage 1, LLM stage 2).
 
 Pipeline layout: data -> models (pure nn.Modules, losses as functions) -> lit (Lightning modules)
--> eval -> cli.
+-> eval -> cli; `blip2_train.load` opens an export for use from Python.
 """
 
-__version__ = "0.1.0"
+from blip2_train.utils.io import package_version
+
+__version__ = package_version()
 
 
 def load(path, device=None, dtype=None):

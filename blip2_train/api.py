@@ -21,7 +21,7 @@ import torch
 
 from blip2_train.data.eval_sets import load_eval_image
 from blip2_train.data.transforms import EvalTransform
-from blip2_train.eval.answering import VQA_GENERATION, question_prompt
+from blip2_train.eval.vqa import VQA_GENERATION, question_prompt
 from blip2_train.eval.captioning import CAPTION_GENERATION
 from blip2_train.eval.generation import autocast, generate_texts
 from blip2_train.models.export import export_meta
@@ -129,7 +129,7 @@ class Blip2Scorer(_Images):
     ITC = the highest query-text cosine similarity; ITM = the match logit."""
 
     def __init__(self, path: Path, cfg: dict, device: torch.device):
-        from blip2_train.models.build import build_stage1_model
+        from blip2_train.models.build_stage1 import build_stage1_model
         from blip2_train.models.tokenizer import load_qformer_tokenizer
 
         super().__init__(path, cfg, device)
@@ -143,7 +143,7 @@ class Blip2Scorer(_Images):
     @torch.no_grad()
     def score(self, images, texts: list[str], head: str = "itc", max_txt_len: int = 35) -> list[float]:
         from blip2_train.data.captions import clean_caption
-        from blip2_train.eval.retrieval import itc_similarity
+        from blip2_train.eval.metrics.retrieval import itc_similarity
 
         if head not in ("itc", "itm"):
             raise ValueError(f"head must be 'itc' or 'itm', not {head!r}")

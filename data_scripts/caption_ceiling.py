@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import random
 
-from blip2_train.data.synthetic import POSITIONS, SHAPES, add_world_arguments, describe, sample_objects, world_of
+from blip2_train.demo.world import POSITIONS, SHAPES, add_world_arguments, describe, sample_objects, world_of
 
 
 def cider(refs: list[list[str]], preds: list[str]) -> float:

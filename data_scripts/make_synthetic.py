@@ -13,9 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from blip2_train.data.synthetic import (WORLD_VERSION, add_dataset_views, add_world_arguments, make_synthetic,
+from blip2_train.demo.world import (WORLD_VERSION, add_dataset_views, add_world_arguments, make_synthetic,
                                         world_matches, world_of, world_report)
-from blip2_train.data.synthetic_vqa import write_vqa_sets
+from blip2_train.demo.world_vqa import write_vqa_sets
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
         p.error("--num-train/--num-val/--num-test must each be at least 1 "
                 f"(got {a.num_train}/{a.num_val}/{a.num_test})")
     if Path(a.out).exists() and any(Path(a.out).iterdir()):
-        # shards/, bert/, vit/ and llm/ of a former world would stay beside the new images and annotations
+        # shards/, bert/, vit/ and llm/ of another world would stay beside the new images and annotations
         p.error(f"--out {a.out} is not empty: give a new directory (run_scripts/prepare_synthetic.sh makes it again)")
     paths = make_synthetic(a.out, a.num_train, a.num_val, a.num_test, a.seed, a.image_size,
                            min_objects=a.min_objects, max_objects=a.max_objects, num_colors=a.num_colors)

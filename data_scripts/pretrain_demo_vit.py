@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""DEMO STAND-IN for a pretrained image encoder (`blip2_train/data/demo_vit.py`): the tiny ViT of
+"""DEMO STAND-IN for a pretrained image encoder (`blip2_train/demo/vit.py`): the tiny ViT of
 conf/arch/tiny.yaml, pretrained for seconds on the synthetic train scenes, saved as a vision tower that stage 1
-loads with `paths.vision_checkpoint=<data_dir>/vit` (README, "ITM at tiny size").
+loads with `paths.vision_checkpoint=<data_dir>/vit` (docs/itm_at_tiny_size.md).
 
     python data_scripts/pretrain_demo_vit.py --data-dir data/synthetic --out data/synthetic/vit
 """
@@ -10,8 +10,8 @@ import argparse
 
 from omegaconf import OmegaConf
 
-from blip2_train.cli.common import compose
-from blip2_train.data.demo_vit import pretrain_demo_vit
+from blip2_train.config.compose import compose
+from blip2_train.demo.vit import pretrain_demo_vit
 
 
 def main() -> None:

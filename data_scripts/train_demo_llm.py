@@ -17,8 +17,8 @@ from pathlib import Path
 def qa_texts(data_dir: str) -> list[tuple[str, str]]:
     """(caption, "Question: q Short answer: a") for questions about the train scenes, in the VQA evaluation's
     template: the LM learns the format and to read the answer from its context, never from an image."""
-    from blip2_train.data.synthetic_vqa import build_questions, grid_size, read_scenes
-    from blip2_train.eval.answering import question_prompt
+    from blip2_train.demo.world_vqa import build_questions, grid_size, read_scenes
+    from blip2_train.eval.vqa import question_prompt
 
     scenes = read_scenes(data_dir, "train")
     grid = grid_size(scenes)
@@ -47,7 +47,7 @@ def described_captions(data_dir: str, records, prompt: str = "") -> list[tuple[s
     and stage 2 learnt to ignore the image (CIDEr at the image-blind baseline)."""
     import random
 
-    from blip2_train.data.synthetic_vqa import grid_size, read_scenes
+    from blip2_train.demo.world_vqa import grid_size, read_scenes
 
     rng = random.Random(2)
     scenes = read_scenes(data_dir, "train")
@@ -66,7 +66,7 @@ def described_captions(data_dir: str, records, prompt: str = "") -> list[tuple[s
 
 def scene_words(scene: dict, grid: int) -> str:
     """A caption-like description of a scene record: every object's colour, shape and cell, the background."""
-    from blip2_train.data.synthetic_vqa import cell_name
+    from blip2_train.demo.world_vqa import cell_name
 
     text = " and ".join(f"a {o['color']} {o['shape']} in the {cell_name(o['row'], o['col'], grid)}"
                         for o in scene["objects"])
@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--family", default="opt", choices=["opt", "llama", "gpt2", "t5"])
     # 300 leaves ~44 merges over the byte alphabet: nearly character-level ("yellow" is 7 tokens, a caption of
-    # world 1 ~35). 512 makes every word of the captions and questions one token (README, "ITM at tiny size")
+    # world 1 ~35). 512 makes every word of the captions and questions one token (docs/itm_at_tiny_size.md)
     p.add_argument("--vocab-size", type=int, default=300)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
@@ -91,8 +91,8 @@ def main() -> None:
                         "data dir, each after the scene's description (what a real LLM brings to zero-shot VQA)")
     p.add_argument("--caption-context", default="own-words", choices=["own-words", "description"],
                    help="what precedes each caption: some of its own words, in order (the demo's), or its scene's "
-                        "description with the objects in a random order (needs --qa-data-dir; README, 'ITM at "
-                        "tiny size')")
+                        "description with the objects in a random order (needs --qa-data-dir; "
+                        "docs/itm_at_tiny_size.md)")
     p.add_argument("--caption-prompt", default="",
                    help="the prompt caption fine-tuning puts before each caption (experiment=caption_coco_ft's "
                         "model.text.prompt, 'a photo of'): half the captions are also read after it (needs "
@@ -109,7 +109,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from blip2_train.data.annotations import read_annotations
-    from blip2_train.models.tiny_llm import make_tiny_llm, pretrain_on_captions, train_llm_tokenizer
+    from blip2_train.demo.llm import make_tiny_llm, pretrain_on_captions, train_llm_tokenizer
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(a.out)

@@ -27,7 +27,7 @@ def main() -> None:
     tok = train_wordpiece_tokenizer(texts, a.out, a.vocab_size)
     print(f"tokenizer with {len(tok)} tokens saved to {a.out}")
     if a.tiny_bert:
-        from blip2_train.models.tiny_llm import make_tiny_bert
+        from blip2_train.demo.llm import make_tiny_bert
 
         make_tiny_bert(a.out, a.out)
         print(f"tiny random BERT (demo stand-in for bert-base-uncased) saved to {a.out}")

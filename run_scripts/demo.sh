@@ -26,7 +26,7 @@ EVAL=(preset=tiny "${ARCH[@]}" "${RERANK[@]}")                         # evaluat
 # weighted 0.1 and no Q-Former dropout (batch 32 is preset=tiny's); stage 1 starts from the pretrained ViT
 # stand-in, frozen (retrieval fine-tuning takes the ViT from the stage-1 export, unfrozen)
 ITM_TINY=(loss_weights=tiny arch.qformer.hidden_dropout_prob=0 arch.qformer.attention_probs_dropout_prob=0)
-START=$(date +%s); export DEMO_START=$START  # demo_summary.py records the time against issue #13's 10 min
+START=$(date +%s); export DEMO_START=$START  # demo_summary.py records the time against its 10-min target
 step() { echo; echo "== $* ==  [$(( ($(date +%s) - START) / 60 )) min $(( ($(date +%s) - START) % 60 )) s]"; }
 source run_scripts/demo_jobs.sh  # background / check / finish
 

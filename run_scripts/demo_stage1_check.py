@@ -83,7 +83,7 @@ def difference(scene: dict, other: dict) -> str:
     """What another image's scene changes of this one's: nothing ("same content": a true caption the metric
     counts as a miss), only where the shapes are ("position"), how many there are ("count"), or, as many, which
     colours and kinds ("objects")."""
-    from blip2_train.data.synthetic import content_key
+    from blip2_train.demo.world import content_key
 
     if content_key(scene) == content_key(other):
         return "same content"
@@ -96,12 +96,12 @@ def difference(scene: dict, other: dict) -> str:
 @torch.no_grad()
 def rerank_changes(scorer, pixels: torch.Tensor, captioned: CaptionedImages, scenes: list[dict],
                    k: int, rule: str = "reference") -> dict[str, int]:
-    """Image->text R@1 as the retrieval evaluation computes it (`blip2_train.eval.retrieval`, on the export
+    """Image->text R@1 as the retrieval evaluation computes it (`blip2_train.eval.metrics.retrieval`, on the export
     `blip2_train.load` gives: the ITC top k scored by `rule`, its tie rule), against ITC alone under the same tie
     rule: the images re-ranking fixes and breaks, and, where it breaks one, what the caption it prefers changes
     of the image's scene. `captioned`: the test split as the evaluation reads it (its cleaned texts)."""
-    from blip2_train.eval import retrieval
-    from blip2_train.eval.runner import itc_temperature
+    from blip2_train.eval.metrics import retrieval
+    from blip2_train.eval.retrieval import itc_temperature
 
     m = scorer.model
     txt2img, img2txt = captioned.txt2img, captioned.img2txt
@@ -167,7 +167,7 @@ def main() -> None:
     by_image = {s["image"]: s for s in json.loads(scenes_path.read_text())} if scenes_path.exists() else {}
     scenes = [by_image[r.image] for r in test] if all(r.image in by_image for r in test) else None
     # the re-ranking depth and score of the demo's retrieval evaluation, composed as blip2-eval composes them
-    from blip2_train.cli.common import compose
+    from blip2_train.config.compose import compose
 
     protocol = compose("eval", ["experiment=retrieval_coco_eval", *eval_overrides]).eval
     k_test, rule = int(protocol.k_test), str(protocol.rerank_score)

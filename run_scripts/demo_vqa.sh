@@ -10,7 +10,7 @@ BIN=$(dirname "$PY")
 OUT=${1:-outputs/demo}
 DATA=${BLIP2_DATA_DIR:-data}/synthetic
 if [ ! -f "$DATA/vqav2/annotations/v2_mscoco_val2014_annotations.json" ]; then  # a data dir from before the VQA sets
-  $PY -m blip2_train.data.synthetic_vqa --data-dir "$DATA"
+  $PY -m blip2_train.demo.world_vqa --data-dir "$DATA"
 fi
 $BIN/blip2-eval experiment=vqa_vqav2_eval preset=tiny paths.stage2_checkpoint="$OUT/export_stage2" \
   eval.image_blind_baseline=true paths.output_dir="$OUT/eval_vqa" "${@:2}"

@@ -18,21 +18,21 @@ DATA=${BLIP2_DATA_DIR:-data}/synthetic
 # The demo's world: one to three shapes per image, ten colours (docs/itm_at_tiny_size.md: two or more shapes and
 # more colours give each image a caption of its own, rarer words for CIDEr, and ITM hard negatives that differ)
 WORLD=(--num-colors 10 --min-objects 1 --max-objects 3)
-# a data dir of a former world (world.json: make_synthetic's version and this world), or without the ViT stand-in,
+# a data dir of another world (world.json: make_synthetic's version and this world), or without the ViT stand-in,
 # is made again
 same_world() { $PY data_scripts/make_synthetic.py "${WORLD[@]}" --matches "$DATA"; }
 # The LLM stand-in's recipe (llm/recipe.txt): its arguments and a fingerprint of the code that makes its model and
 # its texts; an LLM trained another way (or by other code) is trained again. The prompt is
 # experiment=caption_coco_ft's model.text.prompt (its owner; a test keeps the two equal)
 LLM=(--caption-context description --caption-prompt "a photo of" --steps 700)
-LLM_CODE=(data_scripts/train_demo_llm.py blip2_train/models/tiny_llm.py blip2_train/data/synthetic_vqa.py
-  blip2_train/eval/answering.py)
+LLM_CODE=(data_scripts/train_demo_llm.py blip2_train/demo/llm.py blip2_train/demo/world_vqa.py
+  blip2_train/eval/vqa.py)
 llm_recipe() { echo "${LLM[*]} code $(cat "${LLM_CODE[@]}" | sha256sum | cut -c1-16)"; }
 # The ViT stand-in's recipe (vit/recipe.txt), checked the same way: a ViT pretrained another way is pretrained
 # again, the data kept. 3000 steps (45-60 s on 2 cores): per patch 99% colour, 97% shape and 100% cell on train
 # images it did not train on (docs/itm_at_tiny_size.md: the cell is what lets ITM re-ranking help)
 VIT=(--steps 3000)
-VIT_CODE=(data_scripts/pretrain_demo_vit.py blip2_train/data/demo_vit.py)
+VIT_CODE=(data_scripts/pretrain_demo_vit.py blip2_train/demo/vit.py)
 vit_recipe() { echo "${VIT[*]} code $(cat "${VIT_CODE[@]}" | sha256sum | cut -c1-16)"; }
 vit_ready() {
   [ -f "$DATA/vit/model.safetensors" ] && [ "$(cat "$DATA/vit/recipe.txt" 2>/dev/null)" = "$(vit_recipe)" ]
@@ -50,7 +50,7 @@ if [ "$PART" != llm ]; then
     echo "synthetic data ready in $DATA"
   else
     if [ -e "$DATA" ]; then echo "$DATA is incomplete or of another world (world.json): making it again"; fi
-    rm -rf "$DATA"  # generated; a partial or former world is made again whole
+    rm -rf "$DATA"  # generated; a partial dir or another world's is made again whole
     $PY data_scripts/make_synthetic.py "${WORLD[@]}" --out "$DATA" --num-train "${NUM_TRAIN:-3000}" --num-val 100 \
       --num-test "${NUM_TEST:-200}" --seed 0
     $PY data_scripts/train_tokenizer.py --annotations "$DATA/coco/annotations/coco_karpathy_train.json" \

@@ -3,16 +3,14 @@ scripts a user runs; tiny real transformers models built from configs."""
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 import pytest
-import torch
+
+from helpers.tiny import tiny_stage1
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -23,9 +21,9 @@ def synth(tmp_path_factory) -> dict:
     scripts run."""
     from blip2_train.data.annotations import read_annotations
     from blip2_train.data.shards import build_shards
-    from blip2_train.data.synthetic import add_dataset_views, image_root, make_synthetic
-    from blip2_train.data.synthetic_vqa import write_vqa_sets
-    from blip2_train.models.tiny_llm import make_tiny_bert
+    from blip2_train.demo.world import add_dataset_views, image_root, make_synthetic
+    from blip2_train.demo.world_vqa import write_vqa_sets
+    from blip2_train.demo.llm import make_tiny_bert
     from blip2_train.models.tokenizer import train_wordpiece_tokenizer
 
     root = tmp_path_factory.mktemp("synthetic")
@@ -38,8 +36,8 @@ def synth(tmp_path_factory) -> dict:
     # the demo ViT stand-in (paths.vision_checkpoint=<dir>/vit), a few steps: the tests need its format
     from omegaconf import OmegaConf
 
-    from blip2_train.cli.common import compose
-    from blip2_train.data.demo_vit import pretrain_demo_vit
+    from blip2_train.config.compose import compose
+    from blip2_train.demo.vit import pretrain_demo_vit
 
     vision = OmegaConf.to_container(compose("train", ["experiment=stage1_pretrain", "preset=tiny"]).arch.vision,
                                     resolve=True)
@@ -52,12 +50,6 @@ def synth(tmp_path_factory) -> dict:
             "train_shards": root / "shards" / "coco_karpathy_train", "test_shards": root / "shards" / "test"}
 
 
-def tiny_cli(synth, *overrides) -> list[str]:
-    """The Hydra overrides every CLI test starts from: preset=tiny on the synthetic world, CPU, no logger."""
-    return ["preset=tiny", f"paths.data_dir={synth['dir']}", "trainer=cpu", "logger=none", "callbacks.progress=null",
-            "data.num_workers=0", *overrides]
-
-
 @pytest.fixture(scope="session")
 def tokenizer(synth):
     from blip2_train.models.tokenizer import load_qformer_tokenizer
@@ -65,42 +57,16 @@ def tokenizer(synth):
     return load_qformer_tokenizer(synth["tokenizer"])
 
 
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                   patch_size=8, layer_norm_eps=1e-6, initializer_range=0.02)
-TINY_QFORMER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                    max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                    initializer_range=0.07)
-
-
-def tiny_stage1(tokenizer_dir, seed: int = 0, **kw):
-    from blip2_train.models.build import build_stage1_model
-
-    args = dict(tokenizer=str(tokenizer_dir), vision=TINY_VISION, qformer=TINY_QFORMER, num_query_tokens=4,
-                embed_dim=16, seed=seed, attn_implementation="eager")
-    args.update(kw)
-    return build_stage1_model(**args)
-
-
 @pytest.fixture
 def tiny_model(synth):
     return tiny_stage1(synth["tokenizer"])
-
-
-def batch_of(tokenizer, captions, image_size=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    tok = tokenizer(captions, padding="longest", return_tensors="pt")
-    return torch.randn(len(captions), 3, image_size, image_size, generator=g), tok["input_ids"], tok["attention_mask"]
-
-
-def read_json(p):
-    return json.loads(Path(p).read_text())
 
 
 @pytest.fixture(scope="session")
 def tiny_llms(synth, tmp_path_factory) -> dict:
     """Tiny OPT / LLaMA / GPT-2 / T5 models with tokenizers trained on the synthetic captions, saved to disk."""
     from blip2_train.data.annotations import read_annotations
-    from blip2_train.models.tiny_llm import make_tiny_llm, train_llm_tokenizer
+    from blip2_train.demo.llm import make_tiny_llm, train_llm_tokenizer
 
     root = tmp_path_factory.mktemp("llms")
     texts = [c for r in read_annotations(synth["ann"]["train"], "karpathy") for c in r.captions]
@@ -124,11 +90,3 @@ def stage1_export(synth, tmp_path_factory):
     return out
 
 
-def tiny_stage2(llm_dir, stage1=None, **kw):
-    from blip2_train.models.build_stage2 import build_stage2_model
-
-    args = dict(llm=str(llm_dir), vision=TINY_VISION, qformer=TINY_QFORMER, num_query_tokens=4, llm_dtype="float32",
-                stage1_checkpoint=str(stage1) if stage1 else None, attn_implementation="eager",
-                llm_attn_implementation="eager", seed=0)
-    args.update(kw)
-    return build_stage2_model(**args)

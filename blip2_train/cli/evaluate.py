@@ -10,7 +10,9 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from blip2_train.cli.common import instantiate_logged, is_rank_zero, resolve_run_dir, run_cli, write_json_atomic
+from blip2_train.cli.app import instantiate_logged, resolve_run_dir, run_cli
+from blip2_train.distributed.launch import is_rank_zero
+from blip2_train.utils.io import write_json_atomic
 
 log = logging.getLogger("blip2_train.eval")
 
@@ -20,7 +22,7 @@ def evaluate(cfg: DictConfig) -> dict:
     images, results are gathered, and rank 0 alone writes metrics.json and the predictions."""
     from blip2_train.utils.checkpoints import load_lightning_checkpoint
     from blip2_train.eval.runner import run_evaluation
-    from blip2_train.utils.launch import init_distributed, shutdown_distributed
+    from blip2_train.distributed.launch import init_distributed, shutdown_distributed
 
     device, created = init_distributed(str(cfg.get("device", "auto")))
     try:

@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from blip2_train.cli.common import setup_logging
+from blip2_train.cli.log import setup_logging
 from blip2_train.utils.errors import Blip2TrainError
 
 
@@ -26,7 +26,8 @@ def reference_config(a):
     family), LLM from `--llm`, image size from its position embeddings, the .pth as model.stage2_checkpoint."""
     from omegaconf import OmegaConf
 
-    from blip2_train.cli.common import compose, describe_config_error
+    from blip2_train.config.compose import compose
+    from blip2_train.cli.errors import describe_config_error
     from blip2_train.models import convert
     from blip2_train.utils.errors import CheckpointError, ConfigError
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         from omegaconf import OmegaConf
 
         from blip2_train.utils.checkpoints import load_lightning_checkpoint, run_config_of
-        from blip2_train.models.build import parse_dtype
+        from blip2_train.models.build_stage1 import parse_dtype
         from blip2_train.models.export import export_stage1
         from blip2_train.models.tokenizer import load_qformer_tokenizer
 
@@ -104,13 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             model = instantiate(cfg.model)
         except Exception as e:  # noqa: BLE001 - our own error, wrapped by hydra's instantiate
-            from blip2_train.cli.common import _causes
+            from blip2_train.cli.errors import causes
 
-            raise next((c for c in _causes(e) if isinstance(c, Blip2TrainError)), e) from None
+            raise next((c for c in causes(e) if isinstance(c, Blip2TrainError)), e) from None
         if not reference:  # a reference .pth was read by the model's builder (model.stage2_checkpoint)
             load_lightning_checkpoint(model, a.checkpoint)
         if "Stage1" in target:
-            from blip2_train.models.build import qformer_tokenizer_source
+            from blip2_train.models.build_stage1 import qformer_tokenizer_source
 
             tok = load_qformer_tokenizer(qformer_tokenizer_source(cfg.model.tokenizer, cfg.model.stage1_checkpoint))
             out = export_stage1(model, tok, a.out, int(cfg.data.image_size), parse_dtype(a.dtype or "float32"))

@@ -94,7 +94,7 @@ def generate(a) -> int:
     from tqdm import tqdm
 
     from blip2_train.api import VQA_PROMPT, Blip2Captioner, load
-    from blip2_train.eval.answering import VQA_GENERATION, check_template, question_prompt
+    from blip2_train.eval.vqa import VQA_GENERATION, check_template, question_prompt
     from blip2_train.eval.captioning import CAPTION_GENERATION
 
     asks = a.question is not None or a.questions is not None
@@ -131,7 +131,8 @@ def generate(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from blip2_train.cli.common import first_line, setup_logging
+    from blip2_train.cli.errors import first_line
+    from blip2_train.cli.log import setup_logging
 
     a = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from blip2_train.cli.common import (instantiate_logged, is_rank_zero, resolve_run_dir, run_cli,
-                                    to_floats, write_json_atomic)
+from blip2_train.cli.app import instantiate_logged, resolve_run_dir, run_cli, to_floats
+from blip2_train.distributed.launch import is_rank_zero
+from blip2_train.utils.io import write_json_atomic
 
 log = logging.getLogger("blip2_train.train")
 
@@ -63,7 +64,7 @@ def resolve_ckpt_path(cfg: DictConfig, run_dir) -> str | None:
     Lightning would write `last-v1.ckpt` beside the old `last.ckpt` and a later export would silently take the
     old one. Unreadable checkpoints are refused (explicit path) or skipped with a warning (`auto`) before
     anything is written, and the temporary files of killed saves are removed."""
-    from blip2_train.utils.checkpoint_io import checkpoint_problem, remove_save_debris
+    from blip2_train.utils.checkpoints import checkpoint_problem, remove_save_debris
     from blip2_train.utils.errors import CheckpointError, ConfigError
 
     if is_rank_zero() and (run_dir / "checkpoints").is_dir():
@@ -108,7 +109,7 @@ def wandb_run_id(ckpt_path: str | None, run_dir: Path) -> str:
     if ckpt_path:
         p = Path(ckpt_path).resolve()
         owner = p.parents[1] if p.parent.name == "checkpoints" else p.parent
-    from blip2_train.data.stream import stable_hash
+    from blip2_train.utils.hashing import stable_hash
 
     return f"blip2-{stable_hash('wandb', str(owner)):016x}"[:22]
 
@@ -152,7 +153,7 @@ def train(cfg: DictConfig) -> dict:
     strategy = build_strategy(cfg)
     plugins = []
     if "DeepSpeed" not in type(strategy).__name__ and "deepspeed" not in str(strategy):
-        from blip2_train.utils.checkpoint_io import AtomicCheckpointIO
+        from blip2_train.lit.checkpoint_io import AtomicCheckpointIO
 
         plugins.append(AtomicCheckpointIO())  # DeepSpeed writes its own sharded checkpoint directories
     trainer = instantiate_logged(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy,

@@ -107,7 +107,7 @@ class Stage2Collator:
         from it and each sample, so they do not depend on which process or in what order batches are built."""
         import random
 
-        from blip2_train.data.stream import stable_hash
+        from blip2_train.utils.hashing import stable_hash
 
         captions = [s["caption"] for s in samples]
         pad = self.tok.pad_token_id

@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader
 from blip2_train.data.collate import CaptionCollator, Stage2Collator
 from blip2_train.data.eval_sets import CaptionedImages, EvalImageDataset, collate_eval_images
 from blip2_train.data.shards import read_manifest, shard_sizes
-from blip2_train.data.stream import SampleDecoder, ShardStream, Source, stable_hash
+from blip2_train.data.decode import SampleDecoder
+from blip2_train.data.stream import ShardStream, Source
+from blip2_train.utils.hashing import stable_hash
 from blip2_train.data.transforms import TrainTransform
 from blip2_train.data.vqa import VQA_FORMATS, VqaQuestions, read_vqa_set
 from blip2_train.utils.errors import ConfigError, DataError, ResumeShapeError
@@ -297,7 +299,7 @@ class Blip2DataModule(L.LightningDataModule):
         """Images of the eval set, this rank's contiguous share (features are gathered afterwards)."""
         from torch.utils.data import Subset
 
-        from blip2_train.models.distributed import shard_range
+        from blip2_train.distributed.collectives import shard_range
 
         ds = EvalImageDataset(self.eval_data(), self.eval_image_size)
         lo, hi = shard_range(len(ds), rank, world_size)

@@ -26,82 +26,21 @@ Design (why each piece is here)
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
-import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from blip2_train.data.captions import as_caption_list, clean_caption, pick_caption
-from blip2_train.data.transforms import ImageDecodeError
+from blip2_train.data.decode import SampleDecoder, SkipCounter, WarningLimiter
+from blip2_train.data.replay import PositionReplay, ShuffleBuffer
+from blip2_train.utils.hashing import stable_hash
 from blip2_train.utils.errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-def stable_hash(*parts) -> int:
-    """A process-independent 63-bit hash (Python's hash() is salted per process)."""
-    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def image_id_to_int(image_id) -> int:
-    """Image ids may be strings ('coco_123'); ITC multi-positive targets need comparable integers."""
-    if isinstance(image_id, int):
-        return image_id
-    s = str(image_id)
-    return int(s) if s.isdigit() and len(s) < 18 else stable_hash("image_id", s)
-
-
-@dataclass
-class SkipCounter:
-    seen: int = 0
-    skipped: int = 0
-    reasons: dict = field(default_factory=dict)
-
-    def skip(self, reason: str) -> None:
-        self.skipped += 1
-        self.reasons[reason] = self.reasons.get(reason, 0) + 1
-
-
-class WarningLimiter:
-    """Rate-limited warnings: a stream re-reading a bad shard, or a source full of bad images, cannot flood
-    the log. Warnings of one key (the message itself, or a `kind` such as "bad image") are logged in full the
-    first `first` times, then at the 10th, 100th, 1000th... with the count; `summary()` gives one line per key
-    with its total when more occurred than were logged."""
-
-    def __init__(self, logger: logging.Logger = log, first_of_kind: int = 10):
-        self.logger, self.first_of_kind = logger, first_of_kind
-        self.counts: dict[str, int] = {}
-        self.logged: dict[str, int] = {}
-        self.latest: dict[str, str] = {}
-
-    def warn(self, msg: str, kind: str | None = None) -> None:
-        key = kind or msg
-        n = self.counts[key] = self.counts.get(key, 0) + 1
-        self.latest[key] = msg
-        if n <= (self.first_of_kind if kind else 1):
-            self.logger.warning(msg)
-        elif n == 10 ** (len(str(n)) - 1):  # 10, 100, 1000, ...
-            self.logger.warning("%s (%d %s so far)", msg, n, f"'{kind}' warnings" if kind else "times")
-        else:
-            return
-        self.logged[key] = n
-
-    def summary(self) -> None:
-        for key, n in self.counts.items():
-            if n > self.logged.get(key, 0):
-                if key == self.latest[key]:
-                    self.logger.warning("%s (%d times in all)", key, n)
-                else:
-                    self.logger.warning("%d '%s' warnings in all (latest: %s)", n, key, self.latest[key])
-                self.logged[key] = n
 
 
 class EmptyRoundGuard:
@@ -157,91 +96,6 @@ def shards_for_slot(urls: Sequence[str], slot: int, num_slots: int, seed: int, e
     order = list(urls)
     random.Random(stable_hash("shards", seed, epoch)).shuffle(order)
     return order[slot::num_slots]
-
-
-class SampleDecoder:
-    """Raw tar sample -> {image, caption, image_id} or None (skip, counted with its reason)."""
-
-    def __init__(self, transform, max_words: int = 50, max_pixels: int = 64_000_000,
-                 jpeg_draft: bool = True):
-        self.transform = transform
-        self.max_words = max_words
-        self.max_pixels = max_pixels
-        self.jpeg_draft = jpeg_draft
-
-    def captions_of(self, sample: dict) -> tuple[list[str], object]:
-        """-> (captions from .json `caption` or else .txt, the json's image_id or None)."""
-        meta = {}
-        if "json" in sample:
-            try:
-                meta = json.loads(sample["json"])
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                meta = {}
-        caps = as_caption_list(meta.get("caption")) if isinstance(meta, dict) else []
-        if not caps and "txt" in sample:
-            caps = [sample["txt"].decode("utf-8", errors="replace")]
-        return caps, (meta.get("image_id") if isinstance(meta, dict) else None)
-
-    def __call__(self, sample: dict, rng: random.Random, counter: SkipCounter,
-                 warn: Callable[..., None] | None = None) -> dict | None:
-        warn = warn or (lambda msg, kind=None: log.warning(msg))
-        counter.seen += 1
-        key = sample.get("__key__", "?")
-        image_bytes = sample.get("jpg") or sample.get("jpeg") or sample.get("png") or sample.get("webp")
-        if image_bytes is None:
-            counter.skip("no image")
-            warn(f"skip {key} in {sample.get('__url__')}: sample has no image", "no image")
-            return None
-        caps, image_id = self.captions_of(sample)
-        cleaned = [c for c in (clean_caption(c, self.max_words) for c in caps) if c]
-        if not cleaned:
-            counter.skip("no caption")
-            warn(f"skip {key} in {sample.get('__url__')}: no non-empty caption", "no caption")
-            return None
-        try:
-            image = self.transform.decode(image_bytes, rng, self.max_pixels, draft=self.jpeg_draft)
-        except ImageDecodeError as e:
-            counter.skip("bad image")
-            warn(f"skip {key} in {sample.get('__url__')}: {e}", "bad image")
-            return None
-        return {
-            "image": image,
-            "caption": pick_caption(cleaned, rng),
-            "image_id": image_id_to_int(image_id if image_id is not None else key),
-        }
-
-
-class ShuffleBuffer:
-    """WebDataset-style shuffle buffer as an iterator whose state is visible: its draws depend only on how many
-    samples it has taken, never on what they hold, so a resume can replay them over sample positions (integers)
-    and then put the real samples in the places their positions took (`ShardStream._replayed`)."""
-
-    def __init__(self, samples, size: int, rng: random.Random):
-        self.samples, self.size, self.rng = iter(samples), size, rng
-        self.buf: list = []
-        self.drain: int | None = None  # once the input has ended: the next buffer place to yield
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.size <= 1:
-            return next(self.samples)
-        if self.drain is None:
-            for s in self.samples:
-                if len(self.buf) < self.size:
-                    self.buf.append(s)
-                    continue
-                i = self.rng.randrange(len(self.buf))
-                self.buf[i], s = s, self.buf[i]
-                return s
-            self.rng.shuffle(self.buf)
-            self.drain = 0
-        if self.drain < len(self.buf):
-            s, self.buf[self.drain] = self.buf[self.drain], None
-            self.drain += 1
-            return s
-        raise StopIteration
 
 
 class ShardStream(IterableDataset):
@@ -453,7 +307,7 @@ class ShardStream(IterableDataset):
                                          or not sum(s.shards[u][0] for u in s.urls) for s in self.sources):
             return None  # no counts (or a source of empty shards): the read path, which also reports the latter
         start_state = rng.getstate()
-        plans = [_PositionReplay(self, s, slot, num_slots, repeat) for s in self.sources]
+        plans = [PositionReplay(self, s, slot, num_slots, repeat) for s in self.sources]
         sims = [ShuffleBuffer(p.positions(), self.shuffle_buffer, rng) for p in plans]
         position, ended = [0] * len(sims), False
         for i in range(skip_local):  # the loop of `_batches` over the skipped windows, on positions
@@ -476,62 +330,3 @@ class ShardStream(IterableDataset):
                  "again for the samples still to come, from %s)", skip_local, slot, sum(p.passed for p in plans),
                  sum(p.reread for p in plans), ", ".join(str(p.first_read) for p in plans))
         return streams, position, ended
-
-
-class _PositionReplay:
-    """One source's raw stream as sample positions (shard ordinal, member), then as samples again from the first
-    shard whose members are still needed (`ShardStream._replayed`)."""
-
-    def __init__(self, stream: ShardStream, source: Source, slot: int, num_slots: int, repeat: bool):
-        self.stream, self.source, self.slot, self.num_slots, self.repeat = stream, source, slot, num_slots, repeat
-        self.urls: list[str] = []  # the shard of each ordinal so far
-        self.last: tuple[int, int] | None = None  # the last position the buffer took
-        self.passed = self.reread = 0
-        self.first_read: str | None = None  # the shard the resumed stream reads first
-
-    def positions(self):
-        for ordinal, url in enumerate(self.stream._shard_urls(self.source, self.slot, self.num_slots, self.repeat)):
-            self.urls.append(url)
-            for member in range(self.source.shards[url][0]):
-                self.last = (ordinal, member)
-                yield self.last
-
-    def materialise(self, sim: ShuffleBuffer, counter: SkipCounter, warnings: WarningLimiter):
-        """A ShuffleBuffer over real samples in the state `sim` reached over positions, or None."""
-        if self.last is None:  # nothing taken yet: the plain stream
-            return ShuffleBuffer(self.stream._raw_samples(self.source, self.slot, self.num_slots, self.repeat,
-                                                          counter, warnings), sim.size, sim.rng)
-        held = {pos: i for i, pos in enumerate(sim.buf) if pos is not None}
-        start = min([o for o, _ in held] + [self.last[0]])
-        for url in set(self.urls[:start]):
-            size = os.path.getsize(url) if os.path.isfile(url) else None
-            if size != self.source.shards[url][1]:
-                log.warning("resume: %s is %s bytes, its manifest says %d: reading the skipped samples instead",
-                            url, size, self.source.shards[url][1])
-                return None
-        self.passed, real = start, ShuffleBuffer(iter(()), sim.size, sim.rng)
-        real.buf, real.drain = list(sim.buf), sim.drain
-        raw = self.stream._raw_samples(self.source, self.slot, self.num_slots, self.repeat, counter, warnings,
-                                       start_shard=start)
-        ordinal, member, reread = start, 0, set()
-        for sample in raw:  # the members up to the last taken position: into the buffer, or dropped (used)
-            while member >= self.source.shards[self.urls[ordinal]][0]:
-                ordinal, member = ordinal + 1, 0
-            if sample.get("__url__") != self.urls[ordinal]:
-                log.warning("resume: %s does not hold the members its manifest counts: reading the skipped samples "
-                            "instead", self.urls[ordinal])
-                return None
-            reread.add(ordinal)
-            if (ordinal, member) in held:
-                real.buf[held.pop((ordinal, member))] = sample
-            if (ordinal, member) == self.last:
-                break
-            member += 1
-        if held or (ordinal, member) != self.last:
-            log.warning("resume: the shards from %s on hold fewer samples than their manifest counts: reading the "
-                        "skipped samples instead", self.urls[start])
-            return None
-        self.reread, self.first_read = len(reread), self.urls[start]
-        real.samples = raw  # the rest of the raw stream: what the uninterrupted run read next
-        return real
-

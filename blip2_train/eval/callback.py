@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def broadcast_from_rank_zero(obj):
     import torch.distributed as dist
 
-    from blip2_train.models.distributed import is_dist
+    from blip2_train.distributed.collectives import is_dist
 
     if not is_dist():
         return obj

@@ -1,4 +1,5 @@
-"""Prompted generation from a stage-2 model: one prompt per image, batched, the inputs `Blip2Processor` builds.
+"""Prompted generation from a stage-2 model: one prompt per image, batched, the inputs `Blip2Processor` builds,
+and the loop that generates on every rank and merges the outputs.
 
 Shared by captioning (one prompt for all images), VQA (a question per image), `blip2-generate` and the Python API,
 so that all four give the same text for the same image and prompt.
@@ -7,6 +8,8 @@ so that all four give the same text for the same image and prompt.
 from __future__ import annotations
 
 import torch
+
+from blip2_train.distributed.collectives import is_dist
 
 
 def autocast(device: torch.device):
@@ -42,3 +45,28 @@ def generate_texts(model, tokenizer, pixel_values: torch.Tensor, prompts: list[s
     with autocast(device):
         gen = model.generate(pixel_values.to(device), ids, mask, **generate_kwargs)
     return [t.strip() for t in tokenizer.batch_decode(model.new_tokens(gen, ids), skip_special_tokens=True)]
+
+
+def gather_objects(local: list) -> list:
+    if not is_dist():
+        return list(local)
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return [x for p in parts for x in p]
+
+
+def generate_on_every_rank(model, produce) -> dict:
+    """In eval mode, this rank's `(index, output)` pairs from `produce()`, gathered from every rank and
+    de-duplicated (padded shards repeat items); the model's training modes are restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        merged: dict = {}
+        for i, out in gather_objects(list(produce())):
+            merged.setdefault(i, out)
+        return merged
+    finally:
+        if was_training and hasattr(model, "set_train_modes"):
+            model.set_train_modes(True)

@@ -1,118 +1,81 @@
-"""VQA answer normalisation and accuracy, as the official VQA evaluation (and the reference's copy of it) computes
-them. Pure functions: no model, no files.
+"""Zero-shot VQA evaluation (VQAv2, OK-VQA, GQA): the reference's prompted beam search, sharded over ranks, merged,
+scored on rank 0 with the official accuracy (`eval.metrics.vqa`).
 
-- The prediction is always normalised: punctuation, then lower case, number words -> digits, articles dropped,
-  contractions restored.
-- Human answers get the punctuation step only, and only when the 10 humans disagree (the official script's rule:
-  unanimous answers are compared as written).
-- VQA accuracy: for each of the 10 leave-one-out subsets of the human answers, min(#matches among the other 9 / 3, 1),
-  averaged over the 10 subsets. GQA (one answer) is exact match after normalising both sides.
+Decoding as the reference (lavis/projects/blip2/eval/*_zeroshot_*_eval.yaml + predict_answers): beam 5, at most 10
+and at least 1 new token, length penalty 0 for OPT (the reference's FlanT5 default is -1: set
+eval.vqa_generate.length_penalty=-1 with model=stage2_flant5).
 """
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
+import logging
+import time
+from pathlib import Path
 
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-                "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-ARTICLES = {"a", "an", "the"}
-PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
-               "!"]
-# The official table: an apostrophe-less spelling -> the form human answers use.
-CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
-    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
-    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll",
-    "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd",
-    "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't",
-    "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
-    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
-    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
-    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
-    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
-    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
-    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
-    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't",
-    "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll",
-    "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
-    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
-    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
-    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
-    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
-}
-_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("3.5" keeps its point)
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+import torch
+from tqdm import tqdm
+
+from blip2_train.eval.metrics import vqa
+from blip2_train.eval.generation import generate_on_every_rank, generate_texts
+from blip2_train.distributed.collectives import rank
+from blip2_train.utils.errors import ConfigError
+from blip2_train.utils.io import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+VQA_GENERATION = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, "length_penalty": 0.0}
 
 
-def strip_punctuation(text: str) -> str:
-    """The official punctuation step: a mark touching a space (or any mark, when the text has a digit,digit
-    comma as in "1,000") is deleted, otherwise replaced by a space ("black-and-white" -> "black and white");
-    then periods not followed by a digit are deleted."""
-    out = text
-    delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
-    for p in PUNCTUATION:
-        if delete_all or p + " " in text or " " + p in text:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    return _PERIOD.sub("", out)
+def question_prompt(template: str, question: str) -> str:
+    """The model's text.prompt with the question in its `{}` ("Question: {} Short answer:")."""
+    return template.replace("{}", question)
 
 
-def digits_and_articles(text: str) -> str:
-    """Lower case, number words -> digits, articles dropped, contractions restored, single spaces."""
-    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+def check_template(template: str) -> None:
+    if template.count("{}") != 1:
+        raise ConfigError(f"model.text.prompt must hold the question's place '{{}}' exactly once for VQA "
+                          f"(e.g. 'Question: {{}} Short answer:'), not {template!r}")
 
 
-def normalize_answer(text: str) -> str:
-    """A predicted answer as the official evaluation compares it."""
-    return digits_and_articles(strip_punctuation(text.replace("\n", " ").replace("\t", " ").strip()))
+def answer_questions(model, loader, tokenizer, data, template: str, generate_kwargs: dict,
+                     image_blind: bool = False) -> list[tuple[int, str]]:
+    """-> [(question index, answer)] for this rank's questions."""
+    out = []
+    for images, idx in tqdm(loader, desc="answer", disable=rank() != 0, leave=False):
+        if image_blind:  # the same blank image for every question: what the language prior alone answers
+            images = torch.zeros_like(images)
+        prompts = [question_prompt(template, data.questions[i]) for i in idx.tolist()]
+        out.extend(zip(idx.tolist(), generate_texts(model, tokenizer, images, prompts, generate_kwargs)))
+    return out
 
 
-def vqa_accuracy(prediction: str, human_answers: list[str]) -> float:
-    """The official VQA accuracy of one prediction against its (usually 10) human answers, in [0, 1]."""
-    if not human_answers:
-        raise ValueError("a VQA question needs at least one human answer")
-    pred = normalize_answer(prediction)
-    humans = list(human_answers)
-    if len(set(humans)) > 1:
-        humans = [strip_punctuation(a) for a in humans]
-    scores = []
-    for left_out in range(len(humans)):
-        matches = sum(1 for j, a in enumerate(humans) if j != left_out and a == pred)
-        scores.append(min(1.0, matches / 3.0))
-    return sum(scores) / len(scores)
+def evaluate_vqa(model, data, loader, tokenizer, template: str, generate_kwargs: dict | None = None,
+                 out_dir: str | Path | None = None, image_blind: bool = False) -> dict[str, float]:
+    """Answer this rank's share of `data` (a VqaQuestions), merge on all ranks, score on rank 0.
 
-
-def exact_match(prediction: str, answer: str) -> float:
-    """GQA: 1 when the normalised prediction equals the normalised answer."""
-    return float(normalize_answer(prediction) == normalize_answer(answer))
-
-
-def score_answers(predictions: list[str], answers: list[list[str]], metric: str = "vqa",
-                  question_types: list[str] | None = None, answer_types: list[str] | None = None) -> tuple[dict, list]:
-    """-> (metrics x100: `accuracy`, `question_type/<t>`, `answer_type/<t>`; per-question accuracies in [0, 1])."""
-    if len(predictions) != len(answers):
-        raise ValueError(f"{len(predictions)} predictions for {len(answers)} questions")
-    if metric == "vqa":
-        per = [vqa_accuracy(p, a) for p, a in zip(predictions, answers)]
-    elif metric == "exact_match":
-        per = [exact_match(p, a[0]) for p, a in zip(predictions, answers)]
-    else:
-        raise ValueError(f"VQA metric must be 'vqa' or 'exact_match', not {metric!r}")
-    metrics = {"accuracy": 100.0 * sum(per) / max(1, len(per))}
-    for prefix, types in (("question_type", question_types), ("answer_type", answer_types)):
-        groups: dict[str, list[float]] = defaultdict(list)
-        for t, acc in zip(types or [], per):
-            if t:
-                groups[str(t)].append(acc)
-        metrics.update({f"{prefix}/{t}": 100.0 * sum(v) / len(v) for t, v in sorted(groups.items())})
-    return metrics, per
+    Writes `vqa_predictions.json` (the official result format, [{question_id, answer}], plus the question and
+    its accuracy) beside the metrics; `image_blind`: `vqa_predictions_blind.json`.
+    """
+    check_template(template)
+    kw = {**VQA_GENERATION, **dict(generate_kwargs or {})}
+    t0 = time.perf_counter()
+    merged = generate_on_every_rank(
+        model, lambda: answer_questions(model, loader, tokenizer, data, template, kw, image_blind))
+    metrics: dict[str, float] = {}
+    if rank() == 0:
+        if len(merged) != len(data):
+            raise RuntimeError(f"{len(data) - len(merged)} of {len(data)} questions were not answered")
+        order = range(len(data))
+        preds = [merged[i] for i in order]
+        metrics, per = vqa.score_answers(preds, data.answers, data.metric, data.question_types, data.answer_types)
+        metrics["num_questions"] = float(len(data))
+        if out_dir is not None:
+            out = Path(out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            rows = [{"question_id": data.question_ids[i], "answer": preds[i],
+                     "question": data.questions[i], "accuracy": per[i]} for i in order]
+            name = "vqa_predictions_blind.json" if image_blind else "vqa_predictions.json"
+            write_json_atomic(out / name, rows, sort_keys=False)
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    log.info("vqa: %s", {k: round(v, 2) for k, v in metrics.items()})
+    return metrics

@@ -67,7 +67,7 @@ class Blip2LitModule(L.LightningModule):
         # Every micro-batch draws its randomness (dropout, hard negatives) from a seed of (seed, step, rank,
         # batch index), so a resumed run repeats the uninterrupted one exactly without saving RNG states. The
         # batch index keeps the micro-batches of one gradient-accumulation window (same step) apart.
-        from blip2_train.data.stream import stable_hash
+        from blip2_train.utils.hashing import stable_hash
 
         torch.manual_seed(stable_hash("step", self.hparams.seed, self.global_step, self.global_rank, batch_idx))
 
@@ -107,7 +107,7 @@ class Blip2LitModule(L.LightningModule):
         """One flag reduced over ranks, so that every rank takes the same decision (one tiny all-reduce)."""
         import torch.distributed as dist
 
-        from blip2_train.models.distributed import is_dist
+        from blip2_train.distributed.collectives import is_dist
 
         flag = (~torch.isfinite(loss.detach())).float().reshape(1)
         if is_dist():

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from blip2_train.lit.periodic import EveryNSteps
-from blip2_train.utils.checkpoint_io import AtomicCheckpointIO
+from blip2_train.lit.checkpoint_io import AtomicCheckpointIO
 from blip2_train.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from blip2_train.models import convert, llm as llm_lib, vision
-from blip2_train.models.build import parse_dtype
+from blip2_train.models.build_stage1 import parse_dtype
 from blip2_train.models.stage2 import Blip2Stage2
 from blip2_train.utils.errors import CheckpointError, ConfigError
 
@@ -259,7 +259,7 @@ def build_stage2_model(
         log.warning("model.stage1_checkpoint and model.stage2_checkpoint are null: the Q-Former starts from random "
                     "init (smoke tests only)")
     if vision_checkpoint:
-        from blip2_train.models.build import init_vision_from
+        from blip2_train.models.build_stage1 import init_vision_from
 
         init_vision_from(model, vision_checkpoint)
     if stage2_checkpoint:

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from blip2_train import __version__
 from blip2_train.models.convert import load_hf_weights
 from blip2_train.models.vision import CLIP_MEAN, CLIP_STD
 from blip2_train.utils.errors import CheckpointError
+from blip2_train.utils.io import package_version
 
 EXTRAS = "blip2_train_extras.safetensors"
 META = "blip2_train.json"
@@ -48,7 +48,7 @@ def export_stage1(model, tokenizer, out_dir: str | Path, image_size: int, dtype:
               if k.startswith("lm_head.") and ".decoder." not in k}
     extras["temp"] = model.temp.detach().to(torch.float32).reshape(1).clone()
     save_file(extras, str(out / EXTRAS))
-    meta = {"stage": 1, "exporter": f"blip2-train {__version__}", "bos_token_id": model.bos_token_id,
+    meta = {"stage": 1, "exporter": f"blip2-train {package_version()}", "bos_token_id": model.bos_token_id,
             "pad_token_id": model.pad_token_id, "ln_vision_eps": model.hf.vision_model.post_layernorm.eps,
             "image_size": image_size}
     (out / META).write_text(json.dumps(meta, indent=1))
@@ -92,7 +92,7 @@ def export_stage2(model, tokenizer, out_dir: str | Path, image_size: int, prompt
     tok.padding_side = "right" if model.is_encoder_decoder else "left"
     tok.init_kwargs["padding_side"] = tok.padding_side  # what save_pretrained writes
     Blip2Processor(image_processor(image_size), tok, num_query_tokens=model.num_query_tokens).save_pretrained(str(out))
-    meta = {"stage": 2, "exporter": f"blip2-train {__version__}", "image_size": image_size, "prompt": prompt,
+    meta = {"stage": 2, "exporter": f"blip2-train {package_version()}", "image_size": image_size, "prompt": prompt,
             "image_token_id": model.image_token_id, "end_token_id": model.end_token_id,
             "pad_token_id": model.pad_token_id, "encoder_decoder": model.is_encoder_decoder,
             # transformers applies vision_config.layer_norm_eps (the blocks') in post_layernorm as well

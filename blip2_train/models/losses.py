@@ -1,7 +1,7 @@
 """The three stage-1 losses as functions of tensors, and the ITM hard-negative sampler.
 
-Each follows the reference computation (`../shared/docs/blip2-recipe.md`); the distributed parts go through
-`blip2_train.models.distributed` and reduce to the one-process computation when there is no process group.
+Each follows the reference computation (docs/reference.md); the distributed parts go through
+`blip2_train.distributed.collectives` and reduce to the one-process computation when there is no process group.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from blip2_train.models.distributed import gather_no_grad, rank
+from blip2_train.distributed.collectives import gather_no_grad, rank
 
 MASKED = -10000.0  # the reference's fill value for positives before the hard-negative softmax
 # Which pairs of a batch count as positives (ITC targets, never drawn as ITM hard negatives), `false_negatives`:

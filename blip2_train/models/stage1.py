@@ -17,7 +17,7 @@ from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerCo
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead
 
 from blip2_train.models import losses, vision
-from blip2_train.models.distributed import fetch_rows, gather_padded, pad_to
+from blip2_train.distributed.collectives import fetch_rows, gather_padded, pad_to
 from blip2_train.utils.errors import ConfigError
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5

@@ -22,3 +22,13 @@ def _jsonable(v):
         return None if math.isnan(f) else f
     except (TypeError, ValueError):
         return str(v)
+
+
+def package_version() -> str:
+    """The installed blip2-train's version (what an export records as its writer)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("blip2-train")
+    except PackageNotFoundError:  # a source tree on sys.path without an install
+        return "0+unknown"

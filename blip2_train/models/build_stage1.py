@@ -1,0 +1,192 @@
+"""Build a stage-1 model from configuration and initialise it from local checkpoints.
+
+Every path a user would point at a hub name (`bert-base-uncased`, `Salesforce/blip2-opt-2.7b`, an official
+`.pth`) is a local directory or file here: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from blip2_train.models import convert, vision
+from blip2_train.models.stage1 import Blip2Stage1, build_stage1_config
+from blip2_train.models.tokenizer import load_qformer_tokenizer
+from blip2_train.utils.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+TIED = ("lm_head.predictions.decoder.",)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise CheckpointError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def init_qformer_from_bert(model: Blip2Stage1, bert_dir: str | os.PathLike) -> None:
+    """bert-base-uncased weights -> Q-Former text path; query FFNs start as copies of the text FFNs.
+
+    Cross-attention, query tokens, projections and heads keep their fresh init, as in the reference. The word
+    embeddings gain the `[DEC]` row (BERT has none) with a fresh init.
+    """
+    sd = convert.load_hf_weights(bert_dir)
+    sd = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in sd.items()}
+    mapped = {}
+    for k, v in sd.items():
+        if k.startswith("cls.predictions."):
+            if k.startswith("cls.predictions.decoder.weight"):
+                continue  # tied to the word embeddings
+            if k == "cls.predictions.decoder.bias":
+                k = "cls.predictions.bias"
+            mapped[convert.cls_key_to_lm_head(k)] = v
+            continue
+        ours = convert.bert_key_to_qformer(k)
+        if ours is not None and ".crossattention." not in ours:
+            mapped[ours] = v
+    own = model.state_dict()
+    n_layers = model.config.qformer_config.num_hidden_layers
+    for i in range(n_layers):  # text FFN -> query FFN copy
+        for part in ("intermediate", "output"):
+            for k in [k for k in mapped if k.startswith(f"hf.qformer.encoder.layer.{i}.{part}.")]:
+                mapped[k.replace(f".{part}.", f".{part}_query.", 1)] = mapped[k].clone()
+    for vocab_key in ("hf.embeddings.word_embeddings.weight", "lm_head.predictions.bias"):
+        if vocab_key in mapped and mapped[vocab_key].shape[0] < own[vocab_key].shape[0]:
+            fresh = own[vocab_key].clone()
+            fresh[: mapped[vocab_key].shape[0]] = mapped[vocab_key]
+            mapped[vocab_key] = fresh
+    bert_layers = {k.split(".")[4] for k in mapped if k.startswith("hf.qformer.encoder.layer.")}
+    if len(bert_layers) != n_layers:
+        raise CheckpointError(f"{bert_dir}: BERT has {len(bert_layers)} layers, the Q-Former config {n_layers}")
+    missing = convert.load_into(model, {k: v for k, v in mapped.items() if k in own}, f"BERT init from {bert_dir}",
+                                allow_missing=TIED)
+    unused = [k for k in mapped if k not in own]
+    if unused:
+        raise CheckpointError(f"{bert_dir}: {len(unused)} BERT weight(s) have no place in the Q-Former: {unused[:5]}")
+    log.info("Q-Former initialised from %s (%d tensors; %d fresh, e.g. cross-attention)", bert_dir, len(mapped),
+             len(missing))
+
+
+def init_vision_from(model: Blip2Stage1, source: str | os.PathLike) -> None:
+    """Vision tower from a local BLIP-2 transformers directory or a reference `.pth` (visual_encoder.*)."""
+    src = Path(source)
+    if src.is_dir():
+        sd = {k[len("vision_model."):]: v for k, v in convert.load_hf_weights(src).items()
+              if k.startswith("vision_model.")}
+        if not sd:
+            raise CheckpointError(f"{src}: no vision_model.* weights in this checkpoint")
+    else:
+        mapped, _ = convert.reference_to_ours(convert.load_reference_pth(src))
+        sd = {k[len("hf.vision_model."):]: v for k, v in mapped.items() if k.startswith("hf.vision_model.")}
+        if not sd:
+            raise CheckpointError(f"{src}: no visual_encoder.* / ln_vision.* weights in this file")
+    vision.fit_position_embedding(sd, "embeddings.position_embedding",
+                                  model.hf.vision_model.embeddings.position_embedding)
+    missing = convert.load_into(model.hf.vision_model, sd, f"vision weights from {src}",
+                                allow_missing=("post_layernorm.",))
+    if missing:
+        raise CheckpointError(f"{src}: vision weights missing for {missing[:5]}")
+    log.info("vision tower loaded from %s (%d tensors)", src, len(sd))
+
+
+def load_stage1_weights(model: Blip2Stage1, source: str | os.PathLike) -> None:
+    """Everything from a stage-1 export directory (ours) or an official reference `.pth`."""
+    src = Path(source)
+    if src.is_dir():
+        from blip2_train.models.export import read_stage1_export_weights
+
+        sd = read_stage1_export_weights(src)
+        what = f"stage-1 export {src}"
+    else:
+        sd, unmatched = convert.reference_to_ours(convert.load_reference_pth(src))
+        if unmatched:
+            raise CheckpointError(f"{src}: {len(unmatched)} key(s) match nothing in BLIP-2 stage 1: {unmatched[:8]}")
+        what = f"reference checkpoint {src}"
+    # A 224 px result evaluated or fine-tuned at 364 px: bicubic on the patch grid, once, at load time.
+    vision.fit_position_embedding(sd, "hf.vision_model.embeddings.position_embedding",
+                                  model.hf.vision_model.embeddings.position_embedding)
+    missing = convert.load_into(model, sd, what, allow_missing=TIED)
+    if "temp" in missing:
+        # transformers' Blip2ForImageTextRetrieval has no place for it: the retrieval evaluation's "product"
+        # score needs it (eval/retrieval.py), and stage-1 training learns it again from model.temp
+        model.temp_missing_from = what
+        log.warning("%s holds no ITC temperature ('temp'): it starts at %.3g", what, float(model.temp.detach()[0]))
+    if missing:
+        log.warning("%s did not cover %d tensor(s), kept at init: %s", what, len(missing), missing[:8])
+    log.info("loaded %d tensors from %s", len(sd), what)
+
+
+def qformer_tokenizer_source(tokenizer: str | None, stage1_checkpoint: str | None) -> str:
+    """The Q-Former tokenizer: `model.tokenizer` (paths.bert_dir), else the stage-1 export directory's own."""
+    if tokenizer:
+        return str(tokenizer)
+    if stage1_checkpoint and Path(str(stage1_checkpoint)).is_dir():
+        return str(stage1_checkpoint)
+    raise ConfigError("model.tokenizer is not set: give paths.bert_dir (the Q-Former tokenizer), or a stage-1 "
+                      "export directory as the stage-1 checkpoint (it holds the tokenizer)")
+
+
+def stage1_vocab_size(stage1_checkpoint: str | None) -> int | None:
+    """The Q-Former vocabulary of a stage-1 export (its weights' size). The tokenizer saved beside it holds
+    one token more: Blip2Processor adds `<image>` to it, a token no caption produces."""
+    config = Path(str(stage1_checkpoint)) / "config.json" if stage1_checkpoint else None
+    if config is None or not config.is_file():
+        return None
+    import json
+
+    return json.loads(config.read_text()).get("qformer_config", {}).get("vocab_size")
+
+
+def build_stage1_model(
+    tokenizer: str | None,
+    vision: dict,
+    qformer: dict,
+    num_query_tokens: int = 32,
+    embed_dim: int = 256,
+    temp: float = 0.07,
+    freeze_vision: bool = True,
+    vision_dtype: str = "float32",
+    ln_vision_eps: float | None = None,
+    attn_implementation: str | None = "sdpa",
+    bert_checkpoint: str | None = None,
+    vision_checkpoint: str | None = None,
+    stage1_checkpoint: str | None = None,
+    seed: int | None = None,
+    compile_qformer: bool = False,
+    text: dict | None = None,
+    false_negatives: str = "caption",
+    loss_weights: dict | None = None,
+) -> Blip2Stage1:
+    """The `_target_` of `conf/model/stage1_vitg.yaml`. `text` is read by the data side (data.text).
+
+    `tokenizer` null: the stage-1 export given as `stage1_checkpoint` holds it. With a `stage1_checkpoint` the
+    Q-Former is not first initialised from BERT (every weight is overwritten by the stage-1 result).
+    """
+    tok = load_qformer_tokenizer(qformer_tokenizer_source(tokenizer, stage1_checkpoint))
+    qformer = dict(qformer)
+    qformer["vocab_size"] = stage1_vocab_size(stage1_checkpoint) or len(tok)  # BERT vocab + [DEC]
+    cfg = build_stage1_config(dict(vision), qformer, num_query_tokens, embed_dim, attn_implementation)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = Blip2Stage1(cfg, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, temp=temp,
+                        freeze_vision=False, ln_vision_eps=ln_vision_eps,
+                        false_negatives=false_negatives, loss_weights=loss_weights)
+    if bert_checkpoint and not stage1_checkpoint:
+        init_qformer_from_bert(model, bert_checkpoint)
+    if vision_checkpoint:
+        init_vision_from(model, vision_checkpoint)
+    if stage1_checkpoint:
+        load_stage1_weights(model, stage1_checkpoint)
+    model.freeze_vision = freeze_vision
+    model.vision_dtype = parse_dtype(vision_dtype)
+    if freeze_vision:
+        model.freeze_vision_tower()
+    if compile_qformer:
+        model.hf.qformer.compile()  # in place: parameter names (and checkpoints) unchanged
+    return model
