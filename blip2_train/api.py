@@ -3,18 +3,26 @@
     import blip2_train
     m = blip2_train.load("exports/caption")                 # stage 2: caption / answer
     m.caption(["a.jpg", "b.jpg"])                          # -> ["a dog on a bench", ...]
+    m.caption("a.jpg")                                     # one image -> one caption
     m.answer(["a.jpg"], ["what colour is the dog?"])       # -> ["brown"]
     s = blip2_train.load("exports/retrieval")               # stage 1: score
     s.score(["a.jpg"], ["a dog on a bench"], head="itm")   # -> [match logit] per (image, text) pair
 
 The same code path as `blip2-eval` (the image decoding and transform of evaluation, the prompt inputs and decoding
-of the captioning and VQA evaluations), so the same images give the same texts. `blip2-generate` is this API on
-files, folders and shards.
+of the captioning and VQA evaluations), so the same images give the same texts. Captions decode as the export
+records (`blip2_train.json`'s generate_kwargs: the run's eval.generate) over the captioning evaluation's defaults.
+`blip2-generate` is this API on files, folders and shards.
+
+Images: a path, encoded bytes or a PIL image gives one result; a list (or tuple) of them a list, `[]` for `[]`.
+The texts that go with them (prompts, questions, texts) take the same form: one string for one image, a list of
+the same length for a list. An image that cannot be read raises a DataError naming it (`on_error="raise"`, the
+default); with `on_error="skip"` its result is None and the others are computed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -25,7 +33,7 @@ from blip2_train.eval.vqa import VQA_GENERATION, question_prompt
 from blip2_train.eval.captioning import CAPTION_GENERATION
 from blip2_train.eval.generation import autocast, generate_texts
 from blip2_train.models.export import export_meta
-from blip2_train.utils.errors import CheckpointError
+from blip2_train.utils.errors import CheckpointError, DataError
 
 __all__ = ["load", "Blip2Captioner", "Blip2Scorer", "VQA_PROMPT"]
 
@@ -68,20 +76,83 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
                           "(Blip2ForConditionalGeneration or Blip2ForImageTextRetrieval)")
 
 
+def _is_one_image(x) -> bool:
+    return isinstance(x, (str, bytes, bytearray, os.PathLike)) or hasattr(x, "convert")
+
+
+def _as_list(images) -> tuple[list, bool]:
+    """-> (the images as a list, whether one image was given)."""
+    if _is_one_image(images):
+        return [images], True
+    if isinstance(images, (list, tuple)):
+        return list(images), False
+    raise TypeError(f"images: give a path, encoded bytes or a PIL image, or a list of them (not "
+                    f"{type(images).__name__})")
+
+
+def _texts(texts, n: int, one: bool, what: str) -> list[str]:
+    """The texts that go with the images, in the images' form: one string for one image, a list for a list."""
+    if one:
+        if not isinstance(texts, str):
+            raise TypeError(f"one image takes one {what} (a string), not {type(texts).__name__}")
+        return [texts]
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise TypeError(f"a list of images takes a list of {what}s, one per image (not {type(texts).__name__})")
+    if len(texts) != n:
+        raise ValueError(f"{n} images but {len(texts)} {what}s")
+    return list(texts)
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+
+
+def _label(im, i: int) -> str:
+    if isinstance(im, (str, os.PathLike)):
+        return str(im)
+    return f"images[{i}] ({'encoded bytes' if isinstance(im, (bytes, bytearray)) else 'PIL image'})"
+
+
 class _Images:
     def __init__(self, path: Path, cfg: dict, device: torch.device):
         self.path, self.device = path, device
         self.transform = EvalTransform(_image_size(path, cfg))
 
+    def pixel(self, image, name: str | None = None) -> torch.Tensor:
+        """One path, encoded bytes or PIL image -> [3, H, W], decoded as evaluation decodes it (EXIF orientation
+        applied); DataError naming it (`name`, else the path) if it cannot be read."""
+        if not _is_one_image(image):
+            raise TypeError(f"an image is a path, encoded bytes or a PIL image, not {type(image).__name__}")
+        src = image if isinstance(image, (bytes, bytearray)) or hasattr(image, "convert") else str(image)
+        return load_eval_image(src, self.transform, name=name or _label(image, 0))
+
     def pixels(self, images) -> torch.Tensor:
         """Paths, encoded bytes or PIL images -> [B, 3, H, W], decoded as evaluation decodes them."""
-        out = []
-        for im in images:
-            if hasattr(im, "convert"):  # a PIL image: already decoded
-                out.append(self.transform(im.convert("RGB")))
-            else:
-                out.append(load_eval_image(im if isinstance(im, bytes) else str(im), self.transform))
-        return torch.stack(out)
+        images, _ = _as_list(images)
+        return torch.stack([self.pixel(im, _label(im, i)) for i, im in enumerate(images)])
+
+    def _decode(self, images: list, on_error: str) -> tuple[list[int], torch.Tensor | None]:
+        """Each image decoded on its own (a bad one cannot take the others down) -> (indices of the usable
+        ones, their pixels); a bad one raises (on_error="raise") or is left out (on_error="skip")."""
+        _check_on_error(on_error)
+        keep, out = [], []
+        for i, im in enumerate(images):
+            try:
+                out.append(self.pixel(im, _label(im, i)))
+            except DataError:
+                if on_error == "raise":
+                    raise
+                continue
+            keep.append(i)
+        return keep, (torch.stack(out) if out else None)
+
+    @staticmethod
+    def _place(n: int, keep: list[int], results: list, one: bool):
+        full = [None] * n
+        for i, r in zip(keep, results):
+            full[i] = r
+        return full[0] if one else full
 
 
 class Blip2Captioner(_Images):
@@ -106,22 +177,36 @@ class Blip2Captioner(_Images):
         self.model.to(device).eval()
         self.tokenizer = load_llm_tokenizer(path)
         self.prompt = meta.get("prompt", "")  # the prompt the export was fine-tuned with ("a photo of")
+        # the decoding the run evaluated its captions with, so captions here are blip2-eval's
+        self.caption_decoding = {**CAPTION_GENERATION, **dict(meta.get("generate_kwargs") or {})}
 
-    def generate(self, images, prompts: list[str], **generate_kwargs) -> list[str]:
-        if len(prompts) != len(images):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        return generate_texts(self.model, self.tokenizer, self.pixels(images), list(prompts), generate_kwargs)
+    def generate(self, images, prompts, on_error: str = "raise", **generate_kwargs):
+        """Texts continuing each image's prompt (generate_kwargs go to the LLM's generate as given)."""
+        images, one = _as_list(images)
+        prompts = _texts(prompts, len(images), one, "prompt")
+        keep, pixels = self._decode(images, on_error)
+        texts = [] if pixels is None else generate_texts(self.model, self.tokenizer, pixels,
+                                                         [prompts[i] for i in keep], generate_kwargs)
+        return self._place(len(images), keep, texts, one)
 
-    def caption(self, images, prompt: str | None = None, **generate_kwargs) -> list[str]:
-        """Captions with the export's prompt and the captioning evaluation's decoding (beam 5, 8-30 new tokens)."""
+    def caption(self, images, prompt: str | None = None, on_error: str = "raise", **generate_kwargs):
+        """Captions with the export's prompt and decoding (`caption_decoding`: what the export records over the
+        captioning evaluation's beam 5, 8-30 new tokens); keyword arguments override it."""
         p = self.prompt if prompt is None else prompt
-        return self.generate(images, [p] * len(images), **{**CAPTION_GENERATION, **generate_kwargs})
+        if not isinstance(p, str):
+            raise TypeError(f"prompt is one string for every image, not {type(p).__name__}")
+        imgs, one = _as_list(images)
+        return self.generate(images, p if one else [p] * len(imgs), on_error=on_error,
+                             **{**self.caption_decoding, **generate_kwargs})
 
-    def answer(self, images, questions: list[str], template: str = VQA_PROMPT, **generate_kwargs) -> list[str]:
+    def answer(self, images, questions, template: str = VQA_PROMPT, on_error: str = "raise", **generate_kwargs):
         """Short answers with the VQA evaluation's template and decoding (beam 5, 1-10 new tokens). Questions
         are used as given (the VQA evaluation lower-cases them: `blip2_train.data.vqa.clean_question`)."""
-        prompts = [question_prompt(template, q) for q in questions]
-        return self.generate(images, prompts, **{**VQA_GENERATION, **generate_kwargs})
+        imgs, one = _as_list(images)
+        qs = _texts(questions, len(imgs), one, "question")
+        prompts = [question_prompt(template, q) for q in qs]
+        return self.generate(images, prompts[0] if one else prompts, on_error=on_error,
+                             **{**VQA_GENERATION, **generate_kwargs})
 
 
 class Blip2Scorer(_Images):
@@ -141,20 +226,26 @@ class Blip2Scorer(_Images):
         self.tokenizer = load_qformer_tokenizer(path)
 
     @torch.no_grad()
-    def score(self, images, texts: list[str], head: str = "itc", max_txt_len: int = 35) -> list[float]:
+    def score(self, images, texts, head: str = "itc", max_txt_len: int = 35, on_error: str = "raise"):
         from blip2_train.data.captions import clean_caption
         from blip2_train.eval.metrics.retrieval import itc_similarity
 
         if head not in ("itc", "itm"):
             raise ValueError(f"head must be 'itc' or 'itm', not {head!r}")
-        if len(texts) != len(images):
-            raise ValueError(f"{len(images)} images but {len(texts)} texts")
-        tok = self.tokenizer([clean_caption(t, 50) for t in texts], padding="longest", truncation=True,
+        images, one = _as_list(images)
+        texts = _texts(texts, len(images), one, "text")
+        keep, pixels = self._decode(images, on_error)
+        if pixels is None:
+            return self._place(len(images), keep, [], one)
+        tok = self.tokenizer([clean_caption(texts[i], 50) for i in keep], padding="longest", truncation=True,
                              max_length=max_txt_len, return_tensors="pt")
         ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
         with autocast(self.device):
-            embeds, feats = self.model.retrieval_image_embeds(self.pixels(images).to(self.device))
+            embeds, feats = self.model.retrieval_image_embeds(pixels.to(self.device))
             if head == "itm":
-                return self.model.itm_forward(embeds.float(), ids, mask)[:, 1].float().tolist()
-            text_feat = self.model.retrieval_text_feat(ids, mask).float()
-        return torch.diagonal(itc_similarity(feats.float(), text_feat)).tolist()
+                scores = self.model.itm_forward(embeds.float(), ids, mask)[:, 1].float().tolist()
+            else:
+                text_feat = self.model.retrieval_text_feat(ids, mask).float()
+        if head == "itc":
+            scores = torch.diagonal(itc_similarity(feats.float(), text_feat)).tolist()
+        return self._place(len(images), keep, scores, one)

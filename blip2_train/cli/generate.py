@@ -5,43 +5,90 @@
     blip2-generate exports/stage2 shard-000000.tar --question "what is the man holding?"
     blip2-generate exports/stage2 --questions questions.jsonl                  # {"image": path, "question": q} lines
 
-A question goes into the `{}` of `--prompt` (default: the reference's "Question: {} Short answer:") and is decoded
-as the VQA evaluation decodes (beam 5, 1-10 new tokens); captions as the captioning evaluation (beam 5, 8-30).
+Captions decode as the export records (blip2_train.json's generate_kwargs, the run's eval.generate, over the
+captioning evaluation's beam 5, 8-30 new tokens), so they are blip2-eval's captions. A question goes into the `{}`
+of `--prompt` (default: the reference's "Question: {} Short answer:") and is decoded as the VQA evaluation decodes
+(beam 5, 1-10 new tokens). --num-beams, --max-new-tokens and --min-new-tokens override either.
 The model is a stage-2 export or an official BLIP-2 transformers directory (`blip2_train.api.load`).
-Each line: {"image", "prompt", "text"} (+ "question").
+Folders are read recursively: every file with an extension PIL decodes; the other files are named on one line.
+Each line: {"image", "prompt", "text"} (+ "question"). An image that cannot be read is skipped: named on stderr,
+counted in the summary that ends every run.
+
+exit status: 0 every image done; 3 some images skipped, the others done; 2 an error (bad arguments, a missing
+input, no image readable): nothing done.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 from blip2_train.utils.errors import Blip2TrainError, ConfigError, DataError
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+EXIT_SKIPPED = 3  # some images could not be read (each named on stderr); the others were done
+MAX_NAMED = 20  # names listed in one line before "+N more"
 
 
-def iter_images(inputs: list[str]):
+@functools.lru_cache(maxsize=1)
+def image_extensions() -> frozenset[str]:
+    """Every extension PIL has a decoder for (.jpg .png .gif .tiff .webp .bmp ...): what PIL opens when a
+    file is named on its own, it opens in a folder too. Left out: formats PIL only identifies (its stubs for
+    HDF5, GRIB, BUFR, WMF need a handler installed; MPEG has no decoder), which would fail on every file."""
+    from PIL import Image, ImageFile
+
+    def decodes(fmt: str) -> bool:
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        if factory is None or fmt == "MPEG":
+            return False
+        return not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
+
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if decodes(fmt))
+
+
+def named(items: list[str], limit: int = MAX_NAMED) -> str:
+    more = len(items) - limit
+    return ", ".join(items[:limit]) + (f" (+{more} more)" if more > 0 else "")
+
+
+def iter_images(inputs: list[str], note=lambda line: print(line, file=sys.stderr)):
     """-> (name, path or encoded bytes) for each image: files as given, folders sorted (recursively), shards by
-    member name. Anything else is an error naming it (nothing skipped silently)."""
+    member name. What a folder or shard holds besides images is left out and said in one line (`note`); an input
+    that does not exist is an error naming it."""
+    exts = image_extensions()
     for spec in inputs:
         p = Path(spec)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
-            if not files:
-                raise DataError(f"{p}: no image files ({', '.join(IMAGE_EXTS)}) in this folder")
-            yield from ((str(f), str(f)) for f in files)
+            files = sorted(f for f in p.rglob("*") if f.is_file())
+            images = [f for f in files if f.suffix.lower() in exts]
+            others = [str(f.relative_to(p)) for f in files if f.suffix.lower() not in exts]
+            if others:
+                note(f"{p}: left out {len(others)} file(s) that are not images by their extension: {named(others)}")
+            if not images:
+                raise DataError(f"{p}: no image files in this folder (extensions PIL decodes, e.g. .jpg .png .gif "
+                                ".tiff .webp)")
+            yield from ((str(f), str(f)) for f in images)
         elif p.suffix == ".tar":
             if not p.exists():
                 raise DataError(f"shard not found: {p}")
-            with tarfile.open(p) as tar:
-                for m in sorted(tar.getmembers(), key=lambda m: m.name):
-                    if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTS:
-                        yield f"{p}::{m.name}", tar.extractfile(m).read()
+            try:
+                with tarfile.open(p) as tar:
+                    members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
+                    others = Counter(Path(m.name).suffix or "(no extension)" for m in members
+                                     if Path(m.name).suffix.lower() not in exts)
+                    if others:
+                        note(f"{p}: left out {sum(others.values())} member(s) that are not images: "
+                             + ", ".join(f"{n} {ext}" for ext, n in sorted(others.items())))
+                    for m in members:
+                        if Path(m.name).suffix.lower() in exts:
+                            yield f"{p}::{m.name}", tar.extractfile(m).read()
+            except tarfile.TarError as e:
+                raise DataError(f"{p}: not a readable tar shard ({e})") from e
         elif p.is_file():
             yield str(p), str(p)
         else:
@@ -58,6 +105,8 @@ def read_questions(path: str) -> list[tuple[str, str]]:
             out.append((str(rec["image"]), str(rec["question"])))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataError(f"{path}:{n}: expected a JSON object with 'image' and 'question' ({e})") from e
+    if not out:
+        raise DataError(f"{path}: no questions in this file")
     return out
 
 
@@ -71,15 +120,22 @@ def parse_args(argv):
     p.add_argument("--questions", default=None, help='JSON lines {"image": path, "question": text}')
     p.add_argument("--out", default="-", help="JSON lines output file (default: stdout)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-beams", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--min-new-tokens", type=int, default=None)
+    p.add_argument("--num-beams", type=int, default=None, help="default: the export's (captions), 5 (answers)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the export's (captions), 10 (answers)")
+    p.add_argument("--min-new-tokens", type=int, default=None, help="default: the export's (captions), 1 (answers)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="frozen parts' dtype (default: the directory's)")
     return p.parse_args(argv)
 
 
-def jobs(a) -> list[tuple[str, object, str | None]]:
+def check_numbers(a) -> None:
+    for key, low in (("batch_size", 1), ("num_beams", 1), ("max_new_tokens", 1), ("min_new_tokens", 0)):
+        v = getattr(a, key)
+        if v is not None and v < low:
+            raise ConfigError(f"--{key.replace('_', '-')} {v}: must be at least {low}")
+
+
+def jobs(a, note) -> list[tuple[str, object, str | None]]:
     """-> [(name, image, question or None)]."""
     if a.questions:
         if a.inputs or a.question:
@@ -87,47 +143,85 @@ def jobs(a) -> list[tuple[str, object, str | None]]:
         return [(img, img, q) for img, q in read_questions(a.questions)]
     if not a.inputs:
         raise ConfigError("no inputs: give image files, folders or .tar shards (or --questions FILE)")
-    return [(name, src, a.question) for name, src in iter_images(a.inputs)]
+    return [(name, src, a.question) for name, src in iter_images(a.inputs, note)]
 
 
 def generate(a) -> int:
+    import logging
+
+    import torch
     from tqdm import tqdm
 
     from blip2_train.api import VQA_PROMPT, Blip2Captioner, load
+    from blip2_train.eval.generation import generate_texts
     from blip2_train.eval.vqa import VQA_GENERATION, check_template, question_prompt
-    from blip2_train.eval.captioning import CAPTION_GENERATION
 
+    check_numbers(a)
     asks = a.question is not None or a.questions is not None
     template = a.prompt if a.prompt is not None else VQA_PROMPT
     if asks:
         check_template(template)
     elif a.prompt is not None and "{}" in a.prompt:
         raise ConfigError(f"--prompt {a.prompt!r} is a question template: give --question or --questions with it")
-    todo = jobs(a)
+    notes: list[str] = []
+
+    def note(line: str) -> None:
+        notes.append(line)
+        print(line, file=sys.stderr)
+
+    todo = jobs(a, note)
     model = load(a.model, device=a.device, dtype=a.dtype)
     if not isinstance(model, Blip2Captioner):
         raise ConfigError(f"{a.model} is a stage-1 export: blip2-generate needs a stage-2 model")
-    decoding = dict(VQA_GENERATION if asks else CAPTION_GENERATION)
+    decoding = dict(VQA_GENERATION if asks else model.caption_decoding)
     for key in ("num_beams", "max_new_tokens", "min_new_tokens"):
         if getattr(a, key) is not None:
             decoding[key] = getattr(a, key)
+    logging.getLogger("blip2-generate").info("%s with decoding %s", "answers" if asks else "captions", decoding)
     caption_prompt = model.prompt if a.prompt is None else a.prompt
+    where = "stdout" if a.out == "-" else a.out
     out = sys.stdout if a.out == "-" else open(a.out, "w")
+    done, skipped, batch = 0, [], []
+
+    def flush() -> None:
+        nonlocal done
+        if not batch:
+            return
+        prompts = [question_prompt(template, q) if q is not None else caption_prompt for _, _, q in batch]
+        texts = generate_texts(model.model, model.tokenizer, torch.stack([px for _, px, _ in batch]), prompts,
+                               dict(decoding))
+        for (name, _, q), prompt, text in zip(batch, prompts, texts):
+            rec = {"image": name, "prompt": prompt, "text": text}
+            if q is not None:
+                rec["question"] = q
+            out.write(json.dumps(rec) + "\n")
+        out.flush()
+        done += len(batch)
+        batch.clear()
+
     try:
-        for s in tqdm(range(0, len(todo), a.batch_size), desc="generate", unit="batch", file=sys.stderr):
-            batch = todo[s : s + a.batch_size]
-            prompts = [question_prompt(template, q) if q is not None else caption_prompt for _, _, q in batch]
-            texts = model.generate([src for _, src, _ in batch], prompts, **decoding)
-            for (name, _, q), prompt, text in zip(batch, prompts, texts):
-                rec = {"image": name, "prompt": prompt, "text": text}
-                if q is not None:
-                    rec["question"] = q
-                out.write(json.dumps(rec) + "\n")
-            out.flush()
+        for name, src, q in tqdm(todo, desc="generate", unit="image", file=sys.stderr):
+            try:  # each image decoded on its own, before batching: a bad one is skipped, never its batch
+                px = model.pixel(src, name)
+            except DataError as e:
+                tqdm.write(f"skipped {e}", file=sys.stderr)
+                skipped.append(name)
+                continue
+            batch.append((name, px, q))
+            if len(batch) == a.batch_size:
+                flush()
+        flush()
     finally:
         if out is not sys.stdout:
             out.close()
-    return 0
+    verb = "answered" if asks else "captioned"
+    summary = f"{done} {verb}, {len(skipped)} skipped" + (f": {named(skipped, 5)}" if skipped else "")
+    if notes:
+        summary += f"; {len(notes)} input(s) with files left out (listed above)"
+    print(f"blip2-generate: {summary}; output: {where}", file=sys.stderr)
+    if skipped and not done:
+        raise DataError(f"none of the {len(skipped)} image(s) could be read (each named above)")
+    return EXIT_SKIPPED if skipped else 0
 
 
 def main(argv: list[str] | None = None) -> int:

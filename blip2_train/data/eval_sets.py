@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from blip2_train.data.annotations import read_annotations
 from blip2_train.data.captions import as_caption_list, clean_caption
-from blip2_train.data.transforms import EvalTransform, decode_image
+from blip2_train.data.transforms import EvalTransform, decode_image, image_errors, to_rgb, upright
 from blip2_train.utils.errors import DataError
 
 
@@ -96,20 +97,33 @@ class EvalImageDataset(Dataset):
         return load_eval_image(self.data.images[i], self.transform, self.data.image_ids[i]), i
 
 
-def load_eval_image(src, transform: EvalTransform, image_id=None) -> torch.Tensor:
-    """A path or encoded bytes -> the normalised tensor evaluation sees (also what blip2-generate and the
-    Python API feed the model: the same decoding, JPEG draft mode included)."""
+def load_eval_image(src, transform: EvalTransform, image_id=None, name: str | None = None) -> torch.Tensor:
+    """A path, encoded bytes or a PIL image -> the normalised tensor evaluation sees (also what blip2-generate and
+    the Python API feed the model: the same decoding, JPEG draft mode and EXIF orientation included).
+
+    A missing or undecodable image is a DataError naming it: `name` when given (the message is then
+    "<name>: <reason>"), else the path or the image id."""
     tag = f" (image_id {image_id})" if image_id is not None else ""
-    where = f"{src}{tag}" if isinstance(src, (str, os.PathLike)) else f"image{tag} (encoded bytes)"
+    kind = "PIL image" if isinstance(src, Image.Image) else "encoded bytes"
+    where = f"{src}{tag}" if isinstance(src, (str, os.PathLike)) else f"image{tag} ({kind})"
     if isinstance(src, (str, os.PathLike)):
-        if not os.path.exists(src):
-            raise DataError(f"image file not found: {where}")
-        with open(src, "rb") as f:
-            src = f.read()
+        if not os.path.isfile(src):
+            reason = "is a folder, not an image file" if os.path.isdir(src) else "file not found"
+            raise DataError(f"{name}: {reason}" if name else f"image file not found: {where}")
+        try:
+            with open(src, "rb") as f:
+                src = f.read()
+        except OSError as e:
+            reason = f"cannot read the file ({e.strerror or e})"
+            raise DataError(f"{name}: {reason}" if name else f"evaluation image {where}: {reason}") from e
     try:
-        img = decode_image(src, draft_size=transform.draft_size)
+        if isinstance(src, Image.Image):  # decoded by the caller: its pixels are read (or fail) here
+            with image_errors(0):
+                img = to_rgb(upright(src))  # before to_rgb: an RGBA image's flattening drops the tag
+        else:
+            img = decode_image(bytes(src), draft_size=transform.draft_size)
     except ValueError as e:
-        raise DataError(f"evaluation image {where}: {e}") from e
+        raise DataError(f"{name}: {e}" if name else f"evaluation image {where}: {e}") from e
     return transform(img)
 
 

@@ -2,6 +2,10 @@
 
 Train: RandomResizedCrop(scale=(0.5, 1), bicubic) + horizontal flip + CLIP mean/std.
 Eval: bicubic resize to a square.
+
+Every decode applies the EXIF orientation tag (as transformers' `load_image` does): a phone photo stored sideways
+with "rotate 90" reaches the model upright, in training, evaluation, `blip2-generate` and the API alike. Shards
+keep the JPEG bytes with their tag, so applying it here covers training from shards too.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from blip2_train.models.vision import CLIP_MEAN, CLIP_STD
 
@@ -61,17 +65,82 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     return img
 
 
+# EXIF orientation (tag 0x0112) -> the transposition that makes the stored pixels upright (PIL's exif_transpose)
+ORIENTATION_TAG = 0x0112
+EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_INVERSE = {Image.Transpose.ROTATE_90: Image.Transpose.ROTATE_270,
+            Image.Transpose.ROTATE_270: Image.Transpose.ROTATE_90}  # the other five undo themselves
+_SWAPS_SIDES = (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
+                Image.Transpose.ROTATE_270)
+
+
+def orientation_transpose(img: Image.Image) -> Image.Transpose | None:
+    """The transposition the image's EXIF orientation asks for, None when it is upright (or has no tag).
+    For JPEG the tag is in the header, so this works before the pixels are decoded."""
+    try:
+        orientation = img.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF is metadata we cannot use, not an unusable image
+        return None
+    return EXIF_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: EXIF orientation applied, the tag removed (so it is never applied
+    twice); the same image when there is nothing to apply."""
+    return img if orientation_transpose(img) is None else ImageOps.exif_transpose(img)
+
+
+def upright_size(size: tuple[int, int], method: Image.Transpose | None) -> tuple[int, int]:
+    return (size[1], size[0]) if method in _SWAPS_SIDES else size
+
+
+def transpose_box(box: tuple, size: tuple[int, int], method: Image.Transpose | None) -> tuple[int, int, int, int]:
+    """A box (x0, y0, x1, y1) in an image of `size` -> the same region's box after `img.transpose(method)`."""
+    if method is None:
+        return tuple(box)
+    x0, y0, x1, y1 = box
+    w, h = size
+    return {
+        Image.Transpose.FLIP_LEFT_RIGHT: (w - x1, y0, w - x0, y1),
+        Image.Transpose.FLIP_TOP_BOTTOM: (x0, h - y1, x1, h - y0),
+        Image.Transpose.ROTATE_180: (w - x1, h - y1, w - x0, h - y0),
+        Image.Transpose.TRANSPOSE: (y0, x0, y1, x1),
+        Image.Transpose.ROTATE_90: (y0, w - x1, y1, w - x0),  # counter-clockwise: (x, y) -> (y, w - x)
+        Image.Transpose.ROTATE_270: (h - y1, x0, h - y0, x1),  # clockwise: (x, y) -> (h - y, x)
+        Image.Transpose.TRANSVERSE: (h - y1, w - x1, h - y0, w - x0),
+    }[method]
+
+
+def untranspose_box(box: tuple, stored_size: tuple[int, int],
+                    method: Image.Transpose | None) -> tuple[int, int, int, int]:
+    """A box in the upright image -> the same region's box in the stored pixels (the inverse of transpose_box)."""
+    if method is None:
+        return tuple(box)
+    return transpose_box(box, upright_size(stored_size, method), _INVERSE.get(method, method))
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
-    """Bytes -> RGB PIL image, or ImageDecodeError with the reason.
+    """Bytes -> upright RGB PIL image (EXIF orientation applied), or ImageDecodeError with the reason.
 
     `draft_size`: let libjpeg decode at a reduced DCT scale that still covers this many pixels per side:
-    much faster for large photos that are resized to 224/364 anyway.
+    much faster for large photos that are resized to 224/364 anyway (a square request: the same scale whichever
+    way the photo is turned).
     """
     with image_errors(len(data)):
         img = open_image(data, max_pixels)
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         img.load()
+        if orientation_transpose(img) is not None:
+            ImageOps.exif_transpose(img, in_place=True)
     return to_rgb(img)
 
 
@@ -146,7 +215,11 @@ class TrainTransform:
     the pixels are decoded at the smallest JPEG scale that keeps the box >= image_size (`draft_for_box`).
     `resize="torch"` resizes the uint8 crop with torch's vectorised antialiased bicubic (PIL's filter, equal
     within rounding, ~4x faster than PIL's resize); "pil" is PIL's own. Neither changes which region is
-    cropped: the speed-up is in how its pixels are decoded and filtered."""
+    cropped: the speed-up is in how its pixels are decoded and filtered.
+
+    The box is drawn on the upright image (EXIF orientation applied; orientations 5-8 swap width and height),
+    mapped into the stored pixels for reduced decoding, and back once the decoded image is turned upright: the
+    same box, for the same RNG, as cropping `decode_image`'s upright image."""
 
     image_size: int = 224
     min_scale: float = 0.5
@@ -182,11 +255,20 @@ class TrainTransform:
         """Bytes -> training tensor (ImageDecodeError if unusable); see the class docstring."""
         with image_errors(len(data)):
             img = open_image(data, max_pixels)
-            box = self.crop_box(*img.size, rng)
-            if draft:
-                box = draft_for_box(img, box, self.image_size)
-            img.load()
-        return self.finish(to_rgb(img), box, rng)
+            if img.format != "JPEG":
+                # no reduced decoding; and other formats may keep their EXIF after the pixels (PNG's eXIf)
+                img.load()
+                img, method = upright(img), None
+                box = self.crop_box(*img.size, rng)
+            else:
+                method = orientation_transpose(img)  # a JPEG's EXIF is in its header: known before decoding
+                box = self.crop_box(*upright_size(img.size, method), rng)
+                if draft:
+                    stored = draft_for_box(img, untranspose_box(box, img.size, method), self.image_size)
+                    box = transpose_box(stored, img.size, method)  # img.size: the reduced size it decodes at
+                img.load()
+        img = to_rgb(img)
+        return self.finish(img if method is None else img.transpose(method), box, rng)
 
     def finish(self, img: Image.Image, box: tuple[int, int, int, int], rng: random.Random) -> torch.Tensor:
         size = (self.image_size, self.image_size)
@@ -200,12 +282,14 @@ class TrainTransform:
         return normalize_uint8(x)
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        img = upright(img)
         return self.finish(img, self.crop_box(*img.size, rng), rng)
 
 
 @dataclass
 class EvalTransform:
-    """Bicubic resize to image_size x image_size (no crop), as the reference's eval processor."""
+    """Bicubic resize to image_size x image_size (no crop), as the reference's eval processor; a PIL image that
+    still carries an EXIF orientation tag (one opened by the caller) is turned upright first."""
 
     image_size: int = 224
 
@@ -214,4 +298,4 @@ class EvalTransform:
         return self.image_size
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        return to_normalized_tensor(img.resize((self.image_size, self.image_size), Image.BICUBIC))
+        return to_normalized_tensor(upright(img).resize((self.image_size, self.image_size), Image.BICUBIC))
