@@ -23,21 +23,37 @@ from blip2_train.utils.errors import ConfigError, DataError, ResumeShapeError
 log = logging.getLogger(__name__)
 
 
+def is_local(url: str) -> bool:
+    """A path on this machine (not `http://...`, `s3://...`, `pipe:...`): its existence can be checked."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
 def expand_urls(spec: str | list[str]) -> list[str]:
-    """A shard spec is a directory (all *.tar), a glob, a brace pattern ('a-{000..009}.tar') or a list."""
+    """A shard spec is a directory (all *.tar), a glob, a brace pattern ('a-{000..009}.tar') or a list. Every
+    local path it names must exist: a brace pattern is expanded without looking at the disk, and a shard missing
+    from it would otherwise be read as an empty one."""
     if isinstance(spec, (list, tuple)) or type(spec).__name__ == "ListConfig":
         return [u for s in spec for u in expand_urls(s)]
     spec = str(spec)
     if os.path.isdir(spec):
         urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        if not urls:
+            raise DataError(f"no shards found at {spec!r}: the directory holds no .tar file")
     elif "{" in spec:
         import braceexpand
 
         urls = list(braceexpand.braceexpand(spec))
+        missing = [u for u in urls if is_local(u) and not os.path.exists(u)]
+        if missing:
+            raise DataError(f"no shards found at {missing[0]!r}: {len(missing)} of the {len(urls)} files that "
+                            f"{spec!r} names do not exist (a directory or a glob takes the shards that exist)")
+    elif not is_local(spec):
+        urls = [spec]
     else:
         urls = sorted(glob.glob(spec))
-    if not urls:
-        raise DataError(f"no shards found at {spec!r}")
+        if not urls:
+            what = "matches no file" if glob.has_magic(spec) else "no such file or directory"
+            raise DataError(f"no shards found at {spec!r}: {what}")
     return urls
 
 
@@ -71,6 +87,16 @@ def shape_changes(saved: dict, now: dict) -> list[str]:
         elif o["shard_names"] != s["shard_names"]:
             out.append(f"source {name!r} shard file names changed")
     return out
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers leave SIGTERM / SIGINT to the training process: `scancel`, Ctrl-C and `kill -- -PGID` reach
+    every process of the job, and a worker ended by one turns the run's orderly stop (a checkpoint of the step,
+    lit/signal_stop.py) into "DataLoader worker is killed by signal". A worker still ends with its parent."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Blip2DataModule(L.LightningDataModule):
@@ -172,14 +198,32 @@ class Blip2DataModule(L.LightningDataModule):
         return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
     def sources(self) -> list[Source]:
+        """The training sources, each with its shards expanded; a source whose shards are missing is refused,
+        naming it (`data.train_sources.0.urls=...` replaces only the first source's shards: the rest stay)."""
         out = []
         for i, s in enumerate(self.train_sources_cfg):
-            if "urls" not in s:
+            if not hasattr(s, "get") or "urls" not in s:
                 raise ConfigError(f"data.train_sources[{i}] needs 'urls' (a shard directory, glob or brace pattern)")
-            urls = expand_urls(s["urls"])
-            out.append(Source(name=str(s.get("name", f"source{i}")), urls=urls, weight=float(s.get("weight", 1.0)),
-                              shards=shard_sizes(urls)))
+            name = str(s.get("name", f"source{i}"))
+            try:
+                urls = expand_urls(s["urls"])
+                if not urls:
+                    raise DataError("no shards: 'urls' is an empty list")
+            except DataError as e:
+                raise DataError(f"training source {name!r} (data.train_sources[{i}]): {e}") from None
+            out.append(Source(name=name, urls=urls, weight=float(s.get("weight", 1.0)), shards=shard_sizes(urls)))
         return out
+
+    def log_sources(self, sources: list[Source]) -> None:
+        """One line per source the run trains on: what it names, its shards, samples, weight and share."""
+        total = sum(s.weight for s in sources) or 1.0
+        for i, (src, cfg) in enumerate(zip(sources, self.train_sources_cfg)):
+            samples = sum(n for n, _ in src.shards.values()) if src.shards else count_samples(cfg["urls"])
+            known = f"{samples} samples" if samples is not None else "samples unknown (no manifest.json)"
+            spec = cfg["urls"]
+            where = spec if isinstance(spec, str) else f"{len(spec)} specs from {spec[0]}"
+            log.info("training source %r (data.train_sources[%d]): %s: %d shards, %s, weight %g (%.0f%% of batches)",
+                     src.name, i, where, len(src.urls), known, src.weight, 100 * src.weight / total)
 
     def batches_per_epoch(self, world_size: int) -> int:
         n = self.samples_per_epoch
@@ -191,10 +235,13 @@ class Blip2DataModule(L.LightningDataModule):
         return max(1, n // (self.batch_size * world_size))
 
     def build_train_stream(self, rank: int, world_size: int, one_pass: bool = False) -> ShardStream:
+        sources = self.sources()
+        if rank == 0:
+            self.log_sources(sources)
         transform = TrainTransform(self.image_size, self.min_scale, 1.0, self.hflip)
         decoder = SampleDecoder(transform, self.max_words, jpeg_draft=self.jpeg_draft)
         return ShardStream(
-            self.sources(), decoder, self.make_collator(), self.batch_size,
+            sources, decoder, self.make_collator(), self.batch_size,
             rank=rank, world_size=world_size, seed=self.seed, resampled=self.resampled and not one_pass,
             shuffle_buffer=self.shuffle_buffer,
             batches_per_epoch=None if one_pass else self.batches_per_epoch(world_size),
@@ -218,7 +265,7 @@ class Blip2DataModule(L.LightningDataModule):
                 self.train_stream.skip_batches = self._resume_skip(self._resume)
             self._resume = None
         return DataLoader(self.train_stream, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=False,
+                          persistent_workers=False, pin_memory=False, worker_init_fn=ignore_stop_signals,
                           prefetch_factor=4 if self.num_workers > 0 else None)
 
     # -- exact resume: Lightning stores this in every checkpoint and hands it back before train_dataloader() --

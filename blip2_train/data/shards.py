@@ -1,4 +1,4 @@
-"""Writing WebDataset tar shards from annotations + images, resumable and parallel.
+"""Writing WebDataset tar shards from annotations + images, resumable, incremental and parallel.
 
 Each sample: `<key>.jpg` (image bytes), `<key>.json` (`{"caption": str | [str], "image_id": str, "image": path}`)
 and `<key>.txt` (first caption; what img2dataset readers expect). One sample per image: an image's captions
@@ -7,9 +7,11 @@ travel together and one is drawn per step (CapFilt-style), so image bytes are ne
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -20,6 +22,7 @@ from PIL import Image
 
 from blip2_train.data.annotations import ImageRecord
 from blip2_train.data.transforms import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from blip2_train.utils.io import write_json_atomic
 
 SHARD_PATTERN = "{prefix}-{index:06d}.tar"
 
@@ -81,6 +84,57 @@ def _write_shard_job(args):
     return write_shard(*args)
 
 
+# Bump when write_shard's sample layout changes: every shard built before then is rebuilt on the next run.
+SHARD_LAYOUT = "jpg+json+txt, one sample per image, non-JPEG re-encoded at quality 95"
+
+
+def shard_fingerprint(records: list[dict], max_pixels: int) -> str:
+    """What a shard's bytes are made of, short of the image files: its records (image path, image id, every
+    caption, in order), the sample layout and the options that change what is written (`max_pixels` decides
+    which images are rejected). Equal fingerprints: the shard would be written again the same."""
+    h = hashlib.sha256(json.dumps({"layout": SHARD_LAYOUT, "max_pixels": int(max_pixels)}).encode())
+    for r in records:
+        h.update(json.dumps([r["image"], r["image_id"], list(r["captions"])], ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()[:32]
+
+
+def _read_marker(marker: Path) -> dict | None:
+    try:
+        entry = json.loads(marker.read_text())
+    except (OSError, ValueError):  # absent, or cut short by a kill while it was written
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def _rebuild_reason(entry: dict, fingerprint: str, tar: Path, image_root: str) -> str | None:
+    """Why a shard already on disk cannot be kept for these records, or None when it can."""
+    if "fingerprint" not in entry:
+        return "built without a fingerprint (by an older build_shards.py)"
+    if entry["fingerprint"] != fingerprint:
+        return "records changed"
+    if tar.stat().st_size != entry.get("bytes"):
+        return "tar size differs from its record"
+    for r in entry.get("rejects", []):
+        if str(r.get("reason", "")).startswith("missing file") and os.path.exists(os.path.join(image_root, r["image"])):
+            return "a rejected missing image now exists"
+    return None
+
+
+def _stale_shards(out_dir: Path, prefix: str, keep: set[str], old_manifest: dict | None) -> list[str]:
+    """Shards this builder wrote into `out_dir` that the current records no longer make: past the last chunk
+    (fewer records), or under the previous manifest's prefix. Other files are left alone."""
+    ours = re.compile(re.escape(prefix) + r"-\d{6}\.tar")
+    names = {p.name for p in out_dir.glob(f"{prefix}-*.tar") if ours.fullmatch(p.name)}
+    names |= {p.name[: -len(".done.json")] for p in out_dir.glob(f"{prefix}-*.tar.done.json")
+              if ours.fullmatch(p.name[: -len(".done.json")])}
+    listed = (old_manifest or {}).get("shards")
+    for e in listed if isinstance(listed, list) else []:
+        name = str(e.get("name", "")) if isinstance(e, dict) else ""
+        if name and Path(name).name == name and name.endswith(".tar"):
+            names.add(name)
+    return sorted(names - keep)
+
+
 def build_shards(
     records: list[ImageRecord],
     image_root: str | Path,
@@ -93,25 +147,44 @@ def build_shards(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
 ) -> dict:
-    """Shard `records` by sample count into `out_dir`; skip shards already complete (resume).
+    """Shard `records` by sample count into `out_dir`, keeping the shards already built from the same records.
 
-    A shard is complete when its `.done.json` marker exists: it is written after the tar is renamed into
-    place, so a build killed mid-shard redoes exactly that shard. Writes `manifest.json` and `rejects.jsonl`.
+    Each shard's `.done.json` marker (written after the tar is renamed into place) and its manifest entry hold
+    the fingerprint of the records it was built from (`shard_fingerprint`). A re-run keeps a shard whose
+    fingerprint, size and missing images are unchanged, rebuilds any other one (atomically: temp file + rename,
+    so a build killed mid-shard redoes exactly that shard), removes the shards past the last one (fewer
+    records), and rewrites `manifest.json` and `rejects.jsonl` to match. Image files edited in place are not
+    seen: delete a shard's `.tar` to rebuild it. Returns the manifest plus `build`: what this run did
+    (`new`, `rebuilt`, `kept`, `removed` counts and `reasons`: shard names by why each was rebuilt).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    old_manifest = _read_marker(out_dir / "manifest.json")
     chunks = [records[i : i + shard_size] for i in range(0, len(records), shard_size)]
-    jobs, done_entries = [], {}
+    names = [SHARD_PATTERN.format(prefix=prefix, index=idx) for idx in range(len(chunks))]
+    jobs, done_entries, fingerprints, reasons = [], {}, {}, {}
     for idx, chunk in enumerate(chunks):
-        name = SHARD_PATTERN.format(prefix=prefix, index=idx)
-        marker = out_dir / (name + ".done.json")
-        if marker.exists() and (out_dir / name).exists():
-            done_entries[idx] = json.loads(marker.read_text())
-            continue
-        jobs.append((idx, ([asdict(r) for r in chunk], str(image_root), str(out_dir / name), max_pixels)))
+        name, recs = names[idx], [asdict(r) for r in chunk]
+        fingerprints[idx] = shard_fingerprint(recs, max_pixels)
+        entry, tar = _read_marker(out_dir / (name + ".done.json")), out_dir / name
+        if entry is not None and tar.exists():
+            why = _rebuild_reason(entry, fingerprints[idx], tar, str(image_root))
+            if why is None:
+                done_entries[idx] = entry
+                continue
+        elif tar.exists():
+            why = "no .done.json marker (a build stopped before it)"
+        elif entry is not None:
+            why = "tar missing"
+        else:
+            why = None  # a new shard
+        if why is not None:
+            reasons.setdefault(why, []).append(name)
+        jobs.append((idx, (recs, str(image_root), str(out_dir / name), max_pixels)))
 
     def finish(idx, entry):
-        (out_dir / (entry["name"] + ".done.json")).write_text(json.dumps(entry))
+        entry["fingerprint"] = fingerprints[idx]
+        write_json_atomic(out_dir / (entry["name"] + ".done.json"), entry, sort_keys=False)
         done_entries[idx] = entry
 
     bar = _progress(len(chunks), len(done_entries), progress)
@@ -125,24 +198,36 @@ def build_shards(
                 finish(idx, entry)
                 bar(1)
 
+    removed = _stale_shards(out_dir, prefix, set(names), old_manifest)
+    for name in removed:
+        for path in (out_dir / name, out_dir / (name + ".done.json")):
+            path.unlink(missing_ok=True)
+
     shards = [done_entries[i] for i in sorted(done_entries)]
     rejects = [r for s in shards for r in s["rejects"]]
-    with open(out_dir / "rejects.jsonl", "w") as f:
+    tmp = out_dir / "rejects.jsonl.tmp"
+    with open(tmp, "w") as f:
         for r in rejects:
             f.write(json.dumps(r) + "\n")
+    os.replace(tmp, out_dir / "rejects.jsonl")
     manifest = {
         "source": source,
         "prefix": prefix,
+        "shard_size": shard_size,
+        "max_pixels": max_pixels,
         "num_images_in": len(records),
         "num_samples": sum(s["num_samples"] for s in shards),
         "num_captions": sum(len([c for c in r.captions if c and c.strip()]) for r in records),
         "num_rejected": len(rejects),
         "num_shards": len(shards),
         "total_bytes": sum(s["bytes"] for s in shards),
-        "shards": [{k: s[k] for k in ("name", "num_samples", "bytes")} for s in shards],
+        "shards": [{k: s[k] for k in ("name", "num_samples", "bytes", "fingerprint")} for s in shards],
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return manifest
+    write_json_atomic(out_dir / "manifest.json", manifest, sort_keys=False)
+    rebuilt = sum(len(v) for v in reasons.values())
+    build = {"new": len(jobs) - rebuilt, "rebuilt": rebuilt, "kept": len(chunks) - len(jobs), "removed": len(removed),
+             "reasons": reasons}
+    return {**manifest, "build": build}
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -162,7 +247,7 @@ def read_manifest(shard_dir: str | Path) -> dict:
 
 
 def shard_sizes(urls: list[str]) -> dict[str, tuple[int, int]] | None:
-    """(samples, bytes) of each shard, from the manifest.json beside it (written by `write_shards`); None when a
+    """(samples, bytes) of each shard, from the manifest.json beside it (written by `build_shards`); None when a
     shard has none (another tool's shards, remote URLs): a mid-epoch resume then reads what it skips."""
     by_dir: dict[str, dict] = {}
     out = {}
