@@ -13,7 +13,7 @@ from omegaconf import DictConfig, open_dict
 
 from blip2_train.cli.errors import known_error_line
 from blip2_train.cli.log import close_log_files, log_to_file, setup_logging
-from blip2_train.cli.run_lock import acquire_run_lock, release_run_locks
+from blip2_train.cli.run_lock import LOCK_NAME, acquire_run_lock, holds_lock, release_run_locks
 from blip2_train.config.compose import CONFIG_MODULE, register
 from blip2_train.config.run_dir import RUN_DIR_ENV, STAMP_ENV, default_run_dir, reset_stamp, run_stamp
 from blip2_train.distributed.launch import is_rank_zero
@@ -85,10 +85,15 @@ def run_cli(config_name: str, body: Callable[[DictConfig], dict], argv: list[str
                 os.environ[k] = v
         release_run_locks()
         close_log_files()
+    exit_code = 0
     for result in results:
-        if result and result.get("output_dir") and is_rank_zero():
-            print(f"output directory: {result['output_dir']}")
-    return 0
+        if result and result.get("exit_code"):  # a job that did not finish (a signal stopped it)
+            if is_rank_zero():
+                print(result["message"], file=sys.stderr)
+            exit_code = exit_code or int(result["exit_code"])
+        elif result and result.get("output_dir") and is_rank_zero():
+            print("\n".join(result.get("summary") or [f"output directory: {result['output_dir']}"]))
+    return exit_code
 
 
 _SOURCE_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
@@ -166,14 +171,15 @@ def run_job(cfg: DictConfig, body: Callable[[DictConfig], dict]) -> dict:
     `body`. A job refused before it wrote anything leaves no directory behind (Hydra creates it up front)."""
     from blip2_train.config.ranges import check_ranges
 
-    created = adopt_hydra_run_dir(cfg)
+    run_dir = adopt_hydra_run_dir(cfg)
+    fresh = run_dir is not None and run_dir.is_dir() and not any(run_dir.iterdir())  # Hydra just made it
     try:
         refuse_unknown_keys(cfg)
         check_ranges(cfg)
         return body(cfg)
-    except Exception:
-        if created is not None and is_rank_zero():  # the other ranks never write .hydra/
-            remove_if_only_hydra_files(created)
+    except Exception as e:
+        if fresh and is_rank_zero() and known_error_line(e) is not None:  # refused (one line), not a crash
+            remove_refused_start(run_dir)
         raise
 
 
@@ -199,15 +205,40 @@ def adopt_hydra_run_dir(cfg: DictConfig) -> Path | None:
     return out
 
 
-def remove_if_only_hydra_files(run_dir: Path) -> None:
+# What a start writes before it can be refused (the record, the log, the lock): nothing a user would miss
+BOOKKEEPING = {".hydra", "config.yaml", ".run.lock"}
+
+
+def remove_refused_start(run_dir: Path) -> None:
+    """Remove the directory this start made (Hydra creates it up front) when the start was refused before it
+    wrote more than its own bookkeeping: no empty run directory is left behind by each refused start."""
     import shutil
 
-    if run_dir.is_dir() and all(p.name == ".hydra" for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
-        try:
-            run_dir.rmdir()
-        except OSError:
-            pass
+    if (run_dir / LOCK_NAME).exists() and not holds_lock(run_dir):  # another run started into it meanwhile
+        return
+    if run_dir.is_dir() and all(p.name in BOOKKEEPING or p.suffix == ".log" for p in run_dir.iterdir()):
+        close_log_files()
+        release_run_locks()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def record_run(cfg: DictConfig, run_dir: Path) -> None:
+    """Rank 0 writes the run's record once the run owns its directory and its start checks passed:
+    `config.yaml` (resolved) and Hydra's `.hydra/` (config, hydra, overrides). Hydra would write `.hydra/` before
+    the job runs, so a start refused by a run already in the directory would have rewritten that run's record."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not is_rank_zero():
+        return
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        record = run_dir / ".hydra"
+        record.mkdir(exist_ok=True)
+        (record / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (record / "hydra.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})))
+        (record / "overrides.yaml").write_text(OmegaConf.to_yaml(list(hydra_cfg.overrides.task)))
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
@@ -250,3 +281,21 @@ def instantiate_logged(node, **kwargs):
     if target:
         log.info("instantiating <%s>", target)
     return instantiate(node, **kwargs)
+
+
+# Families of metrics that the end-of-run table leaves to metrics.json (baselines, per-type breakdowns, timings)
+_NOT_HEADLINE = ("blind/", "rerank_", "itc_only/", "question_type/", "answer_type/", "in-domain/", "near-domain/",
+                 "out-domain/", "entire/", "data/", "eval_", "num_", "global_step", "nonfinite_skipped", "train/samples",
+                 "train/lr", "train/temp")
+
+
+def run_summary(title: str, metrics: dict, rows: list[tuple[str, str]], width: int = 6) -> list[str]:
+    """The last lines a command prints: what was done, its main figures (at most `width`, the rest in
+    metrics.json), where the outputs went and the next command."""
+    main = [(k, v) for k, v in metrics.items() if isinstance(v, float) and not k.startswith(_NOT_HEADLINE)]
+    lines = [title]
+    if main:
+        lines.append("  " + "   ".join(f"{k} {v:.4g}" for k, v in main[:width]))
+    pad = max(len(k) for k, _ in rows) + 1
+    lines += [f"  {k + ':':<{pad}} {v}" for k, v in rows]
+    return lines

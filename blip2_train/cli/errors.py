@@ -7,6 +7,7 @@ import os
 import re
 
 from blip2_train.utils.errors import Blip2TrainError
+from blip2_train.utils.io import describe_no_space, no_space_error
 
 def describe_config_error(e: BaseException) -> str:
     """Hydra/OmegaConf errors -> one line naming the key."""
@@ -81,6 +82,10 @@ def known_error_line(e: BaseException) -> str | None:
         return first_line(ours) if ours is not None else describe_config_error(e)
     if isinstance(e, ValueError) and _raised_by_hydra(e):  # usage: "Only one of --run, --multirun, --cfg ..."
         return first_line(e)
+    full = no_space_error(e)
+    if full is not None:  # a log, a metrics file, the config record: what was written before stays as it was
+        return (f"{describe_no_space(full)}; files written before are unchanged: free space and run again (a "
+                "training run resumes with ckpt_path=auto)")
     return None
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from blip2_train.cli.app import instantiate_logged, resolve_run_dir, run_cli
+from blip2_train.cli.app import instantiate_logged, record_run, resolve_run_dir, run_cli, run_summary
 from blip2_train.distributed.launch import is_rank_zero
 from blip2_train.utils.io import write_json_atomic
 
@@ -24,11 +24,11 @@ def evaluate(cfg: DictConfig) -> dict:
     from blip2_train.eval.runner import run_evaluation
     from blip2_train.distributed.launch import init_distributed, shutdown_distributed
 
+    check_checkpoint(cfg)
     device, created = init_distributed(str(cfg.get("device", "auto")))
     try:
         run_dir = resolve_run_dir(cfg)
-        if is_rank_zero():
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        record_run(cfg, run_dir)
         datamodule = instantiate_logged(cfg.data)
         model = instantiate_logged(cfg.model)
         if cfg.get("checkpoint"):
@@ -37,11 +37,45 @@ def evaluate(cfg: DictConfig) -> dict:
         metrics = run_evaluation(model, datamodule, cfg.eval, out_dir=run_dir)
         if is_rank_zero():
             write_json_atomic(run_dir / "metrics.json", metrics)
-            print("  ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
     finally:
         if created:
             shutdown_distributed()
-    return {"output_dir": str(run_dir), "metrics": metrics}
+    rows = [("run", str(run_dir)), ("metrics", f"{run_dir / 'metrics.json'} (every figure)")]
+    return {"output_dir": str(run_dir), "metrics": metrics,
+            "summary": run_summary(f"{cfg.get('task_name', 'eval')}: {cfg.eval.get('kind', 'retrieval')} evaluation "
+                                   "done", metrics, rows)}
+
+
+def check_checkpoint(cfg: DictConfig) -> None:
+    """`checkpoint` (a Lightning .ckpt) must fit the model this evaluation builds, its stage and its tower shapes:
+    told before any work, since the model (its LLM included) is built before the checkpoint is read."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from blip2_train.models.build_stage1 import USES, checkpoint_stage, refuse_other_shapes, tower_shapes
+    from blip2_train.utils.errors import CheckpointError
+
+    if not cfg.get("checkpoint"):
+        return
+    p = Path(str(cfg.checkpoint))
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p} (checkpoint)")
+    got = checkpoint_stage(p)
+    if p.is_dir() and p.suffix != ".ckpt" and got is not None:  # an export: the model's builder loads it
+        key = "paths.stage1_checkpoint" if got == 1 else "paths.stage2_checkpoint"
+        raise CheckpointError(f"checkpoint={p} is a stage-{got} export: give it as {key}={p} with checkpoint=null "
+                              "(checkpoint takes a Lightning .ckpt)")
+    want = 2 if "build_stage2" in str(cfg.model.get("_target_", "")) else 1
+    if got is not None and got != want:
+        raise CheckpointError(f"checkpoint={p} is a stage-{got} checkpoint, and this evaluation (eval.kind="
+                              f"{cfg.eval.get('kind')}) builds a stage-{want} model: {USES[got]} (the evaluations "
+                              f"take an export: blip2-export {p} --out DIR)")
+    model = cfg.model
+    shapes = tower_shapes(OmegaConf.to_container(model.vision, resolve=True),
+                          OmegaConf.to_container(model.qformer, resolve=True), model.num_query_tokens,
+                          model.get("embed_dim") if want == 1 else None)
+    refuse_other_shapes(p, shapes, "checkpoint")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,8 @@ def reference_config(a):
     from blip2_train.models.llm import require_model_dir
 
     llm_dir = require_model_dir(a.llm, "LLM directory")
-    check_reference_llm(a.checkpoint, family, AutoConfig.from_pretrained(llm_dir).model_type)  # before its tokenizer
+    # before its tokenizer is read
+    check_reference_llm(a.checkpoint, family, AutoConfig.from_pretrained(llm_dir).model_type, "--llm")
     model = a.model or next((o.split("=", 1)[1] for o in a.overrides if o.startswith("model=")), None)
     overrides = [f"model={model or ('stage2_flant5' if family == 't5' else 'stage2_opt')}", f"paths.llm_dir={a.llm}",
                  "paths.stage1_checkpoint=null", "module=stage2",
@@ -54,15 +55,21 @@ def reference_config(a):
         cfg = compose("train", overrides + [o for o in a.overrides if not o.startswith("model=")])
     except Exception as e:  # a misspelt key or value: one line, as blip2-train says it
         raise ConfigError(describe_config_error(e)) from None
-    size = a.image_size
+    size, patch = a.image_size, int(cfg.model.vision.patch_size)
     if size is None:
         pos = ref.get("visual_encoder.pos_embed")
         if pos is None:
             raise ConfigError(f"{a.checkpoint} holds no visual_encoder.pos_embed: pass --image-size")
-        size = math.isqrt(pos.shape[1] - 1) * int(cfg.model.vision.patch_size)
+        size = math.isqrt(pos.shape[1] - 1) * patch
+    elif size < patch or size % patch:
+        raise ConfigError(f"--image-size {size} does not fit the ViT's patch size ({patch}): must be a multiple of "
+                          f"{patch}, e.g. {max(patch, size // patch * patch)}")
     cfg.data.image_size = size
     if a.prompt is not None:
         cfg.model.text.prompt = a.prompt
+    from blip2_train.config.ranges import check_ranges
+
+    check_ranges(cfg)  # the trailing overrides, as blip2-train checks them
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
 
 

@@ -88,6 +88,11 @@ def acquire_run_lock(run_dir: Path) -> None:
     raise ConfigError(f"could not take the lock {path}: other runs keep taking it")
 
 
+def holds_lock(run_dir: Path) -> bool:
+    """Whether this process holds `run_dir`'s lock."""
+    return (Path(run_dir) / LOCK_NAME).resolve() in {p.resolve() for p in _held}
+
+
 def release_run_locks() -> None:
     while _held:
         path = _held.pop()

@@ -10,9 +10,10 @@ import os
 import warnings
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from blip2_train.cli.app import instantiate_logged, resolve_run_dir, run_cli, to_floats
+from blip2_train.cli.app import instantiate_logged, record_run, resolve_run_dir, run_cli, run_summary, to_floats
+from blip2_train.cli.log import adopt_library_logging
 from blip2_train.distributed.launch import is_rank_zero
 from blip2_train.utils.io import write_json_atomic
 
@@ -135,13 +136,13 @@ def train(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
 
+    adopt_library_logging()
     # Our data module restores the exact data position itself (state_dict / load_state_dict).
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     check_evaluation_fits_strategy(cfg)
     run_dir = resolve_run_dir(cfg)
     ckpt_path = resolve_ckpt_path(cfg, run_dir)
-    if is_rank_zero():
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    record_run(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")  # TF32 on Ampere+: free speed for the fp32 parts
 
@@ -159,6 +160,12 @@ def train(cfg: DictConfig) -> dict:
     trainer = instantiate_logged(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy,
                                  plugins=plugins, default_root_dir=str(run_dir))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    stopped = signal_stop_of(trainer)
+    if stopped is not None:  # no final evaluation and no metrics.json: the run is not finished
+        where = f"checkpoint {stopped['checkpoint']}" if stopped["checkpoint"] else "no checkpoint (checkpointing off)"
+        return {"output_dir": str(run_dir), "exit_code": stopped["exit_code"],
+                "message": f"stopped by {stopped['signal']} after step {stopped['step']}: {where}; resume with the "
+                           "same command plus ckpt_path=auto"}
 
     metrics = to_floats(trainer.callback_metrics)
     metrics["global_step"] = trainer.global_step
@@ -174,7 +181,35 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         write_json_atomic(run_dir / "metrics.json", metrics)
         log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
-    return {"output_dir": str(run_dir), "metrics": metrics}
+    finish_loggers()  # their own closing lines (W&B's) come before the summary, which ends the output
+    return {"output_dir": str(run_dir), "metrics": metrics, "summary": train_summary(cfg, trainer, metrics, run_dir)}
+
+
+def finish_loggers() -> None:
+    import sys
+
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish()
+
+
+def train_summary(cfg: DictConfig, trainer, metrics: dict, run_dir: Path) -> list[str]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    mc = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath), None)
+    last = Path(mc.dirpath) / f"{mc.CHECKPOINT_NAME_LAST}{mc.FILE_EXTENSION}" if mc else None
+    rows = [("run", str(run_dir)), ("metrics", str(run_dir / "metrics.json"))]
+    if last is not None and last.exists():
+        rows += [("checkpoint", f"{last} (step {trainer.global_step})"),
+                 ("next", f"blip2-export {last} --out {run_dir / 'export'}")]
+    title = f"{cfg.get('task_name', 'run')}: {trainer.global_step} steps done"
+    return run_summary(title, metrics, rows)
+
+
+def signal_stop_of(trainer) -> dict | None:
+    """What the SignalStop callback recorded when a signal stopped the run (the same on every rank), else None."""
+    from blip2_train.lit.signal_stop import SignalStop
+
+    return next((cb.stopped for cb in trainer.callbacks if isinstance(cb, SignalStop) and cb.stopped), None)
 
 
 def periodic_result_at(trainer, eval_cfg) -> dict | None:

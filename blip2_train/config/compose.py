@@ -10,7 +10,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from blip2_train.config.run_dir import default_run_dir, run_stamp
-from blip2_train.distributed.launch import is_rank_zero
 from blip2_train.utils.errors import Blip2TrainError
 
 CONFIG_MODULE = "blip2_train.conf"  # conf/ ships in the package (blip2_train/conf -> ../conf)
@@ -44,8 +43,6 @@ def _register_resolvers() -> None:
         "wandb_offline": lambda: os.environ.get("WANDB_MODE", "") != "online" and not os.environ.get("WANDB_API_KEY"),
         "blip2_run_dir": default_run_dir,
         "blip2_stamp": _sweep_stamp,
-        # .hydra/ (the composed config) is written by rank 0 only: the other ranks would race on the same files
-        "blip2_rank_zero": lambda value: value if is_rank_zero() else None,
         "blip2_cwd": _original_cwd,
     }
     for name, fn in new.items():

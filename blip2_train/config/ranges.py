@@ -2,11 +2,14 @@
 
 Types (and key names) are checked at composition by the structured-config schemas (cli/schemas.py, generated
 from the `_target_` signatures); OmegaConf has no range constraints, so this table adds them: `data.batch_size=-3`
-is one line before any work starts instead of a loader that never ends.
+is one line before any work starts instead of a loader that never ends. Beyond the table: no float anywhere in
+the config may be NaN or infinite (every comparison with NaN is false, so a range alone lets it through), and
+the image sizes must fit the ViT's patch size.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from blip2_train.utils.errors import ConfigError
@@ -22,6 +25,8 @@ class Range:
     def allows(self, v) -> bool:
         if v in self.also:
             return True
+        if not math.isfinite(v):
+            return False
         return not ((self.ge is not None and v < self.ge) or (self.gt is not None and v <= self.gt)
                     or (self.le is not None and v > self.le))
 
@@ -93,10 +98,16 @@ def _value(cfg, key: str):
 
 
 def check_ranges(cfg, ranges: dict[str, Range] = RANGES, choices: dict[str, tuple] = CHOICES) -> None:
-    """Raise ConfigError naming the first configured value outside its range or its choices. Absent keys, nulls
-    and non-numbers are left alone by the ranges (wrong types are refused by the schemas)."""
+    """Raise ConfigError naming the first configured value outside its range or its choices, the first float
+    that is not finite, or an image size the ViT cannot take. Absent keys, nulls and non-numbers are left alone
+    by the ranges (wrong types are refused by the schemas)."""
     from omegaconf import OmegaConf
 
+    for key, v in _floats(cfg):
+        if not math.isfinite(v):
+            rng = ranges.get(key)
+            allowed = f"a finite number {rng.describe()}" if rng else "a finite number"
+            raise ConfigError(f"config value {key}={v!r} is not a finite number: must be {allowed}")
     for key, allowed in choices.items():
         v = _value(cfg, key)
         if v is not None and v is not _UNSET and v not in allowed:
@@ -112,6 +123,92 @@ def check_ranges(cfg, ranges: dict[str, Range] = RANGES, choices: dict[str, tupl
     if steps == -1 and epochs in (None, -1):  # Lightning's "no limit" twice: the lr schedule needs a length
         raise ConfigError("config value trainer.max_steps=-1 is out of range without trainer.max_epochs: set one of "
                           "them (the lr schedule needs a length)")
+    check_image_sizes(cfg)
+
+
+# Where the ViT's patch size lives: the model's own vision node (what is built), else the arch it reads.
+PATCH_SIZE_KEYS = ("model.vision.patch_size", "arch.vision.patch_size")
+# The sizes images are given to the ViT at (the eval loader's is data.image_size unless set), and the size the
+# ViT's position embeddings are built for (model.vision.image_size, `${data.image_size}` in the shipped configs).
+IMAGE_SIZE_KEYS = ("data.image_size", "data.eval_image_size", "model.vision.image_size")
+
+
+def check_image_sizes(cfg) -> None:
+    """An image size the ViT cannot take is one line: smaller than a patch (the patch convolution fails) or not
+    a multiple of the patch size (the pixels past the last whole patch are silently dropped). The loader's sizes
+    must also be the one the ViT is built for: its position embeddings fit one patch grid, so smaller images
+    would silently use the first of them and larger ones fail. (An export trained at 224 px is evaluated at
+    364 px by building the model at 364: its position embeddings are interpolated when it is loaded.)"""
+    patch_key = next((k for k in PATCH_SIZE_KEYS if _int(_value(cfg, k)) is not None), None)
+    if patch_key is None:
+        return
+    patch = _int(_value(cfg, patch_key))
+    patch_key = _set_at(cfg, patch_key)
+    for key in IMAGE_SIZE_KEYS:
+        size = _int(_value(cfg, key))
+        if size is None or size <= 0:  # absent, null, or refused by the ranges
+            continue
+        if size < patch or size % patch:
+            near = sorted({max(patch, size // patch * patch), (size // patch + 1) * patch})
+            raise ConfigError(f"config value {key}={size}{_source(cfg, key)} does not fit the ViT's patch size "
+                              f"({patch_key}={patch}): must be a multiple of {patch}, e.g. "
+                              f"{' or '.join(map(str, near))}")
+    built = _int(_value(cfg, "model.vision.image_size"))
+    loaded = _int(_value(cfg, "data.image_size"))
+    if built is not None and loaded is not None and built != loaded:
+        raise ConfigError(f"config value model.vision.image_size={built}{_source(cfg, 'model.vision.image_size')} is "
+                          f"not data.image_size={loaded}, the size images are loaded at: set the size as "
+                          "data.image_size alone (the ViT's image_size follows it)")
+    evaluated = _int(_value(cfg, "data.eval_image_size"))
+    if evaluated is not None and built is not None and evaluated != built:
+        raise ConfigError(f"config value data.eval_image_size={evaluated} is not the size the ViT is built for "
+                          f"(model.vision.image_size={built}): its position embeddings fit that size alone; to "
+                          f"evaluate at {evaluated} px set data.image_size={evaluated} (an export or checkpoint "
+                          "loaded into the model has its position embeddings interpolated to it)")
+
+
+def _set_at(cfg, key: str) -> str:
+    """The key a user sets for `key`: `model.vision.patch_size` is `arch.vision.patch_size` where `model.vision`
+    is `${arch.vision}`."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        head, _, name = ".".join(parts[:i]).rpartition(".")
+        try:
+            raw = (OmegaConf.select(cfg, head) if head else cfg)._get_node(name)._value()
+        except Exception:  # noqa: BLE001 - no raw node: the key as given
+            return key
+        m = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+        if m:
+            return _set_at(cfg, ".".join([m.group(1), *parts[i:]]))
+    return key
+
+
+def _int(v) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _floats(cfg, prefix: str = ""):
+    """(key, value) for every float in the config where it is set: an interpolation is skipped, its source is
+    visited under its own key (a NaN is reported once, under the key the user set)."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(cfg, DictConfig):
+        children = ((str(k), cfg._get_node(k)) for k in cfg.keys())
+    else:
+        children = ((str(i), cfg._get_node(i)) for i in range(len(cfg)))
+    for name, node in children:
+        if node is None or node._is_missing() or node._is_interpolation() or node._is_none():
+            continue
+        if isinstance(node, (DictConfig, ListConfig)):
+            yield from _floats(node, f"{prefix}{name}.")
+            continue
+        v = node._value()
+        if isinstance(v, float):
+            yield f"{prefix}{name}", v
 
 
 def _source(cfg, key: str) -> str:

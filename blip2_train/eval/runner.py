@@ -17,7 +17,14 @@ def run_evaluation(model, datamodule, cfg, out_dir=None) -> dict[str, float]:
     rank 0 (retrieval: on every rank)."""
     from blip2_train.utils.errors import ConfigError
 
+    from blip2_train.models.stage2 import Blip2Stage2
+
     kind = cfg.get("kind", "retrieval")
+    if kind in EVAL_KINDS and (kind != "retrieval") != isinstance(model, Blip2Stage2):
+        needs = "a stage-2 model (an LLM to generate with)" if kind != "retrieval" else "a stage-1 model (ITC / ITM)"
+        raise ConfigError(f"eval.kind={kind} needs {needs}, and the model here is stage "
+                          f"{2 if isinstance(model, Blip2Stage2) else 1}: choose the evaluation experiment of its "
+                          "stage (retrieval_*_eval for stage 1; caption_*_eval or vqa_*_eval for stage 2)")
     r, w = rank(), world_size()
     data = datamodule.eval_data()
     loader = datamodule.eval_image_loader(r, w)

@@ -56,6 +56,11 @@ class Blip2LitModule(L.LightningModule):
     # (ViT, LLM) must go back to eval mode (no dropout), every time.
     def on_train_start(self) -> None:
         self.model.set_train_modes(True)
+        # Loggers label a step with the loop's count of optimizer steps. Lightning restores that count + 1 to
+        # make up for checkpoints saved inside on_train_batch_end (before the loop counts the step); a SLURM
+        # preemption checkpoint (hpc_ckpt_N.ckpt) is saved from a signal handler after the count, so every later
+        # row would be labelled one step ahead. The count is the optimizer steps taken, whichever save it was.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
 
     def on_train_epoch_start(self) -> None:
         self.model.set_train_modes(True)
@@ -176,8 +181,11 @@ class Blip2LitModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         stage = checkpoint.get("blip2_stage")
         if stage is not None and stage != self.stage:
-            raise Blip2TrainError(f"this checkpoint is from a stage-{stage} run; this is a stage-{self.stage} run "
-                                  "(to start stage 2 from stage 1, use model.stage1_checkpoint, not ckpt_path)")
+            hint = ("to start stage 2 from it, give it as paths.stage1_checkpoint (or its export), not ckpt_path"
+                    if stage == 1 else "resume it with the stage-2 experiment it came from (e.g. "
+                    "experiment=stage2_pretrain); a stage-1 run starts from a stage-1 checkpoint only")
+            raise Blip2TrainError(f"ckpt_path: this checkpoint is from a stage-{stage} run and this is a stage-"
+                                  f"{self.stage} run: {hint}")
         if checkpoint.get("frozen_weights_omitted") and "state_dict" in checkpoint:  # FSDP2 loads its own
             full = self.state_dict()
             full.update(checkpoint["state_dict"])

@@ -95,6 +95,149 @@ def init_vision_from(model: Blip2Stage1, source: str | os.PathLike) -> None:
     log.info("vision tower loaded from %s (%d tensors)", src, len(sd))
 
 
+# The tower settings that fix the weights' shapes, by the arch key a user sets (every model config reads its
+# shapes from `arch`): a checkpoint loads only into a model built with its values.
+VISION_SHAPES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size",
+                 "qkv_bias")
+QFORMER_SHAPES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "max_position_embeddings", "cross_attention_frequency")
+
+
+def tower_shapes(vision: dict, qformer: dict, num_query_tokens: int, embed_dim: int | None = None) -> dict:
+    """{arch key: value} of the shape-fixing settings, transformers' defaults filled in where a key is not set."""
+    from transformers import Blip2QFormerConfig, Blip2VisionConfig
+
+    vision, qformer = dict(vision), dict(qformer)
+    v = Blip2VisionConfig(**{k: vision[k] for k in VISION_SHAPES if k in vision})
+    q = Blip2QFormerConfig(**{k: qformer[k] for k in QFORMER_SHAPES if k in qformer})
+    out = {**{f"arch.vision.{k}": getattr(v, k) for k in VISION_SHAPES},
+           **{f"arch.qformer.{k}": getattr(q, k) for k in QFORMER_SHAPES},
+           "arch.num_query_tokens": int(num_query_tokens)}
+    if embed_dim is not None:
+        out["arch.embed_dim"] = int(embed_dim)
+    return out
+
+
+def recorded_shapes(source) -> dict | None:
+    """The tower shapes a checkpoint was made with: a transformers directory's config.json (our exports, an
+    official BLIP-2 directory) or a Lightning checkpoint's run config. None where nothing records them (a
+    reference .pth: its tensors are checked when loaded)."""
+    src = Path(str(source))
+    if src.suffix == ".ckpt" and src.exists():
+        from omegaconf import OmegaConf
+
+        from blip2_train.utils.checkpoints import run_config_of
+
+        try:
+            model = OmegaConf.to_container(run_config_of(src).model, resolve=True)
+        except Exception:  # noqa: BLE001 - no readable run config: the weights' shapes are checked at load
+            return None
+        if not isinstance(model.get("vision"), dict) or not isinstance(model.get("qformer"), dict):
+            return None
+        return tower_shapes(model["vision"], model["qformer"], model.get("num_query_tokens", 32),
+                            model.get("embed_dim"))
+    if src.is_dir() and (src / "config.json").is_file():
+        import json
+
+        cfg = json.loads((src / "config.json").read_text())
+        if "vision_config" not in cfg or "qformer_config" not in cfg:
+            return None
+        stage1 = "Blip2ForImageTextRetrieval" in (cfg.get("architectures") or [])
+        return tower_shapes(cfg["vision_config"], cfg["qformer_config"], cfg.get("num_query_tokens", 32),
+                            cfg.get("image_text_hidden_size") if stage1 else None)
+    return None
+
+
+def refuse_other_shapes(source, configured: dict, what: str) -> None:
+    """A checkpoint made with other tower shapes than the config's is refused, naming the overrides that build
+    its shapes. The model is not silently built with the checkpoint's shapes instead: the run's config (saved
+    with it, and read by the data side: stage 2 puts `num_query_tokens` image tokens in every prompt) would then
+    say one thing while the model is another."""
+    found = recorded_shapes(source)
+    if not found:
+        return
+    differ = [(k, found[k], v) for k, v in configured.items() if k in found and found[k] != v]
+    if differ:
+        want = " ".join(f"{k}={_override(f)}" for k, f, _ in differ)
+        here = ", ".join(f"{k}={_override(v)}" for k, _, v in differ)
+        raise ConfigError(f"{what} {source} was made with other shapes than this config ({here}): add {want}")
+
+
+def refuse_other_query_count(found: torch.Tensor | None, own: torch.Tensor, what: str) -> None:
+    """The query-token count of weights whose source records no config (a reference .pth), by the key to set."""
+    if found is not None and found.dim() == 3 and found.shape[1] != own.shape[1]:
+        raise ConfigError(f"{what} has {found.shape[1]} query tokens and this config {own.shape[1]} "
+                          f"(arch.num_query_tokens={own.shape[1]}): add arch.num_query_tokens={found.shape[1]}")
+
+
+def _override(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def checkpoint_stage(source) -> int | None:
+    """The stage a checkpoint comes from, read without loading its tensors: an export's blip2_train.json or its
+    transformers class, a Lightning checkpoint's `blip2_stage`, a reference .pth's projection (opt_proj / t5_proj
+    is stage 2). None where that cannot be told cheaply (missing, a sharded directory, an unreadable file)."""
+    src = Path(str(source))
+    if src.is_dir() and src.suffix != ".ckpt":
+        import json
+
+        from blip2_train.models.export import export_meta
+
+        stage = export_meta(src).get("stage")
+        if stage in (1, 2):
+            return stage
+        config = src / "config.json"
+        classes = (json.loads(config.read_text()).get("architectures") or []) if config.is_file() else []
+        if "Blip2ForImageTextRetrieval" in classes:
+            return 1
+        return 2 if "Blip2ForConditionalGeneration" in classes else None
+    if not src.is_file():
+        return None
+    try:  # memory-mapped: the tensors are not read
+        ckpt = torch.load(src, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: whoever loads it says what is wrong
+        return None
+    if not isinstance(ckpt, dict):
+        return None
+    if "state_dict" in ckpt:
+        if ckpt.get("blip2_stage") in (1, 2):
+            return ckpt["blip2_stage"]
+        return 2 if any(k.startswith("model.hf.language_projection.") for k in ckpt["state_dict"]) else 1
+    sd = ckpt.get("model", ckpt)
+    if not isinstance(sd, dict):
+        return None
+    if convert.reference_projection_family(sd) is not None:
+        return 2
+    return 1 if any(k.startswith(convert.STAGE1_ONLY) for k in sd) else None
+
+
+def _kind(src: Path, stage: int) -> str:
+    if src.suffix == ".ckpt":
+        return "Lightning checkpoint"
+    if src.is_dir():
+        return "export"
+    return f"reference checkpoint ({'it holds' if stage == 2 else 'no'} opt_proj / t5_proj)"
+
+
+# Where a result of each stage goes (the keys the README teaches).
+USES = {1: "pass it as paths.stage1_checkpoint, to start stage 2 (experiment=stage2_pretrain) or to evaluate or "
+           "fine-tune retrieval (experiment=retrieval_coco_eval, retrieval_coco_ft)",
+        2: "pass it as model.stage2_checkpoint to continue stage 2 (experiment=stage2_pretrain "
+           "paths.stage1_checkpoint=null), or as paths.stage2_checkpoint to evaluate it by captioning or VQA or "
+           "fine-tune it (experiment=caption_coco_eval, vqa_vqav2_eval, caption_coco_ft)"}
+
+
+def wrong_stage(source, got: int, key: str) -> CheckpointError:
+    """`source`, a stage-`got` result, was given as `key`, which takes the other stage's: say which is which and
+    where each goes."""
+    src = Path(str(source))
+    want = 2 if got == 1 else 1
+    hint = f" (the evaluations take an export: blip2-export {src} --out DIR)" if src.suffix == ".ckpt" else ""
+    return CheckpointError(f"{src} is a stage-{got} {_kind(src, got)}, and {key} takes a stage-{want} one: "
+                           f"{USES[got]}{hint}")
+
+
 def load_stage1_weights(model: Blip2Stage1, source: str | os.PathLike) -> None:
     """Everything from a stage-1 export directory (ours) or an official reference `.pth`."""
     src = Path(source)
@@ -108,6 +251,7 @@ def load_stage1_weights(model: Blip2Stage1, source: str | os.PathLike) -> None:
         if unmatched:
             raise CheckpointError(f"{src}: {len(unmatched)} key(s) match nothing in BLIP-2 stage 1: {unmatched[:8]}")
         what = f"reference checkpoint {src}"
+    refuse_other_query_count(sd.get("hf.query_tokens"), model.hf.query_tokens, what)
     # A 224 px result evaluated or fine-tuned at 364 px: bicubic on the patch grid, once, at load time.
     vision.fit_position_embedding(sd, "hf.vision_model.embeddings.position_embedding",
                                   model.hf.vision_model.embeddings.position_embedding)
@@ -122,14 +266,28 @@ def load_stage1_weights(model: Blip2Stage1, source: str | os.PathLike) -> None:
     log.info("loaded %d tensors from %s", len(sd), what)
 
 
+def check_stage1_checkpoint(source, configured: dict) -> None:
+    """A stage-1 model loads a stage-1 export or reference .pth (paths.stage1_checkpoint) of its own shapes."""
+    src = Path(str(source))
+    if not src.exists():
+        raise CheckpointError(f"stage-1 checkpoint not found: {src} (paths.stage1_checkpoint)")
+    if checkpoint_stage(src) == 2:
+        raise wrong_stage(src, 2, "paths.stage1_checkpoint")
+    if src.suffix == ".ckpt":
+        raise CheckpointError(f"{src} is a Lightning checkpoint: a stage-1 model here loads a stage-1 export as "
+                              f"paths.stage1_checkpoint (blip2-export {src} --out DIR, then "
+                              "paths.stage1_checkpoint=DIR)")
+    refuse_other_shapes(src, configured, "the stage-1 checkpoint")
+
+
 def qformer_tokenizer_source(tokenizer: str | None, stage1_checkpoint: str | None) -> str:
     """The Q-Former tokenizer: `model.tokenizer` (paths.bert_dir), else the stage-1 export directory's own."""
     if tokenizer:
         return str(tokenizer)
     if stage1_checkpoint and Path(str(stage1_checkpoint)).is_dir():
         return str(stage1_checkpoint)
-    raise ConfigError("model.tokenizer is not set: give paths.bert_dir (the Q-Former tokenizer), or a stage-1 "
-                      "export directory as the stage-1 checkpoint (it holds the tokenizer)")
+    raise ConfigError("no Q-Former tokenizer: set paths.bert_dir (a local bert-base-uncased directory), or give a "
+                      "stage-1 export directory as paths.stage1_checkpoint (it holds the tokenizer)")
 
 
 def stage1_vocab_size(stage1_checkpoint: str | None) -> int | None:
@@ -168,6 +326,8 @@ def build_stage1_model(
     `tokenizer` null: the stage-1 export given as `stage1_checkpoint` holds it. With a `stage1_checkpoint` the
     Q-Former is not first initialised from BERT (every weight is overwritten by the stage-1 result).
     """
+    if stage1_checkpoint:  # before anything is built: a checkpoint of the other stage, or of other shapes
+        check_stage1_checkpoint(stage1_checkpoint, tower_shapes(vision, qformer, num_query_tokens, embed_dim))
     tok = load_qformer_tokenizer(qformer_tokenizer_source(tokenizer, stage1_checkpoint))
     qformer = dict(qformer)
     qformer["vocab_size"] = stage1_vocab_size(stage1_checkpoint) or len(tok)  # BERT vocab + [DEC]

@@ -19,13 +19,15 @@ from pathlib import Path
 import torch
 
 from blip2_train.models import convert, llm as llm_lib, vision
-from blip2_train.models.build_stage1 import parse_dtype
+from blip2_train.models.build_stage1 import (checkpoint_stage, parse_dtype, refuse_other_query_count,
+                                             refuse_other_shapes, tower_shapes, wrong_stage)
 from blip2_train.models.stage2 import Blip2Stage2
 from blip2_train.utils.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
 STAGE1_PARTS = ("vision_model.", "query_tokens", "qformer.")
+STAGE2_KEY = "the stage-2 checkpoint (paths.stage2_checkpoint)"
 
 
 def read_stage1_source(source: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -37,6 +39,8 @@ def read_stage1_source(source: str | os.PathLike) -> dict[str, torch.Tensor]:
         from blip2_train.utils.checkpoints import load_lightning_checkpoint, run_config_of
 
         cfg = run_config_of(src)
+        if "Stage2" in str(cfg.module.get("_target_", "")):
+            raise wrong_stage(src, 2, "paths.stage1_checkpoint")
         if "Stage1" not in str(cfg.module.get("_target_", "")):
             raise CheckpointError(f"{src} is a checkpoint of {cfg.module.get('_target_')}, not a stage-1 run")
         model = instantiate(cfg.model)
@@ -45,23 +49,25 @@ def read_stage1_source(source: str | os.PathLike) -> dict[str, torch.Tensor]:
     elif src.is_dir():
         from blip2_train.models.export import read_stage1_export_weights
 
+        if checkpoint_stage(src) == 2:
+            raise wrong_stage(src, 2, "paths.stage1_checkpoint")
         sd = read_stage1_export_weights(src)
     elif src.is_file():
         sd, unmatched = convert.reference_to_ours(convert.load_reference_pth(src))
         if unmatched:
-            stage2 = [k for k in unmatched if k.startswith(("opt_", "t5_", "llm_"))]
-            if stage2:
-                raise CheckpointError(f"{src} is a stage-2 reference checkpoint ({stage2[0]}): pass it as "
-                                      "model.stage2_checkpoint (paths.stage2_checkpoint), not as a stage-1 source")
+            if any(k.startswith(("opt_", "t5_", "llm_")) for k in unmatched):
+                raise wrong_stage(src, 2, "paths.stage1_checkpoint")
             raise CheckpointError(f"{src}: {len(unmatched)} key(s) match nothing in BLIP-2 stage 1: {unmatched[:8]}")
     else:
         raise CheckpointError(f"stage-1 checkpoint not found: {src}")
     return {k[len("hf."):]: v for k, v in sd.items() if k.startswith("hf.")}
 
 
-def stage1_weights_for_stage2(sd: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+def stage1_weights_for_stage2(sd: dict[str, torch.Tensor], model,
+                              what: str = "the stage-1 checkpoint") -> dict[str, torch.Tensor]:
     """Keep what stage 2 uses; a stage-1 Q-Former's text FFNs have no place in stage 2 (dropped)."""
     own = model.hf.state_dict()
+    refuse_other_query_count(sd.get("query_tokens"), own["query_tokens"], what)
     keep = {k: v for k, v in sd.items() if k.startswith(STAGE1_PARTS) and k in own}
     dropped = [k for k in sd if k.startswith(STAGE1_PARTS) and k not in own]
     if dropped and not all(".intermediate." in k or ".output." in k for k in dropped):
@@ -111,11 +117,12 @@ def build_stage2_hf(vision_cfg: dict, qformer_cfg: dict, llm_model, num_query_to
     return hf
 
 
-def check_reference_llm(src, family: str, llm_type: str) -> None:
-    """A reference stage-2 file was trained into one LLM family (`opt_proj` / `t5_proj`): refuse another."""
+def check_reference_llm(src, family: str, llm_type: str, llm_key: str = "paths.llm_dir") -> None:
+    """A reference stage-2 file was trained into one LLM family (`opt_proj` / `t5_proj`): refuse another.
+    `llm_key`: where the user gave the LLM."""
     if (family == "t5") != (llm_type in llm_lib.NO_FP16) or (family == "opt" and llm_type != "opt"):
         raise CheckpointError(f"{src} holds {family}_proj.* (the reference's {family.upper()} stage 2) but model.llm "
-                              f"is of model_type {llm_type}: use the LLM it was trained with")
+                              f"is of model_type {llm_type}: set {llm_key} to the LLM it was trained with")
 
 
 def reference_stage2_weights(src: Path, ref: dict[str, torch.Tensor], model: Blip2Stage2) -> dict[str, torch.Tensor]:
@@ -124,8 +131,7 @@ def reference_stage2_weights(src: Path, ref: dict[str, torch.Tensor], model: Bli
     family = convert.reference_projection_family(ref)
     if family is None:
         if any(k.startswith(convert.STAGE1_ONLY) for k in ref):
-            raise CheckpointError(f"{src} is a stage-1 reference checkpoint (no opt_proj / t5_proj): pass it as "
-                                  "model.stage1_checkpoint")
+            raise wrong_stage(src, 1, STAGE2_KEY)
         raise CheckpointError(f"{src}: no stage-2 weights (neither the reference's opt_proj.* / t5_proj.* nor a "
                               "blip2-train checkpoint's model.hf.*)")
     check_reference_llm(src, family, model.llm.config.model_type)
@@ -147,7 +153,7 @@ def load_stage2_weights(model: Blip2Stage2, source: str | os.PathLike, vision_lo
         from blip2_train.models.export import export_meta
 
         if export_meta(src).get("stage") == 1:
-            raise CheckpointError(f"{src} is a stage-1 export: pass it as model.stage1_checkpoint")
+            raise wrong_stage(src, 1, STAGE2_KEY)
         sd = {k: v for k, v in convert.load_hf_weights(src).items() if not k.startswith("language_model.")}
         if "language_projection.weight" not in sd:
             raise CheckpointError(f"{src} has no language_projection: not a stage-2 (Blip2ForConditionalGeneration) "
@@ -157,7 +163,7 @@ def load_stage2_weights(model: Blip2Stage2, source: str | os.PathLike, vision_lo
         if "state_dict" not in ckpt:  # a plain state dict: the reference's layout
             return load_reference_stage2(model, src, ckpt.get("model", ckpt), vision_loaded)
         if ckpt.get("blip2_stage") == 1:
-            raise CheckpointError(f"{src} is a stage-1 checkpoint: pass it as model.stage1_checkpoint")
+            raise wrong_stage(src, 1, STAGE2_KEY)
         sd = {k[len("model.hf."):]: v for k, v in ckpt.get("state_dict", {}).items()
               if k.startswith("model.hf.") and not k.startswith("model.hf.language_model.")}
         if not sd:
@@ -183,9 +189,28 @@ def load_reference_stage2(model: Blip2Stage2, src: Path, ref: dict, vision_loade
 def _load_fitted(model: Blip2Stage2, sd: dict[str, torch.Tensor], src) -> list[str]:
     """Load into model.hf (position embeddings resized to the configured image size); -> keys not covered."""
     own = model.hf.state_dict()
+    refuse_other_query_count(sd.get("query_tokens"), own["query_tokens"], f"the stage-2 checkpoint {src}")
     vision.fit_position_embedding(sd, "vision_model.embeddings.position_embedding",
                                   own["vision_model.embeddings.position_embedding"])
     return convert.load_into(model.hf, sd, f"stage-2 weights from {src}", allow_missing=("language_model.",))
+
+
+def check_stage1_source(source) -> None:
+    """The stage-1 checkpoint of a stage-2 model exists and is not a stage-2 result."""
+    src = Path(str(source))
+    if not src.exists():
+        raise CheckpointError(f"stage-1 checkpoint not found: {src} (paths.stage1_checkpoint)")
+    if checkpoint_stage(src) == 2:
+        raise wrong_stage(src, 2, "paths.stage1_checkpoint")
+
+
+def check_stage2_source(source) -> None:
+    """The stage-2 checkpoint exists and is not a stage-1 result, told before anything is read from it."""
+    src = Path(str(source))
+    if not src.exists():
+        raise CheckpointError(f"stage-2 checkpoint not found: {src} (paths.stage2_checkpoint)")
+    if checkpoint_stage(src) == 1:
+        raise wrong_stage(src, 1, STAGE2_KEY)
 
 
 def enable_activation_checkpointing(model: Blip2Stage2, parts: dict | None) -> None:
@@ -235,6 +260,17 @@ def build_stage2_model(
     the reference)."""
     if text is not None:
         end_text = dict(text).get("end_text", end_text)
+    # Before the LLM is read: an evaluation takes its LLM from the stage-2 checkpoint, so a stage-1 result given
+    # there would otherwise be reported as an LLM without weights.
+    if stage2_checkpoint:
+        check_stage2_source(stage2_checkpoint)
+    if stage1_checkpoint:
+        check_stage1_source(stage1_checkpoint)
+    llm_lib.require_model_dir(llm, "LLM directory")
+    shapes = tower_shapes(vision, qformer, num_query_tokens)
+    for key, source in (("the stage-1 checkpoint", stage1_checkpoint), ("the stage-2 checkpoint", stage2_checkpoint)):
+        if source:
+            refuse_other_shapes(source, shapes, key)
     if seed is not None:
         torch.manual_seed(seed)
     tok = llm_lib.load_llm_tokenizer(llm)
@@ -249,15 +285,16 @@ def build_stage2_model(
     if ln_vision_eps is not None:  # transformers' config has one eps for the blocks and post_layernorm
         model.hf.vision_model.post_layernorm.eps = float(ln_vision_eps)
     if stage1_checkpoint:
-        sd = stage1_weights_for_stage2(read_stage1_source(stage1_checkpoint), model)
+        sd = stage1_weights_for_stage2(read_stage1_source(stage1_checkpoint), model,
+                                       f"the stage-1 checkpoint {stage1_checkpoint}")
         missing = convert.load_into(model.hf, sd, f"stage-1 weights from {stage1_checkpoint}",
                                     allow_missing=("language_projection.", "language_model."))
         if missing:
             raise CheckpointError(f"{stage1_checkpoint} lacks stage-1 weights for {missing[:5]}")
         log.info("stage 1 -> stage 2: %d tensors from %s", len(sd), stage1_checkpoint)
     elif not stage2_checkpoint:
-        log.warning("model.stage1_checkpoint and model.stage2_checkpoint are null: the Q-Former starts from random "
-                    "init (smoke tests only)")
+        log.warning("no stage-1 or stage-2 checkpoint (paths.stage1_checkpoint, paths.stage2_checkpoint): the "
+                    "Q-Former starts from random init (smoke tests only)")
     if vision_checkpoint:
         from blip2_train.models.build_stage1 import init_vision_from
 

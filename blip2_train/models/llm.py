@@ -30,10 +30,19 @@ def require_model_dir(path, what: str) -> Path:
     if not p.is_dir():
         raise CheckpointError(
             f"{what} not found: {p} (no model hub here: save the model with save_pretrained and point at that "
-            "local directory, e.g. model.llm=/ckpt/opt-2.7b)")
+            "local directory, e.g. paths.llm_dir=/ckpt/opt-2.7b)")
     if not (p / "config.json").exists() and what.startswith("LLM"):
         raise CheckpointError(f"{p} has no config.json: not a transformers model directory")
+    if what.startswith("LLM") and _is_stage1_export(p):
+        raise CheckpointError(f"{what} {p} is a stage-1 export, which holds no LLM: set paths.llm_dir to a local "
+                              "LLM directory (or a stage-2 export, which holds one)")
     return p
+
+
+def _is_stage1_export(p: Path) -> bool:
+    from blip2_train.models.export import export_meta
+
+    return export_meta(p).get("stage") == 1
 
 
 def load_llm_tokenizer(path: str | os.PathLike, padding_side: str = "right"):

@@ -18,7 +18,7 @@ def load_qformer_tokenizer(path: str | os.PathLike):
     path = str(path)
     if not os.path.isdir(path):
         raise CheckpointError(
-            f"tokenizer directory not found: {path} (no model hub here: point model.tokenizer at a local "
+            f"tokenizer directory not found: {path} (no model hub here: point paths.bert_dir at a local "
             "bert-base-uncased directory, e.g. one saved with save_pretrained)")
     tok = BertTokenizerFast.from_pretrained(path)
     if tok.bos_token != DEC_TOKEN:

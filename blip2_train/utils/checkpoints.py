@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from blip2_train.utils.errors import CheckpointError
+from blip2_train.utils.io import describe_no_space, no_space_error
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def load_lightning_checkpoint(model, path: str | Path) -> dict:
     got = ckpt.get("blip2_stage") or (2 if any(k.startswith("hf.language_projection.") for k in sd) else 1)
     if got != want:
         raise CheckpointError(f"{p} is a stage-{got} checkpoint but the model configured here is stage {want} "
-                              f"(stage 2 starts from stage 1 through model.stage1_checkpoint)")
+                              f"(stage 2 starts from stage 1 through paths.stage1_checkpoint)")
     unexpected = [k for k in sd if k not in own]
     if unexpected:
         raise CheckpointError(f"{p} does not fit this model: {len(unexpected)} key(s) have no place, e.g. {unexpected[:3]}")
@@ -120,8 +121,23 @@ def save_atomic(checkpoint, path) -> None:
             os.fsync(fd)  # the rename itself reaches the disk
         finally:
             os.close(fd)
+    except Exception as e:
+        full = no_space_error(e)
+        if full is None:
+            raise
+        tmp.unlink(missing_ok=True)  # give back the room the partial file took before looking at what is free
+        intact = newest_intact_checkpoint(path.parent)
+        kept = (f"{intact} is intact: free space, then resume with ckpt_path=auto" if intact else
+                "no earlier checkpoint here: free space and start again")
+        raise CheckpointError(f"{describe_no_space(full, path)}: this checkpoint was not written; {kept}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def newest_intact_checkpoint(directory) -> Path | None:
+    """The newest checkpoint in `directory` that `checkpoint_problem` finds whole (what ckpt_path=auto takes)."""
+    found = sorted(Path(directory).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return next((p for p in found if checkpoint_problem(p) is None), None)
 
 
 def checkpoint_problem(path) -> str | None:

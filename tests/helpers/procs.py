@@ -49,3 +49,13 @@ def run(tool: str, args: list[str], nproc: int = 1, timeout: int = 300, script: 
     r = subprocess.run(cmd, cwd=REPO, env=clean_env(**env), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(cmd[3:])}\n{r.stderr[-4000:]}"
     return r
+
+
+def summary_rows(stdout: str) -> dict[str, str]:
+    """The `  key: value` rows of the summary a command prints last (run, metrics, checkpoint, next)."""
+    rows = {}
+    for line in stdout.strip().splitlines():
+        key, sep, value = line.strip().partition(": ")
+        if line.startswith("  ") and sep and key.isidentifier():
+            rows[key] = value.strip()
+    return rows

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from blip2_train.config.compose import register
+from helpers.procs import summary_rows
 from helpers.tiny import REPO, tiny_cli
 
 
@@ -72,8 +73,12 @@ def test_cfg_job_prints_the_composed_config_and_resolve_resolves_it(synth, capsy
 def test_info_and_help_name_the_packaged_configs(capsys):
     rc, out, err = inproc(capsys, "--info", "searchpath")
     assert rc == 0 and "pkg://blip2_train.conf" in out, out + err
+    shown = [line for line in (out + err).splitlines() if "pkg://blip2_train.conf" in line]
+    assert len(shown) == 1, out + err  # each line once, not again through the log
     rc, out, err = inproc(capsys, "--help")
     assert rc == 0 and "blip2-train" in out and "stage1_pretrain" in out
+    section = out.split("(README: ")[1].split(")")[0]  # the README section --help points to exists
+    assert f"## {section}\n" in (REPO / "README.md").read_text(), section
 
 
 def test_submitit_slurm_launcher_config_composes(capsys):
@@ -181,8 +186,17 @@ def test_run_directory_is_hydras_and_chdir_keeps_paths_relative_to_the_start(syn
     over = [a for a in small_train(synth) if not a.startswith("paths.data_dir=")]
     r = app(*over, "hydra.job.chdir=true", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    run = Path(r.stdout.strip().splitlines()[-1].split("output directory: ")[1])
+    rows = summary_rows(r.stdout)
+    run = Path(rows["run"])
     assert run.parent == tmp_path / "outputs" / "stage1_pretrain" and (run / "metrics.json").is_file()
+    # the summary ends the output: the main figures, where things went, and the next command, which runs
+    assert r.stdout.strip().splitlines()[-1].startswith("  next:") and "train/loss" in r.stdout
+    assert rows["metrics"] == str(run / "metrics.json") and rows["checkpoint"].endswith("last.ckpt (step 2)")
+    tool, *args = rows["next"].split()
+    assert tool == "blip2-export"
+    e = subprocess.run([sys.executable, "-m", "blip2_train.cli.export", *args], cwd=tmp_path, env=clean_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert e.returncode == 0 and (run / "export" / "config.json").is_file(), e.stderr[-3000:]
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "stage1_pretrain.log").is_file()
     r = app(*small_train(synth, f"hydra.run.dir={tmp_path / 'here'}"), module="blip2_train.train")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -272,5 +286,24 @@ def test_wheel_outside_the_repository_composes_every_experiment_and_trains_stage
     r = subprocess.run([str(wheel_venv / "bin" / "blip2-train"), *small_train(synth)], cwd=tmp_path,
                        env=clean_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    run = Path(r.stdout.strip().splitlines()[-1].split("output directory: ")[1])
+    run = Path(summary_rows(r.stdout)["run"])
     assert run.is_relative_to(tmp_path) and json.loads((run / "metrics.json").read_text())["global_step"] == 2
+
+
+def test_a_run_shows_steps_its_parts_and_no_library_noise(synth, tmp_path):
+    """What a person watches: the progress bar counts steps of max_steps with the learning rate readable, one table
+    of the model's parts (trainable / frozen), a line per checkpoint saved, each Lightning line once, and none of
+    the warnings every run used to print."""
+    args = small_train(synth, "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=2",
+                       f"paths.output_dir={tmp_path / 'run'}")
+    r = app(*[a for a in args if a != "callbacks.progress=null"])  # the shipped progress bar
+    assert r.returncode == 0, r.stderr[-3000:]
+    shown = r.stdout + r.stderr
+    assert "step (4 in all)" in shown and "4/4" in shown and "Epoch 0/-2" not in shown
+    lr = re.search(r"train/lr:\s+(\S+)", shown)
+    assert lr and re.fullmatch(r"\d\.\d\de-\d\d", lr.group(1)), shown[-2000:]
+    assert re.search(r"part\s+trainable\s+frozen\s+dtype", shown) and re.search(r"\nqformer\s+\S", shown)
+    assert "Total FLOPs" not in shown and "LeafSpec" not in shown and "has `__len__` defined" not in shown
+    assert shown.count("Seed set to") == 1
+    saved = re.findall(r"checkpoint saved: (\S+) \(step (\d+)\)", shown)
+    assert [Path(p).name for p, _ in saved][:2] == ["step0000002.ckpt", "last.ckpt"] and saved[-1][1] == "4"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -273,17 +274,36 @@ def test_second_run_into_a_directory_in_use_is_refused_naming_the_holder(synth, 
                              cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + LIMIT
-        while not (out / ".run.lock").exists():
+        while not (out / ".hydra" / "overrides.yaml").exists():  # the record: written once the run is its own
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.05)
+        record = {p.name: p.read_bytes() for p in [out / "config.yaml", *(out / ".hydra").iterdir()]}
         line = one_line(cli(*train_args(synth, out, "trainer.max_steps=5")))
         assert "in use by another run" in line and f"pid {first.pid}" in line
         assert first.poll() is None  # the first run goes on
         holder = json.loads((out / ".run.lock").read_text())
         assert holder["pid"] == first.pid
+        # the refused start changed nothing of the first run's record
+        assert {p.name: p.read_bytes() for p in [out / "config.yaml", *(out / ".hydra").iterdir()]} == record
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+
+
+def test_a_refused_start_changes_nothing_and_leaves_no_directory(synth, base_run, tmp_path, tiny_llms):
+    out = copy_run(base_run, tmp_path)
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert "trainer.max_steps=10" in (out / ".hydra" / "overrides.yaml").read_text()
+    line = one_line(cli(*train_args(synth, out, "trainer.max_steps=20")))  # a finished run's directory
+    assert "already holds checkpoints" in line and "ckpt_path=auto" in line
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # refused after its directory was made (no paths.output_dir: <log_dir>/<task>/<stamp>): nothing left
+    logs = tmp_path / "logs"
+    line = one_line(cli("experiment=stage2_pretrain", *tiny_cli(synth, f"paths.llm_dir={tmp_path / 'no_llm'}",
+                                                                "paths.stage1_checkpoint=null",
+                                                                f"paths.log_dir={logs}")))
+    assert "no_llm" in line
+    assert not logs.exists() or not any(p.is_file() for p in logs.rglob("*")), sorted(logs.rglob("*"))
 
 
 # -- evaluation sets fail in one line naming the file and the entry ---------------------------------------------
@@ -399,7 +419,17 @@ def test_checkpoint_of_the_other_stage_is_refused(synth, tiny_llms, stage1_expor
     line = one_line(cli("experiment=stage2_pretrain", *tiny_cli(synth, f"paths.llm_dir={tiny_llms['opt']}",
                                                                 "paths.stage1_checkpoint=null", f"ckpt_path={ckpt}",
                                                                 f"paths.output_dir={tmp_path / 's2'}"), timeout=300))
-    assert "stage-1" in line and "stage1_checkpoint" in line
+    assert "stage-1" in line and "paths.stage1_checkpoint" in line
+    # and the other way: a stage-1 run given a stage-2 checkpoint is told which experiment resumes it
+    s2 = tmp_path / "s2ok"
+    r = cli("experiment=stage2_pretrain", *tiny_cli(synth, f"paths.llm_dir={tiny_llms['opt']}", "trainer.max_steps=1",
+                                                    "data.batch_size=4", "data.samples_per_epoch=40",
+                                                    "eval.enabled=false", f"paths.stage1_checkpoint={ckpt}",
+                                                    f"paths.output_dir={s2}"), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = one_line(cli("experiment=stage1_pretrain", *tiny_cli(synth, f"ckpt_path={s2 / 'checkpoints' / 'last.ckpt'}",
+                                                                f"paths.output_dir={tmp_path / 's1b'}"), timeout=300))
+    assert "stage-2" in line and "experiment=stage2_pretrain" in line and "stage1_checkpoint" not in line
     # loading it into a stage-2 model for evaluation or export
     with pytest.raises(CheckpointError, match="stage-1 checkpoint but the model configured here is stage 2"):
         load_lightning_checkpoint(tiny_stage2(tiny_llms["opt"]), ckpt)
@@ -508,3 +538,38 @@ def test_a_checkpoint_missing_a_trained_weight_is_refused_by_name(synth, tmp_pat
                        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "hf.qformer.encoder.layer.0.attention.attention.query.weight" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not (tmp_path / "exp").exists()
+
+
+def _file_size_limit(limit: int):
+    """A full disk, as a process meets it: writes past `limit` bytes fail with EFBIG (SIGXFSZ ignored, as a
+    shell's `ulimit -f` leaves a Python process)."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_full_disk_is_one_line_naming_the_file_and_the_intact_checkpoint(synth, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    ckpts = out / "checkpoints"
+    before = {p.name: p.read_bytes() for p in ckpts.glob("*.ckpt")}
+    rows_before = (out / "csv" / "metrics.csv").read_text()
+    # a checkpoint (1.7 MB at tiny size) does not fit; the logs and the config record do
+    r = subprocess.run([sys.executable, "-m", "blip2_train.cli.train",
+                        *train_args(synth, out, "trainer.max_steps=15", "ckpt_path=auto")], cwd=REPO,
+                       env=clean_env(), capture_output=True, text=True, timeout=LIMIT,
+                       preexec_fn=_file_size_limit(1_000_000))
+    line = one_line(r)
+    assert "file size limit" in line and "step0000015.ckpt" in line and "free in" in line, line
+    intact = line.split(" is intact")[0].rsplit(" ", 1)[-1]
+    assert intact in (str(ckpts / "last.ckpt"), str(ckpts / "step0000010.ckpt")) and "ckpt_path=auto" in line, line
+    assert {p.name: p.read_bytes() for p in ckpts.glob("*.ckpt")} == before  # nothing already written is lost
+    assert not list(ckpts.glob(".*.tmp-*"))
+    assert (out / "csv" / "metrics.csv").read_text().startswith(rows_before)
+    # full from the start: the first file written is refused in one line
+    r = subprocess.run([sys.executable, "-m", "blip2_train.cli.train",
+                        *train_args(synth, tmp_path / "new", "trainer.max_steps=5")], cwd=REPO,
+                       env=clean_env(), capture_output=True, text=True, timeout=LIMIT,
+                       preexec_fn=_file_size_limit(64))
+    line = one_line(r)
+    assert "file size limit" in line and "free space and run again" in line, line

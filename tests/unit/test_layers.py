@@ -29,7 +29,7 @@ MODULES = {
                "vision"],
     "data": ["annotations", "captions", "collate", "datamodule", "decode", "eval_sets", "replay", "shards", "stream",
              "transforms", "vqa"],
-    "lit": ["base", "checkpoint_io", "optim", "periodic", "snapshot", "stage1", "stage2"],
+    "lit": ["base", "checkpoint_io", "optim", "periodic", "progress", "signal_stop", "snapshot", "stage1", "stage2"],
     "eval": ["callback", "captioning", "generation", "retrieval", "runner", "vqa", "metrics.captioning",
              "metrics.retrieval", "metrics.vqa"],
     "demo": ["llm", "report", "vit", "world", "world_vqa"],

@@ -187,7 +187,7 @@ def test_wrong_stage_or_llm_is_refused_with_one_line(tiny_llms, reference_files,
         ours_from_pth(tiny_llms, reference_files["t5"][0], "opt")
     s1 = tmp_path / "blip2_pretrained.pth"
     torch.save({"model": ours_to_reference(tiny_stage1(synth["tokenizer"]).state_dict())}, s1)
-    with pytest.raises(CheckpointError, match="stage-1 reference checkpoint .*model.stage1_checkpoint"):
+    with pytest.raises(CheckpointError, match="stage-1 reference checkpoint .*paths.stage1_checkpoint"):
         ours_from_pth(tiny_llms, s1, "opt")
     with pytest.raises(CheckpointError, match="is a file, not a transformers directory .*llm_dir"):
         tiny_stage2(opt_pth, stage2_checkpoint=str(opt_pth))
