@@ -37,6 +37,10 @@ def run_cli(config_name: str, body: Callable[[DictConfig], dict], argv: list[str
 
     def task(cfg: DictConfig):
         results.append(_run_sweep_job(cfg, body) if multirun else run_job(cfg, body))
+        stopped = results[-1] or {}
+        if multirun and stopped.get("exit_code"):  # a signal stops the sweep, not only its current job
+            print(stopped["message"], file=sys.stderr)
+            raise SystemExit(int(stopped["exit_code"]))
         return results[-1]
 
     user_full_error = os.environ.get("BLIP2_FULL_ERROR") == "1" or (
@@ -173,12 +177,14 @@ def run_job(cfg: DictConfig, body: Callable[[DictConfig], dict]) -> dict:
 
     run_dir = adopt_hydra_run_dir(cfg)
     fresh = run_dir is not None and run_dir.is_dir() and not any(run_dir.iterdir())  # Hydra just made it
+    _work_started.clear()
     try:
         refuse_unknown_keys(cfg)
         check_ranges(cfg)
         return body(cfg)
     except Exception as e:
-        if fresh and is_rank_zero() and known_error_line(e) is not None:  # refused (one line), not a crash
+        # refused (one line) before training or evaluation began: not a run that failed later
+        if fresh and is_rank_zero() and not _work_started and known_error_line(e) is not None:
             remove_refused_start(run_dir)
         raise
 
@@ -209,17 +215,27 @@ def adopt_hydra_run_dir(cfg: DictConfig) -> Path | None:
 BOOKKEEPING = {".hydra", "config.yaml", ".run.lock"}
 
 
+_work_started: list[bool] = []
+
+
+def work_started() -> None:
+    """Called by a command body as its real work begins (fit, evaluation): from then on a failure is a run's,
+    and its directory stays whatever it holds."""
+    _work_started.append(True)
+
+
 def remove_refused_start(run_dir: Path) -> None:
     """Remove the directory this start made (Hydra creates it up front) when the start was refused before it
     wrote more than its own bookkeeping: no empty run directory is left behind by each refused start."""
     import shutil
 
+    if not run_dir.is_dir() or not all(p.name in BOOKKEEPING or p.suffix == ".log" for p in run_dir.iterdir()):
+        return
     if (run_dir / LOCK_NAME).exists() and not holds_lock(run_dir):  # another run started into it meanwhile
         return
-    if run_dir.is_dir() and all(p.name in BOOKKEEPING or p.suffix == ".log" for p in run_dir.iterdir()):
-        close_log_files()
-        release_run_locks()
-        shutil.rmtree(run_dir, ignore_errors=True)
+    close_log_files()
+    release_run_locks()
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def record_run(cfg: DictConfig, run_dir: Path) -> None:

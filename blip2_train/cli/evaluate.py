@@ -10,7 +10,7 @@ import logging
 
 from omegaconf import DictConfig
 
-from blip2_train.cli.app import instantiate_logged, record_run, resolve_run_dir, run_cli, run_summary
+from blip2_train.cli.app import instantiate_logged, record_run, resolve_run_dir, run_cli, run_summary, work_started
 from blip2_train.distributed.launch import is_rank_zero
 from blip2_train.utils.io import write_json_atomic
 
@@ -21,7 +21,7 @@ def evaluate(cfg: DictConfig) -> dict:
     """One process, or one per device under torchrun / srun: each rank encodes and scores its share of the
     images, results are gathered, and rank 0 alone writes metrics.json and the predictions."""
     from blip2_train.utils.checkpoints import load_lightning_checkpoint
-    from blip2_train.eval.runner import run_evaluation
+    from blip2_train.eval.runner import check_kind_fits, run_evaluation
     from blip2_train.distributed.launch import init_distributed, shutdown_distributed
 
     check_checkpoint(cfg)
@@ -34,6 +34,8 @@ def evaluate(cfg: DictConfig) -> dict:
         if cfg.get("checkpoint"):
             load_lightning_checkpoint(model, cfg.checkpoint)
         model.to(device)
+        check_kind_fits(model, cfg.eval.get("kind", "retrieval"))
+        work_started()
         metrics = run_evaluation(model, datamodule, cfg.eval, out_dir=run_dir)
         if is_rank_zero():
             write_json_atomic(run_dir / "metrics.json", metrics)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from blip2_train.cli.app import instantiate_logged, record_run, resolve_run_dir, run_cli, run_summary, to_floats
+from blip2_train.cli.app import (instantiate_logged, record_run, resolve_run_dir, run_cli, run_summary, to_floats,
+                                 work_started)
 from blip2_train.cli.log import adopt_library_logging
 from blip2_train.distributed.launch import is_rank_zero
 from blip2_train.utils.io import write_json_atomic
@@ -159,6 +160,7 @@ def train(cfg: DictConfig) -> dict:
         plugins.append(AtomicCheckpointIO())  # DeepSpeed writes its own sharded checkpoint directories
     trainer = instantiate_logged(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy,
                                  plugins=plugins, default_root_dir=str(run_dir))
+    work_started()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     stopped = signal_stop_of(trainer)
     if stopped is not None:  # no final evaluation and no metrics.json: the run is not finished
@@ -199,7 +201,8 @@ def train_summary(cfg: DictConfig, trainer, metrics: dict, run_dir: Path) -> lis
     last = Path(mc.dirpath) / f"{mc.CHECKPOINT_NAME_LAST}{mc.FILE_EXTENSION}" if mc else None
     rows = [("run", str(run_dir)), ("metrics", str(run_dir / "metrics.json"))]
     if last is not None and last.exists():
-        rows += [("checkpoint", f"{last} (step {trainer.global_step})"),
+        step = getattr(mc, "_last_global_step_saved", None)  # the step last.ckpt was last written at
+        rows += [("checkpoint", f"{last}" + (f" (step {step})" if step else "")),
                  ("next", f"blip2-export {last} --out {run_dir / 'export'}")]
     title = f"{cfg.get('task_name', 'run')}: {trainer.global_step} steps done"
     return run_summary(title, metrics, rows)

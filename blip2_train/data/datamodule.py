@@ -89,13 +89,13 @@ def shape_changes(saved: dict, now: dict) -> list[str]:
     return out
 
 
-def ignore_stop_signals(_worker_id: int) -> None:
-    """Loader workers leave SIGTERM / SIGINT to the training process: `scancel`, Ctrl-C and `kill -- -PGID` reach
-    every process of the job, and a worker ended by one turns the run's orderly stop (a checkpoint of the step,
-    lit/signal_stop.py) into "DataLoader worker is killed by signal". A worker still ends with its parent."""
+def ignore_ctrl_c(_worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the training process: a terminal's SIGINT reaches every process of the
+    foreground group, and a worker ended by it turned the run's orderly stop (a checkpoint of the step,
+    lit/signal_stop.py) into "DataLoader worker exited unexpectedly". SIGTERM is left as it is: the loader shuts
+    its workers down with it, and a worker that ignored it would hang the exit."""
     import signal
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -265,7 +265,7 @@ class Blip2DataModule(L.LightningDataModule):
                 self.train_stream.skip_batches = self._resume_skip(self._resume)
             self._resume = None
         return DataLoader(self.train_stream, batch_size=None, num_workers=self.num_workers,
-                          persistent_workers=False, pin_memory=False, worker_init_fn=ignore_stop_signals,
+                          persistent_workers=False, pin_memory=False, worker_init_fn=ignore_ctrl_c,
                           prefetch_factor=4 if self.num_workers > 0 else None)
 
     # -- exact resume: Lightning stores this in every checkpoint and hands it back before train_dataloader() --

@@ -12,19 +12,25 @@ log = logging.getLogger(__name__)
 EVAL_KINDS = ("retrieval", "caption", "vqa")
 
 
-def run_evaluation(model, datamodule, cfg, out_dir=None) -> dict[str, float]:
-    """`cfg.kind`: retrieval (stage 1), caption or vqa (stage 2). Every rank calls this; metrics are complete on
-    rank 0 (retrieval: on every rank)."""
+def check_kind_fits(model, kind: str) -> None:
+    """Retrieval scores a stage-1 model (ITC / ITM); captioning and VQA generate with a stage-2 one."""
+    from blip2_train.models.stage2 import Blip2Stage2
     from blip2_train.utils.errors import ConfigError
 
-    from blip2_train.models.stage2 import Blip2Stage2
-
-    kind = cfg.get("kind", "retrieval")
     if kind in EVAL_KINDS and (kind != "retrieval") != isinstance(model, Blip2Stage2):
         needs = "a stage-2 model (an LLM to generate with)" if kind != "retrieval" else "a stage-1 model (ITC / ITM)"
         raise ConfigError(f"eval.kind={kind} needs {needs}, and the model here is stage "
                           f"{2 if isinstance(model, Blip2Stage2) else 1}: choose the evaluation experiment of its "
                           "stage (retrieval_*_eval for stage 1; caption_*_eval or vqa_*_eval for stage 2)")
+
+
+def run_evaluation(model, datamodule, cfg, out_dir=None) -> dict[str, float]:
+    """`cfg.kind`: retrieval (stage 1), caption or vqa (stage 2). Every rank calls this; metrics are complete on
+    rank 0 (retrieval: on every rank)."""
+    from blip2_train.utils.errors import ConfigError
+
+    kind = cfg.get("kind", "retrieval")
+    check_kind_fits(model, kind)
     r, w = rank(), world_size()
     data = datamodule.eval_data()
     loader = datamodule.eval_image_loader(r, w)

@@ -56,11 +56,16 @@ class Blip2LitModule(L.LightningModule):
     # (ViT, LLM) must go back to eval mode (no dropout), every time.
     def on_train_start(self) -> None:
         self.model.set_train_modes(True)
-        # Loggers label a step with the loop's count of optimizer steps. Lightning restores that count + 1 to
-        # make up for checkpoints saved inside on_train_batch_end (before the loop counts the step); a SLURM
-        # preemption checkpoint (hpc_ckpt_N.ckpt) is saved from a signal handler after the count, so every later
-        # row would be labelled one step ahead. The count is the optimizer steps taken, whichever save it was.
+        self._relabel_steps = True
+
+    def _label_steps_by_optimizer_steps(self) -> None:
+        """Loggers label a step with the loop's count of optimizer steps, which Lightning restores + 1 at the
+        first batch of a resumed run, to make up for checkpoints saved inside on_train_batch_end (before the loop
+        counts the step). A SLURM preemption checkpoint (hpc_ckpt_N.ckpt) is saved from a signal handler after
+        the count, so every later row came one step ahead. The count is the optimizer steps taken, whichever save
+        the run resumed from: set once, at the first batch, after Lightning's adjustment."""
         self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+        self._relabel_steps = False
 
     def on_train_epoch_start(self) -> None:
         self.model.set_train_modes(True)
@@ -74,6 +79,8 @@ class Blip2LitModule(L.LightningModule):
         # batch index keeps the micro-batches of one gradient-accumulation window (same step) apart.
         from blip2_train.utils.hashing import stable_hash
 
+        if getattr(self, "_relabel_steps", False):
+            self._label_steps_by_optimizer_steps()
         torch.manual_seed(stable_hash("step", self.hparams.seed, self.global_step, self.global_rank, batch_idx))
 
     def training_step(self, batch: dict, batch_idx: int):

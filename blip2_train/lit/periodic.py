@@ -18,6 +18,8 @@ class EveryNSteps(L.Callback):
         step = trainer.global_step
         if not self.every_n_steps or step == 0 or step % self.every_n_steps or step == self._last_step:
             return
+        if trainer.should_stop:  # a signal stops the run at this step (lit/signal_stop.py): no minutes-long extra
+            return
         self._last_step = step
         self.at_step(trainer, pl_module, step)
 
