@@ -64,14 +64,20 @@ def chain16(synth, tiny_llms, tmp_path_factory) -> dict:
     ("eval", "eval.vqa_generate.length_penalty=nan", "eval.vqa_generate.length_penalty=nan is not a finite number"),
 ])
 def test_non_finite_floats_are_one_line_before_any_work(synth, tmp_path, tool, override, expected):
-    out = tmp_path / "run"
+    refused_before_any_work(synth, tmp_path / "run", tool, override, expected,
+                            ["experiment=vqa_vqav2_eval", "paths.stage2_checkpoint=null"])
+
+
+def refused_before_any_work(synth, out: Path, tool: str, override: str, expected: str, eval_start: list[str]):
+    """`override` on stage-1 training, or on the evaluation `eval_start` names, is one line naming `expected`,
+    and nothing was created."""
     if tool == "train":
-        args = ["experiment=stage1_pretrain", *small_train(synth, out, "trainer.max_steps=6", override)]
+        args = ["experiment=stage1_pretrain", *small_train(synth, out, "trainer.max_steps=2", override)]
     else:
-        args = ["experiment=vqa_vqav2_eval", *small_eval(synth, out, "paths.stage2_checkpoint=null", override)]
+        args = [eval_start[0], *small_eval(synth, out, *eval_start[1:], override)]
     line = one_line(cli(*args, tool=tool))
     assert expected in line, line
-    assert not out.exists()  # refused before anything was created
+    assert not out.exists()
 
 
 @pytest.mark.timeout(LIMIT)
@@ -89,14 +95,8 @@ def test_non_finite_floats_are_one_line_before_any_work(synth, tmp_path, tool, o
                                          "(model.vision.image_size=32)"),
 ])
 def test_image_sizes_the_vit_cannot_take_are_one_line_before_any_work(synth, tmp_path, tool, override, expected):
-    out = tmp_path / "run"
-    if tool == "train":
-        args = ["experiment=stage1_pretrain", *small_train(synth, out, "trainer.max_steps=2", override)]
-    else:
-        args = ["experiment=retrieval_coco_eval", *small_eval(synth, out, "paths.stage1_checkpoint=null", override)]
-    line = one_line(cli(*args, tool=tool))
-    assert expected in line, line
-    assert not out.exists()
+    refused_before_any_work(synth, tmp_path / "run", tool, override, expected,
+                            ["experiment=retrieval_coco_eval", "paths.stage1_checkpoint=null"])
 
 
 # -- a result of the other stage -----------------------------------------------------------------------------
