@@ -180,6 +180,9 @@ def build_shards(
             why = None  # a new shard
         if why is not None:
             reasons.setdefault(why, []).append(name)
+        # the old marker goes first: a build killed after the new tar is in place but before its marker leaves
+        # a tar without one (rebuilt next time), never the new tar under the old records' fingerprint
+        (out_dir / (name + ".done.json")).unlink(missing_ok=True)
         jobs.append((idx, (recs, str(image_root), str(out_dir / name), max_pixels)))
 
     def finish(idx, entry):

@@ -230,3 +230,38 @@ def test_img2dataset_style_shard_is_readable(tmp_path, tokenizer):
     write_tar(tmp_path / "00000.tar", samples)
     batches = list(_stream([tmp_path / "00000.tar"], tokenizer, batch_size=5))
     assert batches[0]["image"].shape[0] == 5 and batches[0]["caption"][0].startswith("a photo number")
+
+
+def test_a_rebuild_killed_before_its_marker_is_rebuilt_not_trusted(tmp_path, monkeypatch):
+    """A re-run killed after a changed shard's new tar is in place but before its marker is written: the next
+    run must not take the new tar for the old records (same size, the old marker's fingerprint)."""
+    import blip2_train.data.shards as shards
+
+    recs = _write_images(tmp_path, 3)
+    ann = tmp_path / "ann.jsonl"
+    out = tmp_path / "shards"
+
+    def build(captions):
+        ann.write_text("\n".join(json.dumps({**r, "caption": c}) for r, c in zip(recs, captions)))
+        return build_shards(read_annotations(ann, "jsonl"), tmp_path, out, shard_size=3, progress=False)
+
+    def captions_in_tar():
+        with tarfile.open(out / "shard-000000.tar") as tar:
+            return sorted(json.loads(tar.extractfile(m).read())["caption"] for m in tar.getmembers()
+                          if m.name.endswith(".json"))
+
+    first = ["a red circle", "a red square", "a red star"]
+    build(first)
+    real_write = shards.write_json_atomic
+
+    def killed_at_the_marker(path, *a, **k):
+        if str(path).endswith(".done.json"):
+            raise KeyboardInterrupt  # the kill, between the tar's rename and its marker
+        return real_write(path, *a, **k)
+
+    monkeypatch.setattr(shards, "write_json_atomic", killed_at_the_marker)
+    with pytest.raises(KeyboardInterrupt):
+        build(["a tan circle", "a red square", "a red star"])  # same length: the same tar size
+    monkeypatch.setattr(shards, "write_json_atomic", real_write)
+    build(first)  # back to the first records: the tar on disk holds the edited caption, and is rebuilt
+    assert captions_in_tar() == sorted(first)
