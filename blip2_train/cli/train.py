@@ -66,7 +66,7 @@ def resolve_ckpt_path(cfg: DictConfig, run_dir) -> str | None:
     Lightning would write `last-v1.ckpt` beside the old `last.ckpt` and a later export would silently take the
     old one. Unreadable checkpoints are refused (explicit path) or skipped with a warning (`auto`) before
     anything is written, and the temporary files of killed saves are removed."""
-    from blip2_train.utils.checkpoints import checkpoint_problem, remove_save_debris
+    from blip2_train.utils.checkpoints import checkpoint_problem, newest_intact_checkpoint, remove_save_debris
     from blip2_train.utils.errors import CheckpointError, ConfigError
 
     if is_rank_zero() and (run_dir / "checkpoints").is_dir():
@@ -77,16 +77,13 @@ def resolve_ckpt_path(cfg: DictConfig, run_dir) -> str | None:
         # any checkpoint of this run, or the one Lightning writes when SLURM signals a preemption
         # (hpc_ckpt_N.ckpt): the newest intact one. A kill between step*.ckpt and last.ckpt leaves the step
         # file newer; a truncated last.ckpt falls back to the one before.
-        found = [*(run_dir / "checkpoints").glob("*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
-        bad = []
-        for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
-            problem = checkpoint_problem(p)
-            if problem is None:
-                if bad:
-                    log.warning("skipping unreadable checkpoint(s) %s; resuming from %s", "; ".join(bad), p)
-                log.info("resuming from %s", p)
-                return str(p)
-            bad.append(f"{p}: {problem}")
+        found, bad = newest_intact_checkpoint([*(run_dir / "checkpoints").glob("*.ckpt"),
+                                               *run_dir.glob("hpc_ckpt_*.ckpt")])
+        if found is not None:
+            if bad:
+                log.warning("skipping unreadable checkpoint(s) %s; resuming from %s", "; ".join(bad), found)
+            log.info("resuming from %s", found)
+            return str(found)
         if bad:
             raise CheckpointError(f"ckpt_path=auto: no intact checkpoint in {run_dir}: {'; '.join(bad)}")
         return None

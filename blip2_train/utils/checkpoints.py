@@ -126,7 +126,7 @@ def save_atomic(checkpoint, path) -> None:
         if full is None:
             raise
         tmp.unlink(missing_ok=True)  # give back the room the partial file took before looking at what is free
-        intact = newest_intact_checkpoint(path.parent)
+        intact, _ = newest_intact_checkpoint(path.parent.glob("*.ckpt"))
         kept = (f"{intact} is intact: free space, then resume with ckpt_path=auto" if intact else
                 "no earlier checkpoint here: free space and start again")
         raise CheckpointError(f"{describe_no_space(full, path)}: this checkpoint was not written; {kept}") from None
@@ -134,10 +134,16 @@ def save_atomic(checkpoint, path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def newest_intact_checkpoint(directory) -> Path | None:
-    """The newest checkpoint in `directory` that `checkpoint_problem` finds whole (what ckpt_path=auto takes)."""
-    found = sorted(Path(directory).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return next((p for p in found if checkpoint_problem(p) is None), None)
+def newest_intact_checkpoint(paths) -> tuple[Path | None, list[str]]:
+    """The newest of `paths` that `checkpoint_problem` finds whole (what ckpt_path=auto takes), and
+    "path: problem" for each newer one it passed over."""
+    passed_over = []
+    for p in sorted(map(Path, paths), key=lambda p: p.stat().st_mtime, reverse=True):
+        problem = checkpoint_problem(p)
+        if problem is None:
+            return p, passed_over
+        passed_over.append(f"{p}: {problem}")
+    return None, passed_over
 
 
 def checkpoint_problem(path) -> str | None:
