@@ -73,15 +73,19 @@ RANGES: dict[str, Range] = {
 
 # String settings with a fixed set of values, so that a typo is one line before any work, not an error after
 # training (config imports nothing from eval: tests/unit/test_retrieval.py keeps these equal to the tuples of the code
-# that reads them, eval.metrics.retrieval.RERANK_SCORES and eval.runner.EVAL_KINDS)
+# that reads them, eval.metrics.retrieval.RERANK_SCORES and eval.runner.EVAL_KINDS; tests/unit/test_vqa_scorers.py
+# keeps VQA_METRICS equal to eval.metrics.vqa.VQA_METRICS)
 EVAL_KINDS = ("retrieval", "caption", "vqa")
 RERANK_SCORES = ("reference", "product")
+VQA_METRICS = ("reference", "official")
 CHOICES: dict[str, tuple[str, ...]] = {
     "eval.kind": EVAL_KINDS,
     "eval.rerank_score": RERANK_SCORES,
+    "eval.vqa_metric": VQA_METRICS,
     # the periodic evaluation follows eval.* unless set on its own
     "callbacks.periodic_eval.kind": EVAL_KINDS,
     "callbacks.periodic_eval.rerank_score": RERANK_SCORES,
+    "callbacks.periodic_eval.vqa_metric": VQA_METRICS,
 }
 _UNSET = object()
 

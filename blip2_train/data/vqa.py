@@ -3,6 +3,8 @@
 - VQAv2 / OK-VQA (`format: vqa`): the question file `{"questions": [{question_id, image_id, question}]}` and the
   annotation file `{"annotations": [{question_id, question_type, answer_type, answers: [{answer}, ...]}]}`;
   image paths from `image_template` (COCO: `val2014/COCO_val2014_{image_id:012d}.jpg`) under `image_root`.
+  Without an annotation file (`annotations: null`: test-dev, whose answers only the evaluation server holds) the
+  questions have no human answers: they are answered, not scored.
 - GQA (`format: gqa`): `{question_id: {imageId, question, answer, types: {structural, detailed}}}`
   (testdev_balanced_questions.json), images `<image_root>/<imageId>.jpg`.
 
@@ -33,7 +35,8 @@ def clean_question(question: str, max_words: int = 50) -> str:
 
 @dataclass
 class VqaQuestions:
-    """`questions[k]` asks about image `images[k]` (a path); `answers[k]` are its human answers."""
+    """`questions[k]` asks about image `images[k]` (a path); `answers[k]` are its human answers (none for a
+    set read without annotations)."""
 
     question_ids: list = field(default_factory=list)
     image_ids: list[str] = field(default_factory=list)
@@ -64,25 +67,29 @@ def _field(rec: dict, key: str, where: str):
     return rec[key]
 
 
-def read_vqa(questions: str | Path, annotations: str | Path, image_root: str | Path,
+def read_vqa(questions: str | Path, annotations: str | Path | None, image_root: str | Path,
              image_template: str = COCO_VAL2014, limit: int | None = None, max_words: int = 50) -> VqaQuestions:
-    """The official VQAv2 / OK-VQA question + annotation files. Every question needs an annotation."""
+    """The official VQAv2 / OK-VQA question + annotation files. Every question needs an annotation; with
+    `annotations` None (test-dev) every question has no human answers."""
     qs = _field(_read_json(questions, "VQA question file"), "questions", str(questions))
-    anns = _field(_read_json(annotations, "VQA annotation file"), "annotations", str(annotations))
     by_qid = {}
-    for n, a in enumerate(anns):
-        by_qid[_field(a, "question_id", f"{annotations}: annotations[{n}]")] = a
+    if annotations is not None:
+        anns = _field(_read_json(annotations, "VQA annotation file"), "annotations", str(annotations))
+        for n, a in enumerate(anns):
+            by_qid[_field(a, "question_id", f"{annotations}: annotations[{n}]")] = a
     out = VqaQuestions(metric="vqa")
     for n, q in enumerate(qs[:limit]):
         where = f"{questions}: questions[{n}]"
         qid, image_id = _field(q, "question_id", where), _field(q, "image_id", where)
-        a = by_qid.get(qid)
-        if a is None:
-            raise DataError(f"{where}: question_id {qid} has no entry in {annotations}")
-        answers = [_field(x, "answer", f"{annotations}: question_id {qid}: answers") for x in
-                   _field(a, "answers", f"{annotations}: question_id {qid}")]
-        if not answers:
-            raise DataError(f"{annotations}: question_id {qid}: field 'answers' is empty")
+        a, answers = {}, []
+        if annotations is not None:
+            a = by_qid.get(qid)
+            if a is None:
+                raise DataError(f"{where}: question_id {qid} has no entry in {annotations}")
+            answers = [_field(x, "answer", f"{annotations}: question_id {qid}: answers") for x in
+                       _field(a, "answers", f"{annotations}: question_id {qid}")]
+            if not answers:
+                raise DataError(f"{annotations}: question_id {qid}: field 'answers' is empty")
         try:
             rel = image_template.format(image_id=image_id)
         except (ValueError, KeyError) as e:
@@ -120,12 +127,13 @@ def read_gqa(questions: str | Path, image_root: str | Path, limit: int | None = 
 
 
 def read_vqa_set(cfg: dict, max_words: int = 50) -> VqaQuestions:
-    """`data.eval_set` with `format: vqa | gqa` -> the questions."""
+    """`data.eval_set` with `format: vqa | gqa` -> the questions. `annotations: null` (format vqa): questions
+    without human answers, as test-dev's file is."""
     fmt = cfg.get("format")
-    for key in ("questions", "image_root") + (("annotations",) if fmt == "vqa" else ()):
+    for key in ("questions", "image_root"):
         if not cfg.get(key):
             raise ConfigError(f"data.eval_set.{key} is required with data.eval_set.format={fmt}")
     if fmt == "vqa":
-        return read_vqa(cfg["questions"], cfg["annotations"], cfg["image_root"],
+        return read_vqa(cfg["questions"], cfg.get("annotations") or None, cfg["image_root"],
                         cfg.get("image_template") or COCO_VAL2014, cfg.get("limit"), max_words)
     return read_gqa(cfg["questions"], cfg["image_root"], cfg.get("limit"), max_words)

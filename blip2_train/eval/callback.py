@@ -33,10 +33,10 @@ class PeriodicEvaluation(EveryNSteps):
     def __init__(self, kind: str = "retrieval", every_n_steps: int = 5000, k_test: int = 128,
                  pair_batch_size: int = 256, generate: dict | None = None, image_blind_baseline: bool = False,
                  vqa_generate: dict | None = None, samples_in_table: int = 8, prefix: str = "val/",
-                 rerank_score: str = "reference"):
+                 rerank_score: str = "reference", vqa_metric: str = "reference"):
         self.cfg = {"kind": kind, "k_test": k_test, "pair_batch_size": pair_batch_size, "rerank_score": rerank_score,
                     "generate": dict(generate) if generate else None, "image_blind_baseline": image_blind_baseline,
-                    "vqa_generate": dict(vqa_generate) if vqa_generate else None}
+                    "vqa_generate": dict(vqa_generate) if vqa_generate else None, "vqa_metric": vqa_metric}
         super().__init__(every_n_steps)
         self.samples_in_table = samples_in_table
         self.prefix = prefix
@@ -54,6 +54,8 @@ class PeriodicEvaluation(EveryNSteps):
         out = {"kind": kind, key: dict(cfg.get(key) or {}), "blind": bool(cfg.get("image_blind_baseline", False))}
         if kind == "caption":
             out["spice"] = cfg.get("spice", "auto")
+        else:  # the headline accuracy's scorer
+            out["vqa_metric"] = cfg.get("vqa_metric", "reference")
         return out
 
     def at_step(self, trainer, pl_module, step: int) -> None:

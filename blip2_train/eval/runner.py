@@ -56,11 +56,13 @@ def run_evaluation(model, datamodule, cfg, out_dir=None) -> dict[str, float]:
 
         template = datamodule.text.get("prompt") or ""  # the model's text.prompt, with the question's place {}
         gen = dict(cfg.get("vqa_generate") or {})
-        metrics = evaluate_vqa(model, data, loader, datamodule.tokenizer, template, gen, out_dir)
+        rule = cfg.get("vqa_metric", "reference")
+        metrics = evaluate_vqa(model, data, loader, datamodule.tokenizer, template, gen, out_dir, vqa_metric=rule)
         if cfg.get("image_blind_baseline", False):  # same model, same decoding, every image blank
             blind = evaluate_vqa(model, data, datamodule.eval_image_loader(r, w), datamodule.tokenizer, template, gen,
-                                 out_dir, image_blind=True)
-            metrics.update({f"blind/{k}": v for k, v in blind.items() if k not in ("num_questions", "eval_seconds")})
+                                 out_dir, image_blind=True, vqa_metric=rule)
+            metrics.update({f"blind/{k}": v for k, v in blind.items()
+                            if k not in ("num_questions", "num_scored", "eval_seconds")})
         return metrics
     if kind != "retrieval":
         raise ConfigError(f"eval.kind must be one of {list(EVAL_KINDS)}, not {kind!r}")

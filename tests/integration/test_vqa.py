@@ -54,7 +54,7 @@ def test_vqa_accuracy_normalises_the_prediction_and_disagreeing_humans_only():
     assert vqa.vqa_accuracy("Two.", humans(3, "2", "3")) == pytest.approx(0.9)
     # humans disagree: their punctuation step runs before comparing ("yes." == "yes")
     assert vqa.vqa_accuracy("yes", ["yes."] * 3 + ["no"] * 7) == pytest.approx(0.9)
-    # unanimous humans are compared as written (the official rule): "Yes." never equals the normalised "yes"
+    # unanimous humans are compared as written (both rules): "Yes." never equals the normalised "yes"
     assert vqa.vqa_accuracy("yes", ["Yes."] * 10) == 0.0
     with pytest.raises(ValueError):
         vqa.vqa_accuracy("yes", [])
@@ -171,6 +171,47 @@ def test_vqa_needs_a_question_template_and_a_question_set(vqa_world, synth, tmp_
     r = cli("evaluate", "experiment=caption_coco_eval", *tiny_eval(synth, vqa_world["export"], tmp_path / "b"),
             "eval.kind=vqa")
     assert r.returncode == 2 and "eval.kind=vqa does not fit" in r.stderr
+
+
+def test_vqa_metrics_hold_both_rules_and_the_submission(vqa_world, synth, tmp_path):
+    """eval.vqa_metric=official: the headline is the official rule's, both rules' figures are those of the answers
+    in vqa_predictions.json, and vqa_submission.json holds the same answers normalised (tests/unit/
+    test_vqa_scorers.py has the hand-computed cases that separate the rules)."""
+    from blip2_train.data.vqa import read_vqa
+
+    r = cli("evaluate", "experiment=vqa_vqav2_eval",
+            *tiny_eval(synth, vqa_world["export"], tmp_path, "eval.vqa_metric=official"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    preds = json.loads((tmp_path / "vqa_predictions.json").read_text())
+    d = Path(synth["dir"])
+    v = read_vqa(vqa_world["sets"]["vqav2"], d / "vqav2/annotations/v2_mscoco_val2014_annotations.json",
+                 d / "vqav2/images", limit=10)
+    assert [p["question_id"] for p in preds] == v.question_ids and m["num_scored"] == 10
+    for rule in vqa.VQA_METRICS:
+        per = [vqa.vqa_accuracy(p["answer"], h, rule) for p, h in zip(preds, v.answers)]
+        assert m[f"accuracy_{rule}"] == pytest.approx(100 * sum(per) / 10), rule
+    assert m["accuracy"] == m["accuracy_official"] == pytest.approx(100 * sum(p["accuracy"] for p in preds) / 10)
+    sub = json.loads((tmp_path / "vqa_submission.json").read_text())
+    assert sub == [{"question_id": p["question_id"], "answer": vqa.normalize_answer(p["answer"])} for p in preds]
+    assert all(isinstance(s["question_id"], int) and isinstance(s["answer"], str) for s in sub)
+
+
+def test_vqa_without_human_answers_writes_the_submission(vqa_world, synth, tmp_path):
+    """A question file alone (test-dev's has no answers): every question answered, the submission written, no
+    accuracy in metrics.json (the blind baseline included) and no error."""
+    r = cli("evaluate", "experiment=vqa_vqav2_eval", *tiny_eval(synth, vqa_world["export"], tmp_path,
+                                                                "data.eval_set.annotations=null",
+                                                                "eval.image_blind_baseline=true"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "accuracy is not available" in r.stderr + r.stdout
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["num_questions"] == 10 and m["num_scored"] == 0
+    assert not any("accuracy" in k or k.startswith(("question_type/", "answer_type/")) for k in m)
+    preds = json.loads((tmp_path / "vqa_predictions.json").read_text())
+    sub = json.loads((tmp_path / "vqa_submission.json").read_text())
+    assert len(sub) == 10 and [s["question_id"] for s in sub] == [p["question_id"] for p in preds]
+    assert [s["answer"] for s in sub] == [vqa.normalize_answer(p["answer"]) for p in preds]
 
 
 def test_generate_and_api_equal_blip2_eval(vqa_world, synth, tmp_path):
