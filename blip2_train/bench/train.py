@@ -30,6 +30,9 @@ LLM_PRESETS = {
                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048),
     "tiny": dict(family="opt", hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=2,
                  vocab_size=512, max_position_embeddings=256, word_embed_proj_dim=64),
+    # the llama-7b code path at CPU size (the GPU check's dry run)
+    "tiny-llama": dict(family="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                       num_attention_heads=2, num_key_value_heads=2, vocab_size=512, max_position_embeddings=256),
 }
 
 
@@ -177,13 +180,18 @@ def run(stage: int, model_name: str, batch_size: int, steps: int, warmup: int, i
     peak, peak_text = peak_flops(device, peak_tflops)
     mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if on_gpu
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    params = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
     return {"stage": stage, "model": model_name, "llm": llm if stage == 2 else None, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if on_gpu else f"CPU ({os.cpu_count()} cores)",
             "batch_size": batch_size, "image_size": image_size, "step_seconds": dt,
             "samples_per_s": batch_size / dt, "tokens_per_s": batch_size * tokens_per_sample / dt,
             "flops_per_sample": total / batch_size, "breakdown_per_sample": {k: v / batch_size for k, v in breakdown.items()},
             "achieved_tflops": total / dt / 1e12, "mfu": total / dt / peak, "peak": peak_text,
-            "peak_memory_gib": mem, "memory_kind": "torch.cuda.max_memory_allocated" if on_gpu else "process max RSS"}
+            "peak_memory_gib": mem, "memory_kind": "torch.cuda.max_memory_allocated" if on_gpu else "process max RSS",
+            "peak_memory_reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30 if on_gpu else None,
+            "params": params, "steps": steps, "warmup": warmup, "text_len": text_len, "torch": torch.__version__,
+            "cuda": torch.version.cuda if on_gpu else None}
 
 
 def markdown(r: dict, command: str) -> str:

@@ -4,6 +4,7 @@
     blip2-bench data --photo-like 400 --resume-skip 100 --tokenizer ...   (pip install '.[bench]')
     blip2-bench eval --arch tiny --tokenizer ... --annotation ... --image-root ...
     blip2-bench train --stage 1 --model stage1_vitg --batch-size 100          (GPU)
+    blip2-bench train --stage 2 --arch vitg --llm llama-7b --batch-size 16    (GPU; --json out.json keeps the figures)
     blip2-bench train --stage 2 --arch tiny --llm tiny --batch-size 8 (CPU, CI-sized)
     blip2-bench memory lm-loss | itc                                        (peak memory of two hot paths)
 """
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="training-step throughput, MFU and peak memory (random-init models)")
     t.add_argument("--stage", type=int, choices=[1, 2], required=True)
     t.add_argument("--arch", default="vitg", help="conf/arch config: vitg (the paper) or tiny")
-    t.add_argument("--llm", default="opt-2.7b", choices=["opt-2.7b", "opt-6.7b", "llama-7b", "tiny"])
+    t.add_argument("--llm", default="opt-2.7b", choices=["opt-2.7b", "opt-6.7b", "llama-7b", "tiny", "tiny-llama"],
+                   help="the frozen LLM's shape, built from a config with random weights (no download)")
     t.add_argument("--batch-size", type=int, default=None, help="default: 100 (stage 1) / 64 (stage 2) as the paper")
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--warmup", type=int, default=3)
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--device", default="auto")
     t.add_argument("--peak-tflops", type=float, default=None)
     t.add_argument("--doc", default=str(BENCH_DOC), help="markdown file to update")
+    t.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
     m = sub.add_parser("memory", help="peak memory of the stage-2 LM loss / retrieval ITC against the naive way")
     m.add_argument("what", choices=["lm-loss", "itc"])
     m.add_argument("--variant", help="run one variant in this process (internal)")
@@ -113,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         text = markdown(r, "blip2-bench " + " ".join(sys.argv[1:] if argv is None else argv))
         print(text)
         print(json.dumps(r, indent=1))
+        if a.json:
+            Path(a.json).write_text(json.dumps({"command": "blip2-bench " + " ".join(sys.argv[1:] if argv is None
+                                                                                     else argv), **r}, indent=1))
         write_section(f"train-stage{a.stage}-{model}-{r['device'].split(':')[0]}" + (f"-{a.llm}" if a.stage == 2 else ""),
                       text, Path(a.doc))
         return 0

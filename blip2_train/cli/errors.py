@@ -70,9 +70,12 @@ def known_error_line(e: BaseException) -> str | None:
     from hydra.errors import InstantiationException
 
     if isinstance(e, InstantiationException) and not any(isinstance(c, Blip2TrainError) for c in causes(e)):
-        # "Error in call to target 'X':\nTypeError(...)": the cause is on the last line
+        # "Error in call to target 'X':\nTypeError(...)\nfull_key: ...": the first line, then the innermost cause
+        # (a missing optional package says which and how to install it there), else the last line
         lines = [l.strip() for l in str(e).splitlines() if l.strip()]
-        text = " ".join(lines[:1] + lines[-1:] if len(lines) > 1 else lines)
+        inner = [c for c in causes(e) if not isinstance(c, InstantiationException) and str(c).strip()]
+        detail = first_line(inner[-1]) if inner else (lines[-1] if len(lines) > 1 else "")
+        text = " ".join(lines[:1] + ([detail] if detail else []))
         return text.replace("set env var HYDRA_FULL_ERROR=1 to see chained exception",
                             "BLIP2_FULL_ERROR=1 shows the traceback")
     if isinstance(e, (HydraException, OmegaConfBaseException, Blip2TrainError, FileNotFoundError)) or \

@@ -13,7 +13,20 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+def require_pycocoevalcap() -> None:
+    """pycocoevalcap is imported only where captions are scored (the package, training and retrieval / VQA run
+    without it): its absence is one line naming the package, not a traceback."""
+    import importlib.util
+
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        from blip2_train.utils.errors import ConfigError
+
+        raise ConfigError("the captioning metrics (BLEU, METEOR, ROUGE-L, CIDEr) need pycocoevalcap, which is not "
+                          "installed: pip install pycocoevalcap (METEOR and the PTB tokenizer also need Java)")
+
+
 def spice_available() -> bool:
+    require_pycocoevalcap()
     import pycocoevalcap.spice as spice_pkg
 
     lib = Path(spice_pkg.__file__).parent / "lib"
@@ -27,6 +40,7 @@ def _meteor():
     """One METEOR JVM per process (starting it costs ~5 s; pycocoevalcap would start one per call)."""
     global _METEOR
     if _METEOR is None:
+        require_pycocoevalcap()
         from pycocoevalcap.meteor.meteor import Meteor
 
         _METEOR = Meteor()
@@ -35,6 +49,7 @@ def _meteor():
 
 def tokenize(gts: dict, res: dict) -> tuple[dict, dict]:
     """PTB-tokenize references and predictions (one Java call for both)."""
+    require_pycocoevalcap()
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     missing = set(gts) ^ set(res)
@@ -48,6 +63,7 @@ def tokenize(gts: dict, res: dict) -> tuple[dict, dict]:
 
 
 def score_tokenized(g: dict, r: dict, spice: bool = False) -> dict[str, float]:
+    require_pycocoevalcap()
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
