@@ -5,6 +5,9 @@
     m.caption(["a.jpg", "b.jpg"])                          # -> ["a dog on a bench", ...]
     m.caption("a.jpg")                                     # one image -> one caption
     m.answer(["a.jpg"], ["what colour is the dog?"])       # -> ["brown"]
+    i = blip2_train.load("exports/instruct")                # instruction-tuned: the prompt is the instruction
+    i.generate("a.jpg", "What is unusual about this image?")
+    i.generate("a.jpg", "And its colour?", context=[("What is on the bench?", "a dog")])  # earlier turns
     s = blip2_train.load("exports/retrieval")               # stage 1: score
     s.score(["a.jpg"], ["a dog on a bench"], head="itm")   # -> [match logit] per (image, text) pair
 
@@ -70,10 +73,12 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if export_meta(p).get("stage") == 1 or arch == "Blip2ForImageTextRetrieval":
         return Blip2Scorer(p, cfg, dev)
-    if export_meta(p).get("stage") == 2 or arch == "Blip2ForConditionalGeneration":
+    if export_meta(p).get("stage") in (2, 3) or arch in ("Blip2ForConditionalGeneration",
+                                                          "InstructBlipForConditionalGeneration"):
         return Blip2Captioner(p, cfg, dev, dtype)
     raise CheckpointError(f"{p}: config.json names {arch or 'no architecture'}; expected a BLIP-2 export "
-                          "(Blip2ForConditionalGeneration or Blip2ForImageTextRetrieval)")
+                          "(Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration or "
+                          "Blip2ForImageTextRetrieval)")
 
 
 def _is_one_image(x) -> bool:
@@ -156,20 +161,30 @@ class _Images:
 
 
 class Blip2Captioner(_Images):
-    """A stage-2 model: `caption(images)`, `answer(images, questions)`, `generate(images, prompts)`."""
+    """A stage-2 or instruction-tuned model: `caption(images)`, `answer(images, questions)`,
+    `generate(images, prompts)` (an instruction-tuned model reads each prompt as the instruction, in the Q-Former
+    and the LLM)."""
 
     def __init__(self, path: Path, cfg: dict, device: torch.device, dtype: str | None = None):
-        from blip2_train.models.build_stage2 import build_stage2_model
         from blip2_train.models.llm import load_llm_tokenizer
 
         super().__init__(path, cfg, device)
         meta = export_meta(path)
         frozen = dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-        self.model = build_stage2_model(
-            llm=str(path), vision=cfg["vision_config"], qformer=cfg["qformer_config"],
-            num_query_tokens=int(cfg["num_query_tokens"]), llm_dtype=frozen,
-            vision_dtype=dtype or cfg["vision_config"].get("dtype") or "float32",
-            stage2_checkpoint=str(path), ln_vision_eps=meta.get("ln_vision_eps"))
+        common = dict(llm=str(path), vision=cfg["vision_config"], qformer=cfg["qformer_config"],
+                      num_query_tokens=int(cfg["num_query_tokens"]), llm_dtype=frozen,
+                      vision_dtype=dtype or cfg["vision_config"].get("dtype") or "float32",
+                      ln_vision_eps=meta.get("ln_vision_eps"))
+        self.instruct = cfg.get("model_type") == "instructblip"
+        if self.instruct:
+            from blip2_train.models.build_instruct import build_instruct_model
+
+            text = {"qformer_tokenizer": str(path / "qformer_tokenizer"), "max_txt_len": meta.get("max_txt_len")}
+            self.model = build_instruct_model(**common, instruct_checkpoint=str(path), text=text)
+        else:
+            from blip2_train.models.build_stage2 import build_stage2_model
+
+            self.model = build_stage2_model(**common, stage2_checkpoint=str(path))
         # where generation stops: what the export recorded (OPT: "\n"), else the config's (official: "\n" too)
         end = meta.get("end_token_id", cfg.get("text_config", {}).get("eos_token_id"))
         if end is not None:
@@ -180,10 +195,22 @@ class Blip2Captioner(_Images):
         # the decoding the run evaluated its captions with, so captions here are blip2-eval's
         self.caption_decoding = {**CAPTION_GENERATION, **dict(meta.get("generate_kwargs") or {})}
 
-    def generate(self, images, prompts, on_error: str = "raise", **generate_kwargs):
-        """Texts continuing each image's prompt (generate_kwargs go to the LLM's generate as given)."""
+    def generate(self, images, prompts, on_error: str = "raise", context=None, **generate_kwargs):
+        """Texts continuing each image's prompt (generate_kwargs go to the LLM's generate as given). An
+        instruction-tuned model reads each prompt as its instruction; `context` (instruction-tuned models only)
+        gives each image's earlier turns, [(question, answer), ...], which go before the instruction as
+        `Question: q1 Answer: a1 ... Question: <prompt> Answer:` (the multi-turn format of its training data)."""
         images, one = _as_list(images)
         prompts = _texts(prompts, len(images), one, "prompt")
+        if context is not None:
+            from blip2_train.data.annotations import llava_instruction
+
+            if not self.instruct:
+                raise ValueError("context needs an instruction-tuned model (a stage-2 model continues its prompt)")
+            turns = [context] if one else list(context)
+            if len(turns) != len(prompts):
+                raise ValueError(f"context: {len(turns)} conversation(s) for {len(prompts)} image(s)")
+            prompts = [llava_instruction([tuple(t) for t in c], p) for c, p in zip(turns, prompts)]
         keep, pixels = self._decode(images, on_error)
         texts = [] if pixels is None else generate_texts(self.model, self.tokenizer, pixels,
                                                          [prompts[i] for i in keep], generate_kwargs)

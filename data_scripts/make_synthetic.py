@@ -15,7 +15,7 @@ from pathlib import Path
 
 from blip2_train.demo.world import (WORLD_VERSION, add_dataset_views, add_world_arguments, make_synthetic,
                                         world_matches, world_of, world_report)
-from blip2_train.demo.world_vqa import write_vqa_sets
+from blip2_train.demo.world_vqa import DEMO_HELD_OUT, write_vqa_sets, write_vqa_train
 
 
 def main() -> None:
@@ -48,6 +48,8 @@ def main() -> None:
                            min_objects=a.min_objects, max_objects=a.max_objects, num_colors=a.num_colors)
     paths.update(add_dataset_views(a.out))
     paths.update(write_vqa_sets(a.out))  # vqav2/, okvqa/, gqa/ questions on the test split
+    # VQAv2-format training questions on the train split (instruction tuning), one question kind held out
+    paths["vqav2_train"] = write_vqa_train(a.out, exclude_types=DEMO_HELD_OUT)[0]
     for split, path in paths.items():
         print(f"{split}: {path}")
     report = world_report(paths["scenes"])

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The synthetic world under ${BLIP2_DATA_DIR:-data}/synthetic, laid out as the real data (what preset=tiny reads):
 # coco/ vg/ flickr30k/ nocaps/ annotations and images (coco/annotations/scenes.json: every image's objects),
-# shards/coco_karpathy_train and shards/vg_caption, the VQA sets vqav2/ okvqa/ gqa/ on the test images, and the
+# shards/coco_karpathy_train, shards/vg_caption and shards/vqav2_train (training questions on the train images,
+# one kind held out: world_vqa.DEMO_HELD_OUT), the VQA sets vqav2/ okvqa/ gqa/ on the test images, and the
 # three demo stand-ins: bert/ (tokenizer + tiny random BERT), vit/ (the tiny ViT pretrained for seconds to name
 # each cell's colour and shape on the train images: the frozen image encoder) and llm/ (tiny OPT trained on the
 # captions' text, each after its scene's description (half also after caption fine-tuning's prompt), and on
@@ -38,7 +39,8 @@ vit_ready() {
   [ -f "$DATA/vit/model.safetensors" ] && [ "$(cat "$DATA/vit/recipe.txt" 2>/dev/null)" = "$(vit_recipe)" ]
 }
 data_ready() {
-  [ -f "$DATA/shards/vg_caption/manifest.json" ] && [ -f "$DATA/bert/config.json" ] \
+  [ -f "$DATA/shards/vg_caption/manifest.json" ] && [ -f "$DATA/shards/vqav2_train/manifest.json" ] \
+    && [ -f "$DATA/bert/config.json" ] \
     && [ -f "$DATA/vqav2/annotations/v2_mscoco_val2014_annotations.json" ] && same_world
 }
 llm_ready() {
@@ -59,6 +61,10 @@ if [ "$PART" != llm ]; then
       --images "$DATA/coco/images" --out "$DATA/shards/coco_karpathy_train" --shard-size 250 --workers 2
     $PY data_scripts/build_shards.py --format vg --annotations "$DATA/vg/annotations/vg_caption.json" \
       --images "$DATA/vg/images" --out "$DATA/shards/vg_caption" --shard-size 250 --workers 2
+    VQA_TRAIN="$DATA/vqav2/annotations/v2_OpenEnded_mscoco_train2014_questions.json"
+    VQA_TRAIN+=",$DATA/vqav2/annotations/v2_mscoco_train2014_annotations.json"
+    $PY data_scripts/build_shards.py --format vqa --annotations "$VQA_TRAIN" --images "$DATA/vqav2/images" \
+      --out "$DATA/shards/vqav2_train" --shard-size 250 --workers 2
   fi
   if vit_ready; then
     echo "ViT stand-in ready in $DATA/vit"

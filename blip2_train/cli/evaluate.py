@@ -25,6 +25,7 @@ def evaluate(cfg: DictConfig) -> dict:
     from blip2_train.distributed.launch import init_distributed, shutdown_distributed
 
     check_checkpoint(cfg)
+    evaluate_instruct_export_as_such(cfg)
     device, created = init_distributed(str(cfg.get("device", "auto")))
     try:
         run_dir = resolve_run_dir(cfg)
@@ -46,6 +47,35 @@ def evaluate(cfg: DictConfig) -> dict:
     return {"output_dir": str(run_dir), "metrics": metrics,
             "summary": run_summary(f"{cfg.get('task_name', 'eval')}: {cfg.eval.get('kind', 'retrieval')} evaluation "
                                    "done", metrics, rows)}
+
+
+def evaluate_instruct_export_as_such(cfg: DictConfig) -> None:
+    """An InstructBLIP export given where a caption or VQA evaluation takes a stage-2 one (paths.stage2_checkpoint)
+    is evaluated as what it is: the model built from it (LLM, Q-Former tokenizer and all), the evaluation's prompt
+    its instruction, for the Q-Former and the LLM."""
+    from pathlib import Path
+
+    from omegaconf import open_dict
+
+    from blip2_train.models.build_stage1 import checkpoint_stage
+    from blip2_train.models.export import export_meta
+
+    src = cfg.model.get("stage2_checkpoint")
+    if "build_stage2" not in str(cfg.model.get("_target_", "")) or not src or checkpoint_stage(src) != 3:
+        return
+    p = Path(str(src))
+    if not p.is_dir():
+        return  # a .ckpt / reference .pth of stage 3: the stage-2 builder refuses it in one line
+    log.info("%s is an InstructBLIP export: evaluating it as one (the prompt is its instruction)", p)
+    keep = ("vision", "qformer", "num_query_tokens", "llm_dtype", "vision_dtype", "ln_vision_eps",
+            "attn_implementation", "llm_attn_implementation", "seed")
+    text = {"kind": "instruct", "num_query_tokens": cfg.model.num_query_tokens,
+            "qformer_tokenizer": str(p / "qformer_tokenizer"), "max_txt_len": export_meta(p).get("max_txt_len"),
+            "prompt": (cfg.model.get("text") or {}).get("prompt", "")}
+    with open_dict(cfg):
+        cfg.model = {"_target_": "blip2_train.models.build_instruct.build_instruct_model",
+                     **{k: cfg.model[k] for k in keep if k in cfg.model}, "llm": str(p), "tokenizer": str(p),
+                     "instruct_checkpoint": str(p), "text": text}
 
 
 def check_checkpoint(cfg: DictConfig) -> None:

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = OmegaConf.load(a.config) if a.config else run_config_of(a.checkpoint)
         target = str(cfg.module.get("_target_", ""))
-        if "Stage2" in target and cfg.model.get("freeze_vision", False) and not reference:
+        if ("Stage2" in target or "Instruct" in target) and cfg.model.get("freeze_vision", False) and not reference:
             # The frozen tower ran in arch.frozen_dtype (bf16) but was never trained: export it in its source
             # precision (rebuilt from the stage-1 result), so fine-tuning that unfreezes it starts from the
             # original weights rather than bf16-rounded ones. The LLM stays as trained (config.json says so).
@@ -133,6 +133,18 @@ def main(argv: list[str] | None = None) -> int:
             out = export_stage2(model, load_llm_tokenizer(cfg.model.llm), a.out, int(cfg.data.image_size),
                                 prompt=prompt or "", generate_kwargs=gen,
                                 dtype=parse_dtype(a.dtype) if a.dtype else None)
+        elif "Instruct" in target:
+            from blip2_train.eval.vqa import VQA_GENERATION
+            from blip2_train.models.export import export_instruct
+            from blip2_train.models.llm import load_llm_tokenizer
+
+            text = cfg.model.get("text") or {}
+            gen = (cfg.get("eval") or {}).get("vqa_generate")
+            gen = {**VQA_GENERATION, **(OmegaConf.to_container(gen) if gen else {})}
+            tok = load_llm_tokenizer(cfg.model.llm, special_tokens=text.get("special_tokens") or None)
+            out = export_instruct(model, tok, model.qformer_tokenizer, a.out, int(cfg.data.image_size),
+                                  generate_kwargs=gen, dtype=parse_dtype(a.dtype) if a.dtype else None,
+                                  template=text.get("prompt"))
         else:
             raise Blip2TrainError(f"{a.checkpoint}: unknown module {target!r} in the run's config")
     except Blip2TrainError as e:

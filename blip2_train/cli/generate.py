@@ -4,12 +4,16 @@
     blip2-generate exports/caption a.jpg --prompt "a painting of"               # free text: continued
     blip2-generate exports/stage2 shard-000000.tar --question "what is the man holding?"
     blip2-generate exports/stage2 --questions questions.jsonl                  # {"image": path, "question": q} lines
+    blip2-generate exports/instruct photos/ --instruction "Describe the image in detail."
 
 Captions decode as the export records (blip2_train.json's generate_kwargs, the run's eval.generate, over the
 captioning evaluation's beam 5, 8-30 new tokens), so they are blip2-eval's captions. A question goes into the `{}`
 of `--prompt` (default: the reference's "Question: {} Short answer:") and is decoded as the VQA evaluation decodes
 (beam 5, 1-10 new tokens). --num-beams, --max-new-tokens and --min-new-tokens override either.
-The model is a stage-2 export or an official BLIP-2 transformers directory (`blip2_train.api.load`).
+An instruction-tuned export reads the prompt (or the filled question template) as its instruction, in the Q-Former
+and the LLM; --instruction gives one for every image, decoded as the export records (the run's VQA decoding).
+The model is a stage-2 or InstructBLIP export, or an official (Instruct)BLIP-2 transformers directory
+(`blip2_train.api.load`).
 Folders are read recursively: every file with an extension PIL decodes; the other files are named on one line.
 Each line: {"image", "prompt", "text"} (+ "question"). An image that cannot be read is skipped: named on stderr,
 counted in the summary that ends every run.
@@ -117,6 +121,7 @@ def parse_args(argv):
     p.add_argument("inputs", nargs="*", help="image files, folders, .tar shards")
     p.add_argument("--prompt", default=None, help="free text to continue, or a question template with {}")
     p.add_argument("--question", default=None, help="ask this question about every image")
+    p.add_argument("--instruction", default=None, help="instruction-tuned export: this instruction for every image")
     p.add_argument("--questions", default=None, help='JSON lines {"image": path, "question": text}')
     p.add_argument("--out", default="-", help="JSON lines output file (default: stdout)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -157,6 +162,8 @@ def generate(a) -> int:
     from blip2_train.eval.vqa import VQA_GENERATION, check_template, question_prompt
 
     check_numbers(a)
+    if a.instruction is not None and (a.question or a.questions or a.prompt):
+        raise ConfigError("--instruction is the whole input: give no --prompt, --question or --questions with it")
     asks = a.question is not None or a.questions is not None
     template = a.prompt if a.prompt is not None else VQA_PROMPT
     if asks:
@@ -173,12 +180,15 @@ def generate(a) -> int:
     model = load(a.model, device=a.device, dtype=a.dtype)
     if not isinstance(model, Blip2Captioner):
         raise ConfigError(f"{a.model} is a stage-1 export: blip2-generate needs a stage-2 model")
+    if a.instruction is not None and not model.instruct:
+        raise ConfigError(f"{a.model} is a stage-2 export: --instruction needs an instruction-tuned one "
+                          "(InstructBlipForConditionalGeneration); a stage-2 model continues --prompt")
     decoding = dict(VQA_GENERATION if asks else model.caption_decoding)
     for key in ("num_beams", "max_new_tokens", "min_new_tokens"):
         if getattr(a, key) is not None:
             decoding[key] = getattr(a, key)
     logging.getLogger("blip2-generate").info("%s with decoding %s", "answers" if asks else "captions", decoding)
-    caption_prompt = model.prompt if a.prompt is None else a.prompt
+    caption_prompt = a.instruction if a.instruction is not None else model.prompt if a.prompt is None else a.prompt
     where = "stdout" if a.out == "-" else a.out
     out = sys.stdout if a.out == "-" else open(a.out, "w")
     done, skipped, batch = 0, [], []

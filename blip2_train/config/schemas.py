@@ -22,9 +22,11 @@ from omegaconf import MISSING
 SCHEMAS = {
     "data": {"datamodule": "blip2_train.data.datamodule.Blip2DataModule"},
     "model": {"stage1": "blip2_train.models.build_stage1.build_stage1_model",
-              "stage2": "blip2_train.models.build_stage2.build_stage2_model"},
+              "stage2": "blip2_train.models.build_stage2.build_stage2_model",
+              "instruct": "blip2_train.models.build_instruct.build_instruct_model"},
     "module": {"stage1": "blip2_train.lit.stage1.Stage1Module",
-               "stage2": "blip2_train.lit.stage2.Stage2Module"},
+               "stage2": "blip2_train.lit.stage2.Stage2Module",
+               "instruct": "blip2_train.lit.instruct.InstructModule"},
     "trainer": {"lightning": "lightning.pytorch.Trainer"},
 }
 # Arguments the code gives at instantiation, per target (the module's `model`; the Trainer's callbacks, loggers,
@@ -32,6 +34,7 @@ SCHEMAS = {
 PASSED_AT_INSTANTIATION = {
     "blip2_train.lit.stage1.Stage1Module": {"model"},
     "blip2_train.lit.stage2.Stage2Module": {"model"},
+    "blip2_train.lit.instruct.InstructModule": {"model"},
     "lightning.pytorch.Trainer": {"callbacks", "logger", "strategy", "plugins", "default_root_dir"},
 }
 _SIMPLE = (int, float, bool, str)

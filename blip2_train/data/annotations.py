@@ -1,6 +1,7 @@
-"""Annotation readers: every supported format -> a list of `ImageRecord` (one per image, all its captions).
+"""Annotation readers: every supported format -> a list of `ImageRecord` (one per image, all its captions or all
+its question/answer pairs).
 
-Formats
+Caption formats
 - `karpathy`: the COCO / Flickr30k Karpathy JSON the reference uses: a list of `{image, caption, image_id?}`
   where `caption` is a string (train files: one entry per caption) or a list (val/test files).
 - `vg`: Visual Genome, either the reference's `vg_caption.json` (Karpathy-like) or the raw
@@ -8,6 +9,16 @@ Formats
 - `jsonl` / `csv`: generic files with `image` and `caption` columns (`image_id` optional).
 - `coco`: a COCO caption annotation file (`{images: [{id, file_name, domain?}], annotations: [{image_id,
   caption}]}`), e.g. NoCaps val (`nocaps_val_4500_captions.json`, whose images carry in/near/out `domain`).
+
+Instruction formats (`PAIR_FORMATS`): records carry pairs in `qa` instead of captions, either ready-made
+`{"instruction", "answer", "task"?}` or VQA training data `{"question", "answers": [...], "question_id"}` whose
+instruction template is drawn at training time (`blip2_train.data.instruct`); an image's entries make one record.
+- `instruct`: JSONL, one `{image, instruction, answer, image_id?, task?}` per line.
+- `llava`: LLaVA conversation JSON, `<image>` markers removed. `turns="first"` keeps the first human/gpt pair (the
+  reference); `"all"` one pair per gpt turn whose instruction holds the earlier turns as BLIP-2's chat prompt does:
+  `Question: q1 Answer: a1 Question: q2 Answer:` (see `llava_instruction`).
+- `vqa`: VQAv2 / OK-VQA training files, `QUESTIONS.json,ANNOTATIONS.json`; `gqa`: GQA training questions. Their
+  field conventions are the eval readers' (`blip2_train.data.vqa`); questions are stored raw, cleaned when drawn.
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from pathlib import Path
 from blip2_train.data.captions import as_caption_list
 from blip2_train.utils.errors import DataError
 
-FORMATS = ("karpathy", "vg", "jsonl", "csv", "coco")
+CAPTION_FORMATS = ("karpathy", "vg", "jsonl", "csv", "coco")
 
 
 @dataclass
@@ -30,6 +41,7 @@ class ImageRecord:
     image_id: str
     captions: list[str] = field(default_factory=list)
     domain: str | None = None  # NoCaps: in-domain / near-domain / out-domain
+    qa: list[dict] = field(default_factory=list)  # question/answer pairs (instruction formats), see the docstring
 
 
 def _group(entries, path: Path) -> list[ImageRecord]:
@@ -98,19 +110,22 @@ def read_visual_genome(path: Path) -> list[ImageRecord]:
     return _group(data, path)
 
 
-def read_jsonl(path: Path) -> list[ImageRecord]:
+def _jsonl(path: Path):
+    """-> (line number, object) for each non-blank line."""
     if not path.exists():
         raise DataError(f"annotation file not found: {path}")
-    entries = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                entries.append(json.loads(line))
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from e
-    return _group(entries, path)
+
+
+def read_jsonl(path: Path) -> list[ImageRecord]:
+    return _group([entry for _, entry in _jsonl(path)], path)
 
 
 def read_csv(path: Path) -> list[ImageRecord]:
@@ -142,10 +157,171 @@ def read_coco_captions(path: Path) -> list[ImageRecord]:
     return list(records.values())
 
 
-def read_annotations(path: str | Path, fmt: str) -> list[ImageRecord]:
-    path = Path(path)
+# Instruction formats: records with question/answer pairs (`qa`) instead of captions.
+
+PAIR_FORMATS = ("instruct", "llava", "vqa", "gqa")
+FORMATS = CAPTION_FORMATS + PAIR_FORMATS
+LLAVA_TURNS = ("first", "all")
+COCO_TRAIN2014 = "train2014/COCO_train2014_{image_id:012d}.jpg"  # VQAv2 and OK-VQA train on COCO train2014
+
+
+def _obj(value, where: str, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: a {type(value).__name__}, expected an object with {what}")
+    return value
+
+
+def _need(obj: dict, key: str, where: str, kind: type | None = None):
+    if key not in obj:
+        raise DataError(f"{where}: missing field '{key}'")
+    if kind is not None and not isinstance(obj[key], kind):
+        raise DataError(f"{where}: field '{key}' must be of type {kind.__name__}, not {type(obj[key]).__name__}")
+    return obj[key]
+
+
+def _text(obj: dict, key: str, where: str, drop: str = "") -> str:
+    """A required string field, stripped (of `drop` too); empty is an error."""
+    value = _need(obj, key, where, str)
+    value = (value.replace(drop, "") if drop else value).strip()
+    if not value:
+        raise DataError(f"{where}: field '{key}' is empty")
+    return value
+
+
+def _record(records: "OrderedDict[str, ImageRecord]", image: str, image_id) -> ImageRecord:
+    """The record of `image`, made on its first entry: an image with several entries is one sample."""
+    if image not in records:
+        records[image] = ImageRecord(image=image, image_id=str(image_id))
+    return records[image]
+
+
+def read_instruct(path: Path) -> list[ImageRecord]:
+    """JSONL, one `{"image", "instruction", "answer", "image_id"?, "task"?}` per line; lines of one image (in
+    file order) make one record."""
+    records: "OrderedDict[str, ImageRecord]" = OrderedDict()
+    for lineno, entry in _jsonl(path):
+        where = f"{path}:{lineno}"
+        _obj(entry, where, "'image', 'instruction' and 'answer'")
+        image = _text(entry, "image", where)
+        pair = {"instruction": _text(entry, "instruction", where), "answer": _text(entry, "answer", where)}
+        if entry.get("task") is not None:
+            pair["task"] = str(entry["task"])
+        _record(records, image, entry.get("image_id", Path(image).stem)).qa.append(pair)
+    return list(records.values())
+
+
+def _llava_pairs(conv, where: str, turns: str) -> list[tuple[str, str]]:
+    """(human, gpt) texts of a LLaVA conversation, `<image>` markers removed and stripped as the reference's
+    LLaVA150kInstructDataset does. Turns must alternate human, gpt from the start; `first` checks and keeps only
+    the first pair (the reference), `all` the whole conversation, which must end on a gpt turn."""
+    if not isinstance(conv, list) or not conv:
+        raise DataError(f"{where}: field 'conversations' must be a non-empty list of turns")
+    n = len(conv) if turns == "all" else min(len(conv), 2)
+    texts = []
+    for k in range(n):
+        turn_where, want = f"{where}: conversations[{k}]", ("human", "gpt")[k % 2]
+        turn = _obj(conv[k], turn_where, "'from' and 'value'")
+        if turn.get("from") != want:
+            raise DataError(f"{turn_where}: field 'from' is {turn.get('from')!r}, expected {want!r} "
+                            "(turns alternate human, gpt)")
+        texts.append(_text(turn, "value", turn_where, drop="<image>"))
+    if n % 2:
+        raise DataError(f"{where}: conversations[{n - 1}]: a 'human' turn without a following 'gpt' turn")
+    return list(zip(texts[::2], texts[1::2]))
+
+
+def llava_instruction(context: list[tuple[str, str]], question: str) -> str:
+    """A turn's instruction: the question alone when it opens the conversation (the reference's first pair),
+    else the earlier turns before it as BLIP-2's chat prompt has them: `Question: q1 Answer: a1 Question: q2
+    Answer:` (LAVIS's BLIP-2 demo, without its period after each answer: LLaVA answers end in their own)."""
+    if not context:
+        return question
+    return " ".join(f"Question: {q} Answer: {a}" for q, a in context) + f" Question: {question} Answer:"
+
+
+def read_llava(path: Path, turns: str = "first") -> list[ImageRecord]:
+    """LLaVA conversation JSON: `[{"image", "conversations": [{"from": "human"|"gpt", "value"}, ...], "id"?}]`.
+    `turns="first"`: one pair per entry; `"all"`: one pair per gpt turn, see `llava_instruction`."""
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of {{image, conversations}} objects, "
+                        f"got a {type(data).__name__}")
+    records: "OrderedDict[str, ImageRecord]" = OrderedDict()
+    for i, entry in enumerate(data):
+        where = f"{path}: entry {i}"
+        _obj(entry, where, "'image' and 'conversations'")
+        image = _text(entry, "image", where)
+        pairs = _llava_pairs(_need(entry, "conversations", where), where, turns)
+        rec = _record(records, image, entry.get("id", Path(image).stem))
+        for j, (question, answer) in enumerate(pairs):
+            rec.qa.append({"instruction": llava_instruction(pairs[:j], question), "answer": answer})
+    return list(records.values())
+
+
+def read_vqa_train(path: str | Path, image_template: str = COCO_TRAIN2014) -> list[ImageRecord]:
+    """The official VQAv2 / OK-VQA training files, `QUESTIONS.json,ANNOTATIONS.json` (comma-separated: one path
+    argument as every format has): one record per image, one pair per question with all its human answers."""
+    parts = [p.strip() for p in str(path).split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise DataError(f"format vqa reads two files, the questions and the annotations, given as "
+                        f"QUESTIONS.json,ANNOTATIONS.json; got {str(path)!r}")
+    qpath, apath = Path(parts[0]), Path(parts[1])
+    qs = _need(_obj(_load_json(qpath), str(qpath), "a 'questions' list"), "questions", str(qpath), list)
+    anns = _need(_obj(_load_json(apath), str(apath), "an 'annotations' list"), "annotations", str(apath), list)
+    answers_of = {}
+    for n, ann in enumerate(anns):
+        where = f"{apath}: annotations[{n}]"
+        _obj(ann, where, "'question_id' and 'answers'")
+        answers = [_need(_obj(x, f"{where}: answers[{m}]", "'answer'"), "answer", f"{where}: answers[{m}]")
+                   for m, x in enumerate(_need(ann, "answers", where, list))]
+        # a blank one among the ten human answers is dropped, not fatal
+        answers = [str(a).strip() for a in answers if str(a).strip()]
+        if not answers:
+            raise DataError(f"{where}: field 'answers' has no non-empty answer")
+        answers_of[_need(ann, "question_id", where)] = answers
+    records: "OrderedDict[str, ImageRecord]" = OrderedDict()
+    for n, q in enumerate(qs):
+        where = f"{qpath}: questions[{n}]"
+        _obj(q, where, "'question_id', 'image_id' and 'question'")
+        qid, image_id = _need(q, "question_id", where), _need(q, "image_id", where)
+        question = _text(q, "question", where)
+        if qid not in answers_of:
+            raise DataError(f"{where}: question_id {qid} has no entry in {apath}")
+        try:
+            image = image_template.format(image_id=image_id)
+        except (ValueError, KeyError, IndexError) as e:
+            raise DataError(f"{where}: image_id {image_id!r} does not fit the image template {image_template!r} "
+                            f"({type(e).__name__}: {e})") from e
+        _record(records, image, image_id).qa.append({"question": question, "answers": answers_of[qid],
+                                                     "question_id": qid})
+    return list(records.values())
+
+
+def read_gqa_train(path: Path) -> list[ImageRecord]:
+    """GQA training questions (`train_balanced_questions.json`: `{question_id: {imageId, question, answer}}`),
+    images `<imageId>.jpg`: one record per image, one pair per question with its one answer."""
+    data = _load_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: a GQA question file is a JSON object keyed by question id, "
+                        f"not a {type(data).__name__}")
+    records: "OrderedDict[str, ImageRecord]" = OrderedDict()
+    for qid, q in data.items():
+        where = f"{path}: question {qid}"
+        _obj(q, where, "'imageId', 'question' and 'answer'")
+        image_id = str(_need(q, "imageId", where))
+        pair = {"question": _text(q, "question", where), "answers": [_text(q, "answer", where)], "question_id": qid}
+        _record(records, f"{image_id}.jpg", image_id).qa.append(pair)
+    return list(records.values())
+
+
+def read_annotations(path: str | Path, fmt: str, *, llava_turns: str = "first",
+                     image_template: str = COCO_TRAIN2014) -> list[ImageRecord]:
+    """`llava_turns` is for `llava`, `image_template` (filled with `image_id`) for `vqa`."""
     readers = {"karpathy": read_karpathy, "vg": read_visual_genome, "jsonl": read_jsonl, "csv": read_csv,
-               "coco": read_coco_captions}
+               "coco": read_coco_captions, "instruct": read_instruct, "gqa": read_gqa_train,
+               "llava": lambda p: read_llava(p, llava_turns), "vqa": lambda p: read_vqa_train(p, image_template)}
     if fmt not in readers:
         raise DataError(f"unknown annotation format {fmt!r}; expected one of {FORMATS}")
-    return readers[fmt](path)
+    if llava_turns not in LLAVA_TURNS:
+        raise DataError(f"llava turns must be one of {LLAVA_TURNS}, not {llava_turns!r}")
+    return readers[fmt](path if fmt == "vqa" else Path(path))

@@ -134,3 +134,106 @@ class Stage2Collator:
         """`[<image> x Q] tok(prompt)` for every row: what `Blip2Processor(images, text=prompt)` gives."""
         ids = torch.tensor([[self.image_id] * self.nq + self.prompt_ids] * batch_size, dtype=torch.long)
         return ids, torch.ones_like(ids)
+
+
+class InstructCollator:
+    """Images + the instruction for the Q-Former + LLM inputs, labels and masks for instruction tuning, by the
+    reference's rules (LAVIS `Blip2VicunaInstruct.forward` / `Blip2T5Instruct.forward`).
+
+    Q-Former: `[CLS] instruction [SEP]` after the queries, cut from the LEFT at `max_txt_len` (BERT tokens).
+    Decoder-only: `[<image> x Q] tok(instruction) tok(answer) end [pad...]`: the instruction with its BOS, cut
+    from the left at `max_txt_len` tokens; the answer and its end token cut from the right at
+    `max_output_txt_len` tokens counting a BOS (so an over-long answer loses its end token, as the reference's).
+    Labels: the answer and its end token only. Encoder-decoder: encoder `[<image> x Q] tok(instruction)` (cut from the left, its
+    `</s>` kept), decoder labels `tok(answer)` (cut from the right, `</s>` kept).
+    `instructions_truncated` counts the rows whose instruction was cut (Q-Former or LLM side).
+    """
+
+    def __init__(self, tokenizer, qformer_tokenizer, num_query_tokens: int, image_token_id: int,
+                 max_txt_len: int = 128, max_output_txt_len: int = 256, encoder_decoder: bool = False,
+                 end_token_id: int | None = None, answer_separator: str = ""):
+        import copy
+
+        self.tok_in, self.tok_out = copy.deepcopy(tokenizer), copy.deepcopy(tokenizer)
+        self.tok_in.truncation_side, self.tok_out.truncation_side = "left", "right"
+        self.qtok = copy.deepcopy(qformer_tokenizer)
+        self.qtok.truncation_side = "left"
+        self.nq, self.image_id = num_query_tokens, image_token_id
+        self.max_txt_len, self.max_output_txt_len = max_txt_len, max_output_txt_len
+        self.encoder_decoder = encoder_decoder
+        from blip2_train.models.llm import special_prefix
+
+        self.n_prefix = special_prefix(tokenizer)
+        # decoder-only: the answer's end token (the tokenizer's eos, as the reference; OPT: "\n", as its captions
+        # end) and what separates it from the instruction ("": sentencepiece starts every text with a word
+        # boundary; " " for byte-level BPE, which would otherwise glue the answer to the instruction's last word)
+        self.end_id = tokenizer.eos_token_id if end_token_id is None else end_token_id
+        self.answer_separator = answer_separator
+
+    def _input_ids(self, instruction: str) -> tuple[list[int], bool]:
+        ids = self.tok_in(instruction, truncation=True, max_length=self.max_txt_len)["input_ids"]
+        return ids, len(self.tok_in(instruction)["input_ids"]) > len(ids)
+
+    def row(self, instruction: str, answer: str) -> tuple[list[int], list[int], bool]:
+        """-> (LLM input ids, labels: decoder-only aligned with the ids, encoder-decoder the decoder targets,
+        whether the instruction was cut)."""
+        inp, cut = self._input_ids(instruction)
+        if self.encoder_decoder:
+            target = self.tok_out(answer, truncation=True, max_length=self.max_output_txt_len)["input_ids"]
+            return [self.image_id] * self.nq + inp, target, cut
+        # the reference tokenises `answer + eos` cut at max_output_txt_len tokens, its BOS included, then drops
+        # the BOS: the same tokens, and an answer cut there loses its end token
+        content = self.tok_out(self.answer_separator + answer, add_special_tokens=False)["input_ids"]
+        out = (content + [self.end_id])[: self.max_output_txt_len - self.n_prefix]
+        return [self.image_id] * self.nq + inp + out, [-100] * (self.nq + len(inp)) + out, cut
+
+    def qformer_inputs(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        q = self.qtok(instructions, padding="longest", truncation=True, max_length=self.max_txt_len,
+                      return_tensors="pt")
+        full = [len(ids) for ids in self.qtok(instructions)["input_ids"]]
+        return q["input_ids"], q["attention_mask"], [n > self.max_txt_len for n in full]
+
+    def __call__(self, samples: list[dict], key: tuple = ()) -> dict:
+        from blip2_train.models.stage2 import check_image_tokens
+
+        instructions, answers = [s["instruction"] for s in samples], [s["answer"] for s in samples]
+        pad = self.tok_in.pad_token_id
+        batch = {"image": torch.stack([s["image"] for s in samples]),
+                 "image_id": torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
+                 "instruction": instructions, "answer": answers}
+        batch["qformer_input_ids"], batch["qformer_attention_mask"], q_cut = self.qformer_inputs(instructions)
+        rows = [self.row(i, a) for i, a in zip(instructions, answers)]
+        batch["input_ids"], batch["attention_mask"] = Stage2Collator._pad([r[0] for r in rows], pad)
+        if self.encoder_decoder:
+            batch["labels"], batch["decoder_attention_mask"] = Stage2Collator._pad([r[1] for r in rows], -100)
+        else:
+            batch["labels"], _ = Stage2Collator._pad([r[1] for r in rows], -100)
+        batch["instructions_truncated"] = torch.tensor(sum(r[2] or c for r, c in zip(rows, q_cut)))
+        check_image_tokens(batch["input_ids"], self.image_id, self.nq)
+        return batch
+
+    def generation_inputs(self, instructions: list[str]) -> dict[str, torch.Tensor]:
+        return instruct_generation_inputs(self.tok_in, self.qtok, self.nq, self.image_id, self.max_txt_len,
+                                          self.encoder_decoder, instructions)
+
+
+def instruct_generation_inputs(tokenizer, qformer_tokenizer, num_query_tokens: int, image_token_id: int,
+                               max_txt_len: int, encoder_decoder: bool, instructions: list[str]) -> dict:
+    """What `InstructBlipProcessor(images, text=instructions)` gives with the exported tokenizers: Q-Former tokens
+    (`qformer_tokenizer` cuts from the left at max_txt_len, as the reference's generate), LLM tokens uncut (the
+    reference's generate does not cut them), padded on the left for decoder-only LLMs after the image tokens."""
+    q = qformer_tokenizer(instructions, padding="longest", truncation=True, max_length=max_txt_len,
+                          return_tensors="pt")
+    rows = [tokenizer(i)["input_ids"] for i in instructions]
+    n, pad, nq = max(len(r) for r in rows), tokenizer.pad_token_id, num_query_tokens
+    ids, att = [], []
+    for r in rows:
+        k = n - len(r)
+        if encoder_decoder:  # T5's tokenizer pads on the right
+            ids.append([image_token_id] * nq + r + [pad] * k)
+            att.append([1] * (nq + len(r)) + [0] * k)
+        else:
+            ids.append([image_token_id] * nq + [pad] * k + r)
+            att.append([1] * nq + [0] * k + [1] * len(r))
+    return {"qformer_input_ids": q["input_ids"], "qformer_attention_mask": q["attention_mask"],
+            "input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(att, dtype=torch.long)}

@@ -67,6 +67,18 @@ def count_samples(spec) -> int | None:
     return None
 
 
+def source_size(spec) -> int | None:
+    """A source's size for the mixture rule: its question/answer pairs where its manifest counts them
+    (instruction and VQA shards hold an image's pairs in one sample), else its samples; None when unknown."""
+    if isinstance(spec, str) and os.path.isdir(spec):
+        try:
+            m = read_manifest(spec)
+            return int(m.get("num_pairs") or m["num_samples"])
+        except (FileNotFoundError, KeyError, ValueError):
+            return None
+    return None
+
+
 def shape_changes(saved: dict, now: dict) -> list[str]:
     """Readable differences between two `loader_shape()`s ('data.batch_size 8 -> 4', 'world size 2 -> 4')."""
     names = {"world_size": "world size (GPUs x nodes)", "num_workers": "data.num_workers",
@@ -123,6 +135,9 @@ class Blip2DataModule(L.LightningDataModule):
         text: dict | None = None,
         allow_reshuffled_resume: bool = False,
         resume_replay: bool = True,
+        mixture: str = "weights",
+        templates: dict | None = None,
+        vqa_answers: str = "frequency",
     ):
         super().__init__()
         self.tokenizer_spec = tokenizer
@@ -146,9 +161,16 @@ class Blip2DataModule(L.LightningDataModule):
         # sides agree. kind=qformer (stage 1): BERT tokens. kind=llm (stage 2): LLM tokens with image tokens and
         # labels (num_query_tokens, prompt, end_text, prefix_lm, encoder_decoder).
         self.text = {"kind": "qformer", **dict(text or {})}
-        if self.text["kind"] not in ("qformer", "llm"):
-            raise ConfigError(f"data.text.kind must be 'qformer' or 'llm', not {self.text.get('kind')!r}")
+        if self.text["kind"] not in ("qformer", "llm", "instruct"):
+            raise ConfigError(f"data.text.kind must be 'qformer', 'llm' or 'instruct', not {self.text.get('kind')!r}")
+        if mixture not in ("weights", "sqrt"):
+            raise ConfigError(f"data.mixture must be 'weights' or 'sqrt', not {mixture!r}")
+        self.mixture = mixture
+        # instruction templates drawn for caption and VQA sources (kind=instruct); null = the InstructBLIP paper's
+        self.templates = dict(templates or {})
+        self.vqa_answers = vqa_answers  # how a VQA question's answer is drawn (data/instruct.py)
         self._tokenizer = None
+        self._qformer_tokenizer = None
         self._resume: dict | None = None
         self._eval_data: CaptionedImages | None = None
         self.train_stream: ShardStream | None = None
@@ -160,15 +182,27 @@ class Blip2DataModule(L.LightningDataModule):
         if self._tokenizer is None:
             if not isinstance(self.tokenizer_spec, (str, os.PathLike)):
                 self._tokenizer = self.tokenizer_spec
-            elif self.text["kind"] == "llm":
+            elif self.text["kind"] in ("llm", "instruct"):
                 from blip2_train.models.llm import load_llm_tokenizer
 
-                self._tokenizer = load_llm_tokenizer(self.tokenizer_spec)
+                self._tokenizer = load_llm_tokenizer(self.tokenizer_spec,
+                                                     special_tokens=self.text.get("special_tokens") or None)
             else:
                 from blip2_train.models.tokenizer import load_qformer_tokenizer
 
                 self._tokenizer = load_qformer_tokenizer(self.tokenizer_spec)
         return self._tokenizer
+
+    @property
+    def qformer_tokenizer(self):
+        """Instruction tuning: the Q-Former's BERT tokenizer, which reads the instruction too."""
+        if self._qformer_tokenizer is None:
+            from blip2_train.models.tokenizer import load_qformer_tokenizer
+
+            if not self.text.get("qformer_tokenizer"):
+                raise ConfigError("data.text.qformer_tokenizer is required with data.text.kind=instruct")
+            self._qformer_tokenizer = load_qformer_tokenizer(self.text["qformer_tokenizer"])
+        return self._qformer_tokenizer
 
     def _llm_is_encoder_decoder(self) -> bool:
         if self.text.get("encoder_decoder") is not None:
@@ -184,7 +218,15 @@ class Blip2DataModule(L.LightningDataModule):
 
         t = self.text
         if "num_query_tokens" not in t:
-            raise ConfigError("data.text.num_query_tokens is required with data.text.kind=llm")
+            raise ConfigError(f"data.text.num_query_tokens is required with data.text.kind={t['kind']}")
+        if t["kind"] == "instruct":
+            from blip2_train.data.collate import InstructCollator
+
+            return InstructCollator(self.tokenizer, self.qformer_tokenizer, int(t["num_query_tokens"]),
+                                    image_token_id(self.tokenizer), self.max_txt_len,
+                                    int(t.get("max_output_txt_len") or 256), self._llm_is_encoder_decoder(),
+                                    end_token_id(self.tokenizer, t.get("end_text")),
+                                    str(t.get("answer_separator") or ""))
         return Stage2Collator(self.tokenizer, int(t["num_query_tokens"]), image_token_id(self.tokenizer),
                               end_token_id(self.tokenizer, t.get("end_text")), prompt=t.get("prompt") or "",
                               max_txt_len=self.max_txt_len, encoder_decoder=self._llm_is_encoder_decoder(),
@@ -211,7 +253,16 @@ class Blip2DataModule(L.LightningDataModule):
                     raise DataError("no shards: 'urls' is an empty list")
             except DataError as e:
                 raise DataError(f"training source {name!r} (data.train_sources[{i}]): {e}") from None
-            out.append(Source(name=name, urls=urls, weight=float(s.get("weight", 1.0)), shards=shard_sizes(urls)))
+            weight = 1.0 if s.get("weight") is None else float(s["weight"])
+            out.append(Source(name=name, urls=urls, weight=weight, shards=shard_sizes(urls)))
+        if self.mixture == "sqrt":  # InstructBLIP's sampling: weight ~ sqrt(size), a source's own weight overrides
+            from blip2_train.data.instruct import mixture_weights
+
+            sizes = {src.name: source_size(cfg["urls"]) for src, cfg in zip(out, self.train_sources_cfg)}
+            given = {src.name: cfg.get("weight") for src, cfg in zip(out, self.train_sources_cfg)}
+            weights = mixture_weights(sizes, given)
+            for src in out:
+                src.weight = weights[src.name]
         return out
 
     def log_sources(self, sources: list[Source]) -> None:
@@ -234,12 +285,27 @@ class Blip2DataModule(L.LightningDataModule):
             n = sum(counts)
         return max(1, n // (self.batch_size * world_size))
 
+    def instruction_templates(self) -> dict:
+        """data.templates, checked (a VQA template needs its {} slot), or the InstructBLIP paper's."""
+        from blip2_train.data.instruct import CAPTION_TEMPLATES, VQA_TEMPLATES, check_templates
+
+        cap, vqa = self.templates.get("caption"), self.templates.get("vqa")
+        return {"caption_templates": check_templates(CAPTION_TEMPLATES if cap is None else cap, False,
+                                                     "data.templates.caption"),
+                "vqa_templates": check_templates(VQA_TEMPLATES if vqa is None else vqa, True, "data.templates.vqa")}
+
     def build_train_stream(self, rank: int, world_size: int, one_pass: bool = False) -> ShardStream:
         sources = self.sources()
         if rank == 0:
             self.log_sources(sources)
         transform = TrainTransform(self.image_size, self.min_scale, 1.0, self.hflip)
-        decoder = SampleDecoder(transform, self.max_words, jpeg_draft=self.jpeg_draft)
+        if self.text["kind"] == "instruct":
+            from blip2_train.data.instruct import InstructionDecoder
+
+            decoder = InstructionDecoder(transform, self.max_words, jpeg_draft=self.jpeg_draft,
+                                         vqa_answers=self.vqa_answers, **self.instruction_templates())
+        else:
+            decoder = SampleDecoder(transform, self.max_words, jpeg_draft=self.jpeg_draft)
         return ShardStream(
             sources, decoder, self.make_collator(), self.batch_size,
             rank=rank, world_size=world_size, seed=self.seed, resampled=self.resampled and not one_pass,

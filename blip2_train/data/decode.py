@@ -61,7 +61,8 @@ class WarningLimiter:
 
 
 class SampleDecoder:
-    """Raw tar sample -> {image, caption, image_id} or None (skip, counted with its reason)."""
+    """Raw tar sample -> {image, caption, image_id} or None (skip, counted with its reason). Subclasses change
+    which texts a sample offers (`texts_of`) and what is drawn from them (`fields`)."""
 
     def __init__(self, transform, max_words: int = 50, max_pixels: int = 64_000_000,
                  jpeg_draft: bool = True):
@@ -83,6 +84,18 @@ class SampleDecoder:
             caps = [sample["txt"].decode("utf-8", errors="replace")]
         return caps, (meta.get("image_id") if isinstance(meta, dict) else None)
 
+    # what a sample without usable text is skipped as (its counter reason, its warning)
+    no_text = ("no caption", "no non-empty caption")
+
+    def texts_of(self, sample: dict) -> tuple[list, object]:
+        """-> (the sample's usable texts, its json's image_id or None): here its cleaned captions."""
+        caps, image_id = self.captions_of(sample)
+        return [c for c in (clean_caption(c, self.max_words) for c in caps) if c], image_id
+
+    def fields(self, texts: list, rng: random.Random) -> dict:
+        """The sample's text fields, drawn from `texts` after the image (its crop) with the same `rng`."""
+        return {"caption": pick_caption(texts, rng)}
+
     def __call__(self, sample: dict, rng: random.Random, counter: SkipCounter,
                  warn: Callable[..., None] | None = None) -> dict | None:
         warn = warn or (lambda msg, kind=None: log.warning(msg))
@@ -93,11 +106,11 @@ class SampleDecoder:
             counter.skip("no image")
             warn(f"skip {key} in {sample.get('__url__')}: sample has no image", "no image")
             return None
-        caps, image_id = self.captions_of(sample)
-        cleaned = [c for c in (clean_caption(c, self.max_words) for c in caps) if c]
-        if not cleaned:
-            counter.skip("no caption")
-            warn(f"skip {key} in {sample.get('__url__')}: no non-empty caption", "no caption")
+        texts, image_id = self.texts_of(sample)
+        if not texts:
+            reason, message = self.no_text
+            counter.skip(reason)
+            warn(f"skip {key} in {sample.get('__url__')}: {message}", reason)
             return None
         try:
             image = self.transform.decode(image_bytes, rng, self.max_pixels, draft=self.jpeg_draft)
@@ -105,8 +118,5 @@ class SampleDecoder:
             counter.skip("bad image")
             warn(f"skip {key} in {sample.get('__url__')}: {e}", "bad image")
             return None
-        return {
-            "image": image,
-            "caption": pick_caption(cleaned, rng),
-            "image_id": image_id_to_int(image_id if image_id is not None else key),
-        }
+        return {"image": image, **self.fields(texts, rng),
+                "image_id": image_id_to_int(image_id if image_id is not None else key)}

@@ -3,6 +3,11 @@
 Each sample: `<key>.jpg` (image bytes), `<key>.json` (`{"caption": str | [str], "image_id": str, "image": path}`)
 and `<key>.txt` (first caption; what img2dataset readers expect). One sample per image: an image's captions
 travel together and one is drawn per step (CapFilt-style), so image bytes are never duplicated.
+
+A record of an instruction format has question/answer pairs instead: its `.json` is `{"qa": [pair, ...],
+"image_id", "image"}` (each pair `{"instruction", "answer", "task"?}` or `{"question", "answers": [...],
+"question_id"?}`, see `annotations`; one drawn per step by `instruct.InstructionDecoder`) and its `.txt` the
+first pair's (first) answer.
 """
 
 from __future__ import annotations
@@ -54,8 +59,10 @@ def write_shard(
     with tarfile.open(tmp, "w") as tar:
         for rec in records:
             captions = [c for c in rec["captions"] if c and c.strip()]
-            if not captions:
-                rejects.append({"image": rec["image"], "image_id": rec["image_id"], "reason": "no non-empty caption"})
+            qa = [p for p in rec.get("qa") or [] if usable_pair(p)]
+            if not captions and not qa:
+                why = "no usable question/answer pair" if rec.get("qa") else "no non-empty caption"
+                rejects.append({"image": rec["image"], "image_id": rec["image_id"], "reason": why})
                 continue
             path = os.path.join(image_root, rec["image"])
             try:
@@ -69,15 +76,33 @@ def write_shard(
                 continue
             key = f"{rec['image_id']}".replace(".", "_").replace("/", "_")
             key = f"{written:06d}_{key}"  # unique even if image ids repeat across sources
-            meta = {"caption": captions if len(captions) > 1 else captions[0], "image_id": rec["image_id"],
-                    "image": rec["image"]}
+            meta = {"caption": captions if len(captions) > 1 else captions[0]} if captions else {}
+            meta.update({"qa": qa} if qa else {}, image_id=rec["image_id"], image=rec["image"])
             _add(tar, f"{key}.jpg", data, mtime)
             _add(tar, f"{key}.json", json.dumps(meta).encode(), mtime)
-            _add(tar, f"{key}.txt", captions[0].encode(), mtime)
+            _add(tar, f"{key}.txt", (captions[0] if captions else first_answer(qa[0])).encode(), mtime)
             written += 1
     os.replace(tmp, out_path)
     return {"name": os.path.basename(out_path), "num_samples": written, "bytes": os.path.getsize(out_path),
             "rejects": rejects}
+
+
+def usable_pair(pair) -> bool:
+    """A ready-made instruction with its answer, or a question with at least one answer."""
+    if not isinstance(pair, dict):
+        return False
+    if "instruction" in pair:
+        return all(isinstance(pair.get(k), str) and pair[k].strip() for k in ("instruction", "answer"))
+    answers = pair.get("answers")
+    return isinstance(pair.get("question"), str) and bool(pair["question"].strip()) and isinstance(answers, list) \
+        and any(isinstance(a, str) and a.strip() for a in answers)
+
+
+def first_answer(pair: dict) -> str:
+    """A usable pair's answer, or its first non-empty one: the sample's `.txt`."""
+    if "instruction" in pair:
+        return pair["answer"]
+    return next(a for a in pair["answers"] if isinstance(a, str) and a.strip())
 
 
 def _write_shard_job(args):
@@ -90,11 +115,14 @@ SHARD_LAYOUT = "jpg+json+txt, one sample per image, non-JPEG re-encoded at quali
 
 def shard_fingerprint(records: list[dict], max_pixels: int) -> str:
     """What a shard's bytes are made of, short of the image files: its records (image path, image id, every
-    caption, in order), the sample layout and the options that change what is written (`max_pixels` decides
-    which images are rejected). Equal fingerprints: the shard would be written again the same."""
+    caption, in order, and their question/answer pairs), the sample layout and the options that change what is
+    written (`max_pixels` decides which images are rejected). Equal fingerprints: the shard would be written
+    again the same. The pairs enter only a record that has some, so caption shards keep the fingerprints they
+    were built with before records had pairs (no rebuild of them)."""
     h = hashlib.sha256(json.dumps({"layout": SHARD_LAYOUT, "max_pixels": int(max_pixels)}).encode())
     for r in records:
-        h.update(json.dumps([r["image"], r["image_id"], list(r["captions"])], ensure_ascii=False).encode() + b"\n")
+        row = [r["image"], r["image_id"], list(r["captions"])] + ([r["qa"]] if r.get("qa") else [])
+        h.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode() + b"\n")
     return h.hexdigest()[:32]
 
 
@@ -221,6 +249,7 @@ def build_shards(
         "num_images_in": len(records),
         "num_samples": sum(s["num_samples"] for s in shards),
         "num_captions": sum(len([c for c in r.captions if c and c.strip()]) for r in records),
+        "num_pairs": sum(len([p for p in r.qa if usable_pair(p)]) for r in records),
         "num_rejected": len(rejects),
         "num_shards": len(shards),
         "total_bytes": sum(s["bytes"] for s in shards),

@@ -112,6 +112,46 @@ def _link(link: Path, target: Path) -> None:
     link.symlink_to(os.path.relpath(target, link.parent))
 
 
+# The VQAv2 training files (what experiment=vqa_vqav2_ft and instruct_tune build shards from).
+VQA_TRAIN_FILES = ("v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json")
+COCO_TRAIN2014 = "train2014/COCO_train2014_{image_id:012d}.jpg"
+
+
+def write_vqa_files(data_dir: Path, name: str, files: tuple[str, str], image_template: str, scenes: list[dict],
+                    qs: list[dict], subtype: str) -> Path:
+    """One VQAv2-format view: image links named by `image_template`, the question and annotation files."""
+    for n, s in enumerate(scenes):
+        _link(data_dir / name / "images" / image_template.format(image_id=n), data_dir / "coco" / "images" / s["image"])
+    ann_dir = data_dir / name / "annotations"
+    questions = [{"question_id": q["question_id"], "image_id": q["image_index"], "question": q["question"]}
+                 for q in qs]
+    annotations = [{"question_id": q["question_id"], "image_id": q["image_index"],
+                    "question_type": q["question_type"], "answer_type": q["answer_type"],
+                    "multiple_choice_answer": Counter(q["answers"]).most_common(1)[0][0],
+                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                                for i, a in enumerate(q["answers"])]} for q in qs]
+    ann_dir.mkdir(parents=True, exist_ok=True)
+    (ann_dir / files[0]).write_text(json.dumps({"questions": questions, "data_subtype": subtype}))
+    (ann_dir / files[1]).write_text(json.dumps({"annotations": annotations, "data_subtype": subtype}))
+    return ann_dir / files[0]
+
+
+# The question kind the demo's instruction tuning never trains on (its held-out template): make demo reports how
+# the instruction-tuned model answers it zero-shot.
+DEMO_HELD_OUT = ("what shape is",)
+
+
+def write_vqa_train(data_dir: str | Path, per_image: int = 3, noise: float = 0.1, seed: int = 1,
+                    exclude_types: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """VQAv2-format training files over the train scenes (vqav2/annotations/v2_*_train2014_*.json, images at
+    vqav2/images/train2014/...), without the question types `exclude_types`. -> (questions, annotations file)."""
+    data_dir = Path(data_dir)
+    scenes = read_scenes(data_dir, "train")
+    qs = [q for q in build_questions(scenes, per_image, noise, seed) if q["question_type"] not in exclude_types]
+    q = write_vqa_files(data_dir, "vqav2", VQA_TRAIN_FILES, COCO_TRAIN2014, scenes, qs, "train2014")
+    return q, q.parent / VQA_TRAIN_FILES[1]
+
+
 def write_vqa_sets(data_dir: str | Path, split: str = "test", per_image: int = 3, noise: float = 0.1,
                    seed: int = 0) -> dict[str, Path]:
     """Write the VQAv2 / OK-VQA / GQA views of `split` under `data_dir`. Images are relative links to the
@@ -120,21 +160,8 @@ def write_vqa_sets(data_dir: str | Path, split: str = "test", per_image: int = 3
     scenes = read_scenes(data_dir, split)
     qs = build_questions(scenes, per_image, noise, seed)
     paths = {}
-    for name, (q_file, a_file) in VQA_FILES.items():
-        for n, s in enumerate(scenes):
-            _link(data_dir / name / "images" / COCO_VAL2014.format(image_id=n), data_dir / "coco" / "images" / s["image"])
-        ann_dir = data_dir / name / "annotations"
-        questions = [{"question_id": q["question_id"], "image_id": q["image_index"], "question": q["question"]}
-                     for q in qs]
-        annotations = [{"question_id": q["question_id"], "image_id": q["image_index"],
-                        "question_type": q["question_type"], "answer_type": q["answer_type"],
-                        "multiple_choice_answer": Counter(q["answers"]).most_common(1)[0][0],
-                        "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-                                    for i, a in enumerate(q["answers"])]} for q in qs]
-        ann_dir.mkdir(parents=True, exist_ok=True)
-        (ann_dir / q_file).write_text(json.dumps({"questions": questions, "data_subtype": "val2014"}))
-        (ann_dir / a_file).write_text(json.dumps({"annotations": annotations, "data_subtype": "val2014"}))
-        paths[name] = ann_dir / q_file
+    for name, files in VQA_FILES.items():
+        paths[name] = write_vqa_files(data_dir, name, files, COCO_VAL2014, scenes, qs, "val2014")
     gqa = {}
     for n, s in enumerate(scenes):
         _link(data_dir / "gqa" / "images" / f"syn{n}.jpg", data_dir / "coco" / "images" / s["image"])

@@ -39,7 +39,20 @@ def generate_texts(model, tokenizer, pixel_values: torch.Tensor, prompts: list[s
 
     if not isinstance(model, Blip2Stage2):
         raise TypeError("generation needs a stage-2 model (an LLM to generate with)")
+    from blip2_train.models.instruct import InstructBlip
+
     device = next(model.parameters()).device
+    if isinstance(model, InstructBlip):  # the prompt is the instruction, for the Q-Former and the LLM
+        from blip2_train.data.collate import instruct_generation_inputs
+
+        inputs = instruct_generation_inputs(tokenizer, model.qformer_tokenizer, model.num_query_tokens,
+                                            model.image_token_id, model.max_txt_len, model.is_encoder_decoder,
+                                            [p.strip() for p in prompts])
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        ids = inputs["input_ids"]
+        with autocast(device):
+            gen = model.generate(pixel_values.to(device), **inputs, **generate_kwargs)
+        return [t.strip() for t in tokenizer.batch_decode(model.new_tokens(gen, ids), skip_special_tokens=True)]
     ids, mask = prompt_inputs(model, tokenizer, prompts)
     ids, mask = ids.to(device), mask.to(device)
     with autocast(device):

@@ -188,9 +188,13 @@ class Blip2LitModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         stage = checkpoint.get("blip2_stage")
         if stage is not None and stage != self.stage:
-            hint = ("to start stage 2 from it, give it as paths.stage1_checkpoint (or its export), not ckpt_path"
-                    if stage == 1 else "resume it with the stage-2 experiment it came from (e.g. "
-                    "experiment=stage2_pretrain); a stage-1 run starts from a stage-1 checkpoint only")
+            hints = {1: "to start stage 2 from it, give it as paths.stage1_checkpoint (or its export), not ckpt_path",
+                     2: "resume it with the stage-2 experiment it came from (e.g. experiment=stage2_pretrain); to "
+                        "instruction-tune it, export it and give the export as paths.stage2_checkpoint "
+                        "(experiment=instruct_tune)",
+                     3: "resume it with the instruction-tuning experiment it came from (experiment=instruct_tune or "
+                        "vqa_vqav2_ft); to start from it, export it and give the export as model.instruct_checkpoint"}
+            hint = hints.get(stage, f"a run of stage {self.stage} resumes from its own checkpoints only")
             raise Blip2TrainError(f"ckpt_path: this checkpoint is from a stage-{stage} run and this is a stage-"
                                   f"{self.stage} run: {hint}")
         if checkpoint.get("frozen_weights_omitted") and "state_dict" in checkpoint:  # FSDP2 loads its own

@@ -185,12 +185,14 @@ def checkpoint_stage(source) -> int | None:
         from blip2_train.models.export import export_meta
 
         stage = export_meta(src).get("stage")
-        if stage in (1, 2):
+        if stage in (1, 2, 3):
             return stage
         config = src / "config.json"
         classes = (json.loads(config.read_text()).get("architectures") or []) if config.is_file() else []
         if "Blip2ForImageTextRetrieval" in classes:
             return 1
+        if "InstructBlipForConditionalGeneration" in classes:
+            return 3
         return 2 if "Blip2ForConditionalGeneration" in classes else None
     if not src.is_file():
         return None
@@ -201,14 +203,14 @@ def checkpoint_stage(source) -> int | None:
     if not isinstance(ckpt, dict):
         return None
     if "state_dict" in ckpt:
-        if ckpt.get("blip2_stage") in (1, 2):
+        if ckpt.get("blip2_stage") in (1, 2, 3):
             return ckpt["blip2_stage"]
         return 2 if any(k.startswith("model.hf.language_projection.") for k in ckpt["state_dict"]) else 1
     sd = ckpt.get("model", ckpt)
     if not isinstance(sd, dict):
         return None
     if convert.reference_projection_family(sd) is not None:
-        return 2
+        return 3 if convert.is_reference_instruct(sd) else 2
     return 1 if any(k.startswith(convert.STAGE1_ONLY) for k in sd) else None
 
 
@@ -217,6 +219,8 @@ def _kind(src: Path, stage: int) -> str:
         return "Lightning checkpoint"
     if src.is_dir():
         return "export"
+    if stage == 3:
+        return "reference checkpoint (an instruction-aware Q-Former with llm_proj / t5_proj)"
     return f"reference checkpoint ({'it holds' if stage == 2 else 'no'} opt_proj / t5_proj)"
 
 
@@ -225,14 +229,17 @@ USES = {1: "pass it as paths.stage1_checkpoint, to start stage 2 (experiment=sta
            "fine-tune retrieval (experiment=retrieval_coco_eval, retrieval_coco_ft)",
         2: "pass it as model.stage2_checkpoint to continue stage 2 (experiment=stage2_pretrain "
            "paths.stage1_checkpoint=null), or as paths.stage2_checkpoint to evaluate it by captioning or VQA or "
-           "fine-tune it (experiment=caption_coco_eval, vqa_vqav2_eval, caption_coco_ft)"}
+           "fine-tune it (experiment=caption_coco_eval, vqa_vqav2_eval, caption_coco_ft), or as "
+           "paths.stage2_checkpoint of instruction tuning (experiment=instruct_tune, vqa_vqav2_ft)",
+        3: "pass it as model.instruct_checkpoint to continue instruction tuning (experiment=instruct_tune), or "
+           "evaluate its export (experiment=vqa_vqav2_eval model=instruct_vicuna ...)"}
 
 
-def wrong_stage(source, got: int, key: str) -> CheckpointError:
-    """`source`, a stage-`got` result, was given as `key`, which takes the other stage's: say which is which and
-    where each goes."""
+def wrong_stage(source, got: int, key: str, want: int | None = None) -> CheckpointError:
+    """`source`, a stage-`got` result, was given as `key`, which takes a stage-`want` one (by default the other of
+    stages 1 and 2): say which is which and where each goes. Stage 3 is instruction tuning."""
     src = Path(str(source))
-    want = 2 if got == 1 else 1
+    want = want or (2 if got == 1 else 1)
     hint = f" (the evaluations take an export: blip2-export {src} --out DIR)" if src.suffix == ".ckpt" else ""
     return CheckpointError(f"{src} is a stage-{got} {_kind(src, got)}, and {key} takes a stage-{want} one: "
                            f"{USES[got]}{hint}")

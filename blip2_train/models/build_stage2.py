@@ -142,10 +142,10 @@ def reference_stage2_weights(src: Path, ref: dict[str, torch.Tensor], model: Bli
     return {k[len("hf."):]: v for k, v in mapped.items()}
 
 
-def load_stage2_weights(model: Blip2Stage2, source: str | os.PathLike, vision_loaded: bool = False) -> None:
-    """Vision, Q-Former, queries and projection of a stage-2 result (export directory, e.g. a saved
-    Salesforce/blip2-opt-2.7b, a stage-2 .ckpt, or a reference stage-2 .pth). The LLM stays the one loaded
-    from model.llm. `vision_loaded`: the ViT already came from elsewhere (a reference .pth may lack it)."""
+def read_stage2_source(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor] | None, dict | None]:
+    """-> (vision, Q-Former, queries and projection of a stage-2 result under transformers names, the LLM left
+    out, from an export directory (e.g. a saved Salesforce/blip2-opt-2.7b) or a stage-2 .ckpt; None) or
+    (None, the state dict of a reference .pth, whose names and checks are `reference_stage2_weights`')."""
     from blip2_train.utils.checkpoints import read_lightning_checkpoint
 
     src = Path(str(source))
@@ -158,16 +158,27 @@ def load_stage2_weights(model: Blip2Stage2, source: str | os.PathLike, vision_lo
         if "language_projection.weight" not in sd:
             raise CheckpointError(f"{src} has no language_projection: not a stage-2 (Blip2ForConditionalGeneration) "
                                   "checkpoint")
-    else:  # a Lightning checkpoint (a file, or a DeepSpeed/FSDP sharded directory) or a reference .pth
-        ckpt = read_lightning_checkpoint(src)
-        if "state_dict" not in ckpt:  # a plain state dict: the reference's layout
-            return load_reference_stage2(model, src, ckpt.get("model", ckpt), vision_loaded)
-        if ckpt.get("blip2_stage") == 1:
-            raise wrong_stage(src, 1, STAGE2_KEY)
-        sd = {k[len("model.hf."):]: v for k, v in ckpt.get("state_dict", {}).items()
-              if k.startswith("model.hf.") and not k.startswith("model.hf.language_model.")}
-        if not sd:
-            raise CheckpointError(f"{src}: no stage-2 weights (model.hf.*) in this checkpoint")
+        return sd, None
+    ckpt = read_lightning_checkpoint(src)
+    if "state_dict" not in ckpt:  # a plain state dict: the reference's layout
+        return None, ckpt.get("model", ckpt)
+    if ckpt.get("blip2_stage") == 1:
+        raise wrong_stage(src, 1, STAGE2_KEY)
+    sd = {k[len("model.hf."):]: v for k, v in ckpt.get("state_dict", {}).items()
+          if k.startswith("model.hf.") and not k.startswith("model.hf.language_model.")}
+    if not sd:
+        raise CheckpointError(f"{src}: no stage-2 weights (model.hf.*) in this checkpoint")
+    return sd, None
+
+
+def load_stage2_weights(model: Blip2Stage2, source: str | os.PathLike, vision_loaded: bool = False) -> None:
+    """Vision, Q-Former, queries and projection of a stage-2 result (export directory, e.g. a saved
+    Salesforce/blip2-opt-2.7b, a stage-2 .ckpt, or a reference stage-2 .pth). The LLM stays the one loaded
+    from model.llm. `vision_loaded`: the ViT already came from elsewhere (a reference .pth may lack it)."""
+    src = Path(str(source))
+    sd, ref = read_stage2_source(src)
+    if sd is None:
+        return load_reference_stage2(model, src, ref, vision_loaded)
     _load_fitted(model, sd, src)
     log.info("loaded %d stage-2 tensors from %s", len(sd), src)
 
@@ -200,17 +211,20 @@ def check_stage1_source(source) -> None:
     src = Path(str(source))
     if not src.exists():
         raise CheckpointError(f"stage-1 checkpoint not found: {src} (paths.stage1_checkpoint)")
-    if checkpoint_stage(src) == 2:
-        raise wrong_stage(src, 2, "paths.stage1_checkpoint")
+    stage = checkpoint_stage(src)
+    if stage in (2, 3):
+        raise wrong_stage(src, stage, "paths.stage1_checkpoint", want=1)
 
 
 def check_stage2_source(source) -> None:
-    """The stage-2 checkpoint exists and is not a stage-1 result, told before anything is read from it."""
+    """The stage-2 checkpoint exists and is not a stage-1 or instruction-tuned result, told before anything is
+    read from it."""
     src = Path(str(source))
     if not src.exists():
         raise CheckpointError(f"stage-2 checkpoint not found: {src} (paths.stage2_checkpoint)")
-    if checkpoint_stage(src) == 1:
-        raise wrong_stage(src, 1, STAGE2_KEY)
+    stage = checkpoint_stage(src)
+    if stage in (1, 3):
+        raise wrong_stage(src, stage, STAGE2_KEY, want=2)
 
 
 def enable_activation_checkpointing(model: Blip2Stage2, parts: dict | None) -> None:

@@ -105,7 +105,7 @@ def reference_to_ours(ref: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
 # The reference's stage-2 checkpoints (blip2_pretrained_opt2.7b.pth, blip2_caption_flant5xl.pth, ...) hold the
 # stage-1 parts it keeps (visual_encoder.*, ln_vision.*, query_tokens, the Q-Former's query path) plus the
 # projection into the LLM, named after the LLM family; never the LLM itself.
-REFERENCE_PROJECTIONS = {"opt_proj.": "opt", "t5_proj.": "t5"}
+REFERENCE_PROJECTIONS = {"opt_proj.": "opt", "t5_proj.": "t5", "llm_proj.": "llm"}
 # The heads only a stage-1 checkpoint has.
 STAGE1_ONLY = ("Qformer.cls.", "vision_proj.", "text_proj.", "itm_head.", "temp")
 
@@ -116,6 +116,13 @@ def reference_projection_family(ref: dict[str, torch.Tensor]) -> str | None:
     if len(found) > 1:
         raise CheckpointError(f"a reference checkpoint with both {sorted(found)} projections")
     return found.pop() if found else None
+
+
+def is_reference_instruct(ref: dict[str, torch.Tensor]) -> bool:
+    """An InstructBLIP file (instruct_blip_vicuna7b_trimmed.pth, instruct_blip_flanxl_trimmed.pth): the Vicuna one
+    names its projection llm_proj; both keep the Q-Former's word embeddings, which a stage-2 file drops."""
+    return any(k.startswith("llm_proj.") for k in ref) or (
+        reference_projection_family(ref) is not None and "Qformer.bert.embeddings.word_embeddings.weight" in ref)
 
 
 def reference_stage2_to_ours(ref: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -227,3 +234,26 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str,
             own[k].copy_(v.to(own[k].dtype))
     missing = [k for k in own if k not in sd and not any(k.startswith(a) for a in allow_missing)]
     return missing
+
+
+# --- BLIP-2 names -> InstructBLIP names (transformers InstructBlipForConditionalGeneration) --------------------
+
+# Stage-1 parts with no place in InstructBLIP: the ITC/ITM heads, the Q-Former's LM head, the temperature.
+STAGE1_HEADS = ("vision_projection.", "text_projection.", "itm_head.", "lm_head.", "temp")
+
+
+def blip2_to_instruct(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """transformers BLIP-2 names (no `hf.` prefix; stage 1 or stage 2) -> InstructBLIP names. The Q-Former's
+    embedding LayerNorm and (stage 1) its word and position embeddings move under `qformer.embeddings.`.
+    Returns (mapped, the stage-1 heads dropped)."""
+    out, dropped = {}, []
+    for k, v in sd.items():
+        if k.startswith(STAGE1_HEADS):
+            dropped.append(k)
+        elif k.startswith("qformer.layernorm."):
+            out["qformer.embeddings.layernorm." + k[len("qformer.layernorm."):]] = v
+        elif k.startswith(("embeddings.word_embeddings.", "embeddings.position_embeddings.")):
+            out["qformer." + k] = v
+        else:
+            out[k] = v
+    return out, dropped

@@ -102,6 +102,38 @@ def export_stage2(model, tokenizer, out_dir: str | Path, image_size: int, prompt
     return out
 
 
+def export_instruct(model, tokenizer, qformer_tokenizer, out_dir: str | Path, image_size: int,
+                    generate_kwargs: dict | None = None, dtype: torch.dtype | None = None,
+                    template: str | None = None) -> Path:
+    """An instruction-tuned model -> a directory `InstructBlipForConditionalGeneration` + `InstructBlipProcessor`
+    load and generate from: `processor(images, text=instructions)` yields exactly the inputs the training module
+    generates from (the Q-Former tokenizer under qformer_tokenizer/, the LLM's padding on the left for
+    decoder-only LLMs). `blip2_train.json` records the decoding settings and the evaluation template."""
+    from transformers import InstructBlipProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = model.hf
+    if dtype is not None:
+        hf = copy.deepcopy(hf).to(dtype)
+    hf.save_pretrained(str(out))
+    record_dtypes(out / "config.json", hf)
+    tok = copy.deepcopy(tokenizer)
+    tok.padding_side = "right" if model.is_encoder_decoder else "left"
+    tok.init_kwargs["padding_side"] = tok.padding_side
+    qtok = copy.deepcopy(qformer_tokenizer)
+    qtok.truncation_side = qtok.init_kwargs["truncation_side"] = "left"  # the reference cuts instructions there
+    InstructBlipProcessor(image_processor(image_size), tok, qtok,
+                          num_query_tokens=model.num_query_tokens).save_pretrained(str(out))
+    meta = {"stage": 3, "exporter": f"blip2-train {package_version()}", "image_size": image_size,
+            "image_token_id": model.image_token_id, "end_token_id": model.end_token_id,
+            "pad_token_id": model.pad_token_id, "encoder_decoder": model.is_encoder_decoder,
+            "ln_vision_eps": model.hf.vision_model.post_layernorm.eps, "max_txt_len": model.max_txt_len,
+            "template": template, "generate_kwargs": dict(generate_kwargs or {})}
+    (out / META).write_text(json.dumps(meta, indent=1))
+    return out
+
+
 def record_dtypes(config_json: Path, hf) -> None:
     """config.json names the dtype of the bulk of the weights (the LLM's) and each part its own, so
     `from_pretrained` (dtype "auto") loads a bf16 export in bf16 instead of upcasting billions of frozen

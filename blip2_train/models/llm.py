@@ -45,13 +45,39 @@ def _is_stage1_export(p: Path) -> bool:
     return export_meta(p).get("stage") == 1
 
 
-def load_llm_tokenizer(path: str | os.PathLike, padding_side: str = "right"):
+def special_prefix(tokenizer) -> int:
+    """How many special tokens the tokenizer puts before a text (LLaMA / OPT: the BOS; T5: none)."""
+    with_specials = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return with_specials.index(plain[0]) if plain and plain[0] in with_specials else 0
+
+
+def set_special_tokens(tok, special_tokens: dict, where) -> None:
+    """`tok.add_special_tokens(special_tokens)`, and a tokenizer whose template puts a BOS in front puts the new
+    one there (a fast tokenizer keeps its template's old BOS otherwise, where the reference's slow tokenizer reads
+    its bos id at call time)."""
+    tok.add_special_tokens(dict(special_tokens))
+    if "bos_token" in special_tokens and special_prefix(tok) and tok("a")["input_ids"][0] != tok.bos_token_id:
+        from tokenizers import processors
+
+        bos = tok.bos_token
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.bos_token_id)])
+        if tok("a")["input_ids"][0] != tok.bos_token_id:
+            raise ConfigError(f"{where}: the tokenizer does not start texts with the new bos {bos!r} "
+                              "(model.text.special_tokens)")
+
+
+def load_llm_tokenizer(path: str | os.PathLike, padding_side: str = "right", special_tokens: dict | None = None):
     """The LLM's tokenizer with `<image>` as a special token and a pad token (LLaMA-family tokenizers have none:
-    we reuse unk, else eos; label masks come from the attention mask, so pad == eos is harmless)."""
+    we reuse unk, else eos; label masks come from the attention mask, so pad == eos is harmless).
+    `special_tokens` are set first (InstructBLIP's `[PAD]` and `</s>`), so their ids are the reference's."""
     from transformers import AddedToken, AutoTokenizer
 
     p = require_model_dir(path, "LLM tokenizer directory")
     tok = AutoTokenizer.from_pretrained(str(p))
+    if special_tokens:
+        set_special_tokens(tok, special_tokens, p)
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
     if tok.pad_token is None:
@@ -94,7 +120,7 @@ def load_llm(path: str | os.PathLike, dtype: torch.dtype, attn_implementation: s
 
     p = require_model_dir(path, "LLM directory")
     cfg = AutoConfig.from_pretrained(str(p))
-    if cfg.model_type == "blip-2":  # a whole BLIP-2 checkpoint (e.g. a saved Salesforce/blip2-opt-2.7b)
+    if cfg.model_type in ("blip-2", "instructblip"):  # a whole (Instruct)BLIP checkpoint (a saved Salesforce/...)
         override_config(cfg.text_config, config_overrides, p)
         return load_llm_from_blip2(p, cfg, dtype, attn_implementation)
     override_config(cfg, config_overrides, p)

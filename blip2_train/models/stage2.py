@@ -126,6 +126,11 @@ class Blip2Stage2(nn.Module):
                 labels: torch.Tensor, decoder_attention_mask: torch.Tensor | None = None) -> Stage2Output:
         """The LLM's generative loss on the caption tokens (decoder-only: next-token; T5: decoder targets)."""
         emb = self.embed_inputs(input_ids, self.image_prompt(pixel_values))
+        return self.llm_loss(emb, attention_mask, labels, decoder_attention_mask)
+
+    def llm_loss(self, emb: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                 decoder_attention_mask: torch.Tensor | None = None) -> Stage2Output:
+        """The LLM's loss on input embeddings that already hold the visual prompt."""
         if self.is_encoder_decoder:
             dec_in = self.llm.prepare_decoder_input_ids_from_labels(labels=labels)
             out = self.llm(inputs_embeds=emb, attention_mask=attention_mask, decoder_input_ids=dec_in,
@@ -153,6 +158,11 @@ class Blip2Stage2(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         emb = self.embed_inputs(input_ids, self.image_prompt(pixel_values))
+        return self.generate_from(emb, input_ids, attention_mask, **generate_kwargs)
+
+    def generate_from(self, emb: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      **generate_kwargs) -> torch.Tensor:
+        """The LLM's `generate` on input embeddings that already hold the visual prompt."""
         generate_kwargs.setdefault("eos_token_id", self.end_token_id)
         generate_kwargs.setdefault("pad_token_id", self.pad_token_id)
         inputs = {"inputs_embeds": emb, "attention_mask": attention_mask}

@@ -33,6 +33,15 @@ def read_lightning_checkpoint(path: str | Path) -> dict:
     return torch.load(p, map_location="cpu", weights_only=False)
 
 
+def stage_of_keys(keys) -> int:
+    """1, 2 or 3 (instruction tuning) from a model's parameter names: stage 2 projects into an LLM, and
+    InstructBLIP's Q-Former has its own embeddings (stage 1 keeps them outside it, stage 2 has none)."""
+    keys = list(keys)
+    if not any(k.startswith(("hf.language_projection.", "hf.language_model.")) for k in keys):
+        return 1
+    return 3 if any(k.startswith("hf.qformer.embeddings.") for k in keys) else 2
+
+
 def load_lightning_checkpoint(model, path: str | Path) -> dict:
     """Copy the `model.*` weights of a Lightning checkpoint into `model`; returns the raw checkpoint."""
     p = Path(path)
@@ -41,11 +50,12 @@ def load_lightning_checkpoint(model, path: str | Path) -> dict:
     if not sd:
         raise CheckpointError(f"{p}: no model weights (is this a Lightning checkpoint of blip2-train?)")
     own = model.state_dict()
-    want = 2 if any(k.startswith("hf.language_model.") for k in own) else 1
-    got = ckpt.get("blip2_stage") or (2 if any(k.startswith("hf.language_projection.") for k in sd) else 1)
+    want = stage_of_keys(own)
+    got = ckpt.get("blip2_stage") or stage_of_keys(sd)
     if got != want:
         raise CheckpointError(f"{p} is a stage-{got} checkpoint but the model configured here is stage {want} "
-                              f"(stage 2 starts from stage 1 through paths.stage1_checkpoint)")
+                              f"(stage 2 starts from stage 1 through paths.stage1_checkpoint, instruction tuning "
+                              "(stage 3) from stage 2 through paths.stage2_checkpoint)")
     unexpected = [k for k in sd if k not in own]
     if unexpected:
         raise CheckpointError(f"{p} does not fit this model: {len(unexpected)} key(s) have no place, e.g. {unexpected[:3]}")
@@ -53,7 +63,8 @@ def load_lightning_checkpoint(model, path: str | Path) -> dict:
     # without one of them would leave it at its initial values, silently. (Parameter names, not state_dict
     # keys: a tied weight is stored under one name.)
     trained_always = ("hf.query_tokens", "hf.qformer.", "hf.language_projection.")
-    missing = sorted(n for n, _ in model.named_parameters() if n.startswith(trained_always) and n not in sd)
+    missing = sorted(n for n, q in model.named_parameters()
+                     if q.requires_grad and n.startswith(trained_always) and n not in sd)
     if missing:
         raise CheckpointError(f"{p} lacks {len(missing)} trained weight(s), e.g. {missing[:3]}: an incomplete or "
                               "foreign checkpoint")

@@ -21,7 +21,8 @@ from helpers.procs import REPO, run
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 # name[+variant]: the README's FlanT5 workflow is stage2_pretrain with model=stage2_flant5
 TRAIN = ["stage1_pretrain", "stage2_pretrain", "stage2_pretrain+flant5", "caption_coco_ft", "caption_coco_ft_frozen_vit",
-         "retrieval_coco_ft"]
+         "retrieval_coco_ft", "instruct_tune", "instruct_tune+flant5", "vqa_vqav2_ft"]
+INSTRUCT = ("instruct_tune", "vqa_vqav2_ft")
 EVAL = ["retrieval_coco_eval", "retrieval_flickr_eval", "caption_coco_eval", "caption_nocaps_eval", "vqa_vqav2_eval",
         "vqa_okvqa_eval", "vqa_gqa_eval"]
 
@@ -53,6 +54,12 @@ def starts(name: str, chain: dict) -> list[str]:
         return [f"paths.stage1_checkpoint={chain['export/stage1_pretrain']}", f"paths.llm_dir={chain['opt']}"]
     if name == "stage2_pretrain+flant5":
         return [f"paths.stage1_checkpoint={chain['export/stage1_pretrain']}", "model=stage2_flant5",
+                f"paths.llm_dir={chain['t5']}"]
+    if name in ("instruct_tune", "vqa_vqav2_ft"):  # from the stage-2 result, the LLM it was trained with (OPT)
+        return [f"paths.stage2_checkpoint={chain['export/stage2_pretrain']}", f"paths.llm_dir={chain['opt']}",
+                "model=instruct_opt"]
+    if name == "instruct_tune+flant5":
+        return [f"paths.stage2_checkpoint={chain['export/stage2_pretrain+flant5']}", "model=instruct_flant5",
                 f"paths.llm_dir={chain['t5']}"]
     if name.startswith("caption_coco_ft"):
         return [f"paths.stage2_checkpoint={chain['export/stage2_pretrain']}"]
@@ -100,7 +107,8 @@ def test_train_experiment_one_process_export_and_resume(name, chain, synth, tiny
     run_dir = chain[name]
     m = metrics(run_dir)
     assert m["global_step"] == 2 and m["nonfinite_skipped"] == 0
-    assert ("img_r1" in m) if name.startswith(("stage1", "retrieval")) else ("cider" in m)  # its final evaluation
+    final = "img_r1" if name.startswith(("stage1", "retrieval")) else "accuracy" if name.startswith(INSTRUCT) else "cider"
+    assert final in m  # its final evaluation
     # a requeued job: the same command with ckpt_path=auto continues from last.ckpt
     r = run("train", [f"experiment={name.split('+')[0]}", *small(synth, tiny_llms["opt"]), *starts(name, chain),
                       f"paths.output_dir={run_dir}", "ckpt_path=auto", "trainer.max_steps=3", "eval.enabled=false"])
@@ -109,6 +117,11 @@ def test_train_experiment_one_process_export_and_resume(name, chain, synth, tiny
         from transformers import Blip2ForImageTextRetrieval
 
         Blip2ForImageTextRetrieval.from_pretrained(str(chain["export/stage1_pretrain"]))
+    elif name.startswith(INSTRUCT):
+        from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
+
+        InstructBlipForConditionalGeneration.from_pretrained(str(chain[f"export/{name}"]))
+        InstructBlipProcessor.from_pretrained(str(chain[f"export/{name}"]))
     elif f"export/{name}" in chain:
         from transformers import Blip2ForConditionalGeneration
 
@@ -225,6 +238,21 @@ def test_nonfinite_step_on_one_or_all_ranks_is_skipped_together(where, synth, tm
     assert metrics(tmp_path / "run")["nonfinite_skipped"] == 1
 
 
+def test_instruct_nonfinite_step_on_one_rank_is_skipped_together(chain, synth, tiny_llms, tmp_path):
+    """Instruction tuning under 2-process DDP with a NaN loss on rank 1 at step 3 of 6: both ranks skip it."""
+    out = tmp_path / "ranks"
+    run("train", ["experiment=instruct_tune", *small(synth, tiny_llms["opt"]), *starts("instruct_tune", chain),
+                  "trainer.max_steps=6", "eval.enabled=false", f"paths.output_dir={tmp_path / 'run'}",
+                  "+callbacks.nan._target_=helpers.fault_injection.NaNLossAt", "+callbacks.nan.step=3",
+                  "+callbacks.nan.rank=1", f"+callbacks.nan.report={out}"],
+        nproc=2, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO)]))
+    for r in range(2):
+        report = tagged(out, r)
+        assert report["global_step"] == 6 and report["nonfinite_total"] == 1 and report["adamw_steps"] == 5, report
+        assert report["finite"], report
+    assert metrics(tmp_path / "run")["nonfinite_skipped"] == 1
+
+
 def test_stage2_export_keeps_the_frozen_towers_source_precision(chain, synth, tiny_llms, tmp_path):
     """Stage 2 with the frozen towers in bf16 (arch.frozen_dtype, as on GPUs): the export's ViT is the stage-1
     result's fp32 tensors (not bf16-rounded, so caption_coco_ft unfreezes the original weights), its LLM is bf16,
@@ -242,3 +270,52 @@ def test_stage2_export_keeps_the_frozen_towers_source_precision(chain, synth, ti
     assert exported[k].dtype == torch.float32 and torch.equal(exported[k], stage1[k])
     assert exported["language_model.model.decoder.layers.0.fc1.weight"].dtype == torch.bfloat16
     assert Blip2ForConditionalGeneration.from_pretrained(str(tmp_path / "e")).language_model.dtype == torch.bfloat16
+
+
+def test_instruct_export_runs_the_vqa_and_caption_evaluations(chain, synth, tiny_llms, tmp_path):
+    """An InstructBLIP export given to the shipped VQA and captioning evaluations as a stage-2 one is evaluated as
+    what it is (the prompt its instruction), on 1 and 2 processes with the same answers."""
+    export = chain["export/instruct_tune"]
+    for n, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
+        r = run("eval", ["experiment=vqa_vqav2_eval", *small(synth, tiny_llms["opt"], "eval"),
+                         f"paths.stage2_checkpoint={export}", f"paths.output_dir={out}"], nproc=n)
+        assert "is an InstructBLIP export: evaluating it as one" in r.stderr
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert one["accuracy"] == pytest.approx(two["accuracy"], abs=1e-9) and 0.0 <= one["accuracy"] <= 100.0
+    p1 = json.loads((tmp_path / "one" / "vqa_predictions.json").read_text())
+    assert p1 == json.loads((tmp_path / "two" / "vqa_predictions.json").read_text()) and len(p1) == 6
+    run("eval", ["experiment=caption_coco_eval", *small(synth, tiny_llms["opt"], "eval"),
+                 f"paths.stage2_checkpoint={export}", "model.text.prompt=A short image caption:",
+                 f"paths.output_dir={tmp_path / 'cap'}"])
+    assert "cider" in metrics(tmp_path / "cap")
+
+
+def test_instruct_export_generates_from_the_command_line_and_the_api(chain, synth, tmp_path):
+    import blip2_train
+    from helpers.procs import cli, one_line
+
+    export, images = chain["export/instruct_tune"], sorted((Path(synth["root"])).rglob("*.jpg"))[:3]
+    out = tmp_path / "answers.jsonl"
+    r = cli(str(export), *map(str, images), "--instruction", "what color is the circle?", "--out", str(out),
+            "--num-beams", "2", "--max-new-tokens", "4", tool="generate")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["prompt"] for row in rows] == ["what color is the circle?"] * 3 and "3 captioned" in r.stderr
+    m = blip2_train.load(export, device="cpu")
+    kw = dict(num_beams=2, max_new_tokens=4)
+    assert m.generate([str(i) for i in images], ["what color is the circle?"] * 3, **kw) == [row["text"] for row in rows]
+    # multi-turn: the earlier turns go before the instruction in the training data's format
+    turn = m.generate(str(images[0]), "and the square?", context=[("what color is the circle?", "red")], **kw)
+    assert turn == m.generate(str(images[0]), "Question: what color is the circle? Answer: red Question: and the "
+                                              "square? Answer:", **kw)
+    line = one_line(cli(str(chain["export/stage2_pretrain"]), str(images[0]), "--instruction", "hi", tool="generate"))
+    assert "--instruction needs an instruction-tuned one" in line
+
+
+def test_instruct_bad_template_is_one_line_before_any_work(chain, synth, tiny_llms, tmp_path):
+    from helpers.procs import cli, one_line
+
+    line = one_line(cli("experiment=instruct_tune", *small(synth, tiny_llms["opt"]), *starts("instruct_tune", chain),
+                        "data.templates.vqa=[Question without a slot]", f"paths.output_dir={tmp_path / 'run'}"))
+    assert "data.templates.vqa" in line and "Question without a slot" in line, line
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import random
 import subprocess
 import sys
 import tarfile
@@ -14,7 +15,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from blip2_train.data.decode import SkipCounter
+from blip2_train.data.instruct import InstructionDecoder
 from blip2_train.data.shards import make_jpeg
+from blip2_train.data.transforms import TrainTransform
 from helpers.procs import REPO, clean_env, cli, one_line, run
 from helpers.tiny import tiny_cli
 
@@ -44,11 +48,11 @@ def build(root: Path, out: Path) -> str:
     return r.stdout
 
 
-def captions_in(tar_path: Path) -> dict[str, str]:
-    """image_id -> caption, from the samples' .json members."""
+def captions_in(tar_path: Path) -> dict[str, str | list]:
+    """image_id -> caption (or question/answer pairs), from the samples' .json members."""
     with tarfile.open(tar_path) as tar:
         metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
-    return {m["image_id"]: m["caption"] for m in metas}
+    return {m["image_id"]: m["caption"] if "caption" in m else m["qa"] for m in metas}
 
 
 def on_disk(out: Path) -> dict[str, tuple[int, bytes]]:
@@ -181,3 +185,100 @@ def test_a_source_whose_shards_are_missing_is_one_line_naming_it(synth, tmp_path
     line = one_line(r)
     name = ["coco", "vg"][index]
     assert f"training source '{name}' (data.train_sources[{index}])" in line and named.format(**fill) in line, line
+
+
+def build_as_user(fmt: str, root: Path, annotations, *options) -> subprocess.CompletedProcess:
+    """build_shards.py run as a user runs it on an instruction format, 2 images per shard, into root/shards."""
+    return subprocess.run([sys.executable, "data_scripts/build_shards.py", "--format", fmt, "--annotations",
+                           str(annotations), "--images", str(root), "--out", str(root / "shards"), "--shard-size", "2",
+                           *options], cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=120)
+
+
+def instruction_samples(out: Path) -> list[dict]:
+    """Every sample decoded back as instruction tuning reads it: the raw tar members through InstructionDecoder."""
+    raw = {}
+    for tar_path in sorted(out.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                raw.setdefault(key, {"__key__": key, "__url__": str(tar_path)})[ext] = tar.extractfile(m).read()
+    decoder, counter = InstructionDecoder(TrainTransform(16)), SkipCounter()
+    samples = [decoder(s, random.Random(0), counter) for s in raw.values()]
+    assert counter.skipped == 0, counter.reasons
+    return samples
+
+
+def write_instruct(root: Path, answer_of_4: str = "Four.") -> Path:
+    rows = [{"image": f"img/{i}.jpg", "instruction": f"What is picture {i}?", "answer": f"Picture {i}."}
+            for i in range(5)]
+    rows += [{"image": "img/4.jpg", "instruction": "How many?", "answer": answer_of_4, "task": "count"}]
+    (root / "ann.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "ann.jsonl"
+
+
+def test_instruct_shards_built_as_a_user_builds_them_and_rebuilt_when_an_answer_is_fixed(tmp_path):
+    write_images(tmp_path, 5)
+    r = build_as_user("instruct", tmp_path, write_instruct(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "5 samples (6 pairs) in 3 shards (3 new, 0 rebuilt, 0 kept, 0 removed), 0 rejected" in r.stdout
+    out = tmp_path / "shards"
+    assert_manifest_matches_disk(out)
+    assert captions_in(out / "shard-000002.tar")["4"][1] == {"instruction": "How many?", "answer": "Four.",
+                                                             "task": "count"}
+    assert {(s["instruction"], s["answer"]) for s in instruction_samples(out)} >= {
+        (f"What is picture {i}?", f"Picture {i}.") for i in range(4)}
+    assert "0 new, 0 rebuilt, 3 kept" in build_as_user("instruct", tmp_path, write_instruct(tmp_path)).stdout
+    said = build_as_user("instruct", tmp_path, write_instruct(tmp_path, "Just one.")).stdout
+    assert "0 new, 1 rebuilt, 2 kept, 0 removed" in said and "records changed: shard-000002.tar" in said
+    assert captions_in(out / "shard-000002.tar")["4"][1]["answer"] == "Just one."
+
+
+@pytest.mark.parametrize("turns,pairs", [("first", 3), ("all", 4)])
+def test_llava_shards_built_as_a_user_builds_them(tmp_path, turns, pairs):
+    write_images(tmp_path, 3)
+    chat = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A gradient."},
+            {"from": "human", "value": "Which colours?"}, {"from": "gpt", "value": "Grey and blue."}]
+    entries = [{"id": str(i), "image": f"img/{i}.jpg", "conversations": chat[: 4 if i == 1 else 2]} for i in range(3)]
+    (tmp_path / "llava.json").write_text(json.dumps(entries))
+    r = build_as_user("llava", tmp_path, tmp_path / "llava.json", "--llava-turns", turns)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"3 samples ({pairs} pairs) in 2 shards (2 new, 0 rebuilt, 0 kept, 0 removed), 0 rejected" in r.stdout
+    assert_manifest_matches_disk(tmp_path / "shards")
+    samples = instruction_samples(tmp_path / "shards")
+    assert {s["task"] for s in samples} == {"instruction"} and "A gradient." in {s["answer"] for s in samples}
+    if turns == "all":
+        assert captions_in(tmp_path / "shards" / "shard-000000.tar")["1"][1]["instruction"] == \
+            "Question: What is this? Answer: A gradient. Question: Which colours? Answer:"
+
+
+def test_vqa_and_gqa_shards_built_as_a_user_builds_them(tmp_path):
+    write_images(tmp_path, 2)
+    qs = [{"question_id": q, "image_id": q // 10, "question": f"Question {q}?"} for q in (0, 1, 10)]
+    anns = [{"question_id": q, "answers": [{"answer": "yes"}] * 9 + [{"answer": "no"}]} for q in (0, 1, 10)]
+    (tmp_path / "q.json").write_text(json.dumps({"questions": qs}))
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": anns}))
+    r = build_as_user("vqa", tmp_path, f"{tmp_path / 'q.json'},{tmp_path / 'a.json'}", "--image-template",
+                      "img/{image_id}.jpg")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 samples (3 pairs) in 1 shards (1 new, 0 rebuilt, 0 kept, 0 removed), 0 rejected" in r.stdout
+    assert {s["task"] for s in instruction_samples(tmp_path / "shards")} == {"vqa"}
+    (tmp_path / "gqa.json").write_text(json.dumps({"7": {"imageId": "img/1", "question": "Why?", "answer": "no"}}))
+    r = build_as_user("gqa", tmp_path, tmp_path / "gqa.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "1 samples (1 pairs) in 1 shards (0 new, 1 rebuilt, 0 kept, 0 removed)" in r.stdout
+
+
+@pytest.mark.parametrize("fmt,name,content,says", [
+    ("instruct", "ann.jsonl", '{"image": "img/0.jpg", "instruction": "Hi?", "answer": "Yes."}\n'
+                              '{"image": "img/1.jpg", "instruction": "Hi?"}\n', "ann.jsonl:2: missing field 'answer'"),
+    ("llava", "llava.json", json.dumps([{"image": "img/0.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nHi?"}, {"from": "human", "value": "Hello?"}]}]),
+     "llava.json: entry 0: conversations[1]: field 'from' is 'human', expected 'gpt' (turns alternate human, gpt)"),
+], ids=["instruct-line-without-answer", "llava-turns-not-alternating"])
+def test_a_bad_instruction_annotation_is_one_line_naming_file_entry_and_field(tmp_path, fmt, name, content, says):
+    write_images(tmp_path, 2)
+    (tmp_path / name).write_text(content)
+    r = build_as_user(fmt, tmp_path, tmp_path / name)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path}/{says}"]
+    assert not (tmp_path / "shards").exists()

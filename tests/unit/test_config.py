@@ -34,6 +34,11 @@ def test_every_experiment_composes_and_builds_its_data_module(experiment, synth,
         assert "<image>" in dm.tokenizer.get_vocab()
         col = dm.make_collator()
         assert col.nq == cfg.model.num_query_tokens and col.prompt == (cfg.model.text.prompt or "")
+    elif dm.text.get("kind") == "instruct":  # both tokenizers: the LLM's (reference specials) and the Q-Former's
+        assert "<image>" in dm.tokenizer.get_vocab() and dm.tokenizer.pad_token == "[PAD]"
+        assert dm.qformer_tokenizer.bos_token == "[DEC]"
+        col = dm.make_collator()
+        assert col.nq == cfg.model.num_query_tokens and col.max_txt_len == cfg.data.max_txt_len == 128
     else:
         assert dm.tokenizer.bos_token == "[DEC]"
 
