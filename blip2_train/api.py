@@ -34,7 +34,7 @@ from blip2_train.data.eval_sets import load_eval_image
 from blip2_train.data.transforms import EvalTransform
 from blip2_train.eval.vqa import VQA_GENERATION, question_prompt
 from blip2_train.eval.captioning import CAPTION_GENERATION
-from blip2_train.eval.generation import autocast, generate_texts
+from blip2_train.eval.generation import INSTRUCT_GENERATION, autocast, generate_texts
 from blip2_train.models.export import export_meta
 from blip2_train.utils.errors import CheckpointError, DataError
 
@@ -191,13 +191,21 @@ class Blip2Captioner(_Images):
             self.model.end_token_id = int(end)
         self.model.to(device).eval()
         self.tokenizer = load_llm_tokenizer(path)
-        self.prompt = meta.get("prompt", "")  # the prompt the export was fine-tuned with ("a photo of")
-        # the decoding the run evaluated its captions with, so captions here are blip2-eval's
-        self.caption_decoding = {**CAPTION_GENERATION, **dict(meta.get("generate_kwargs") or {})}
+        if self.instruct:  # captions asked for with the paper's first caption instruction; open answers decoded as
+            # the export records (the reference's InstructBLIP decoding unless the run set eval.instruct_generate)
+            self.prompt = meta.get("prompt") or "A short image caption:"
+            self.caption_decoding = dict(CAPTION_GENERATION)
+            self.instruct_decoding = {**INSTRUCT_GENERATION, **dict(meta.get("generate_kwargs") or {})}
+        else:
+            self.prompt = meta.get("prompt", "")  # the prompt the export was fine-tuned with ("a photo of")
+            # the decoding the run evaluated its captions with, so captions here are blip2-eval's
+            self.caption_decoding = {**CAPTION_GENERATION, **dict(meta.get("generate_kwargs") or {})}
+            self.instruct_decoding = {}
 
     def generate(self, images, prompts, on_error: str = "raise", context=None, **generate_kwargs):
-        """Texts continuing each image's prompt (generate_kwargs go to the LLM's generate as given). An
-        instruction-tuned model reads each prompt as its instruction; `context` (instruction-tuned models only)
+        """Texts continuing each image's prompt (generate_kwargs go to the LLM's generate, over the export's
+        instruction decoding for an instruction-tuned model, which reads each prompt as its instruction; `context`
+        (instruction-tuned models only)
         gives each image's earlier turns, [(question, answer), ...], which go before the instruction as
         `Question: q1 Answer: a1 ... Question: <prompt> Answer:` (the multi-turn format of its training data)."""
         images, one = _as_list(images)
@@ -211,9 +219,12 @@ class Blip2Captioner(_Images):
             if len(turns) != len(prompts):
                 raise ValueError(f"context: {len(turns)} conversation(s) for {len(prompts)} image(s)")
             prompts = [llava_instruction([tuple(t) for t in c], p) for c, p in zip(turns, prompts)]
+        return self._generate(images, one, prompts, on_error, {**self.instruct_decoding, **generate_kwargs})
+
+    def _generate(self, images: list, one: bool, prompts: list, on_error: str, decoding: dict):
         keep, pixels = self._decode(images, on_error)
         texts = [] if pixels is None else generate_texts(self.model, self.tokenizer, pixels,
-                                                         [prompts[i] for i in keep], generate_kwargs)
+                                                         [prompts[i] for i in keep], decoding)
         return self._place(len(images), keep, texts, one)
 
     def caption(self, images, prompt: str | None = None, on_error: str = "raise", **generate_kwargs):
@@ -223,8 +234,7 @@ class Blip2Captioner(_Images):
         if not isinstance(p, str):
             raise TypeError(f"prompt is one string for every image, not {type(p).__name__}")
         imgs, one = _as_list(images)
-        return self.generate(images, p if one else [p] * len(imgs), on_error=on_error,
-                             **{**self.caption_decoding, **generate_kwargs})
+        return self._generate(imgs, one, [p] * len(imgs), on_error, {**self.caption_decoding, **generate_kwargs})
 
     def answer(self, images, questions, template: str = VQA_PROMPT, on_error: str = "raise", **generate_kwargs):
         """Short answers with the VQA evaluation's template and decoding (beam 5, 1-10 new tokens). Questions
@@ -232,8 +242,7 @@ class Blip2Captioner(_Images):
         imgs, one = _as_list(images)
         qs = _texts(questions, len(imgs), one, "question")
         prompts = [question_prompt(template, q) for q in qs]
-        return self.generate(images, prompts[0] if one else prompts, on_error=on_error,
-                             **{**VQA_GENERATION, **generate_kwargs})
+        return self._generate(imgs, one, prompts, on_error, {**VQA_GENERATION, **generate_kwargs})
 
 
 class Blip2Scorer(_Images):

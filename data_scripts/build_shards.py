@@ -13,6 +13,7 @@ Instruction formats (samples hold question/answer pairs; see blip2_train/data/an
   vqa       VQAv2 / OK-VQA training files, given as --annotations QUESTIONS.json,ANNOTATIONS.json; images at
             --image-template (default COCO train2014)
   gqa       GQA train_balanced_questions.json; images <imageId>.jpg
+  vg_qa     Visual Genome question_answers.json; images <image_id>.jpg (as --format vg)
 
     python data_scripts/build_shards.py --format vqa --images /data/coco \
         --annotations v2_OpenEnded_mscoco_train2014_questions.json,v2_mscoco_train2014_annotations.json \

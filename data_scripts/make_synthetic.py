@@ -15,7 +15,7 @@ from pathlib import Path
 
 from blip2_train.demo.world import (WORLD_VERSION, add_dataset_views, add_world_arguments, make_synthetic,
                                         world_matches, world_of, world_report)
-from blip2_train.demo.world_vqa import DEMO_HELD_OUT, write_vqa_sets, write_vqa_train
+from blip2_train.demo.world_vqa import DEMO_HELD_OUT, write_vg_qa, write_vqa_sets, write_vqa_train
 
 
 def main() -> None:
@@ -50,6 +50,7 @@ def main() -> None:
     paths.update(write_vqa_sets(a.out))  # vqav2/, okvqa/, gqa/ questions on the test split
     # VQAv2-format training questions on the train split (instruction tuning), one question kind held out
     paths["vqav2_train"] = write_vqa_train(a.out, exclude_types=DEMO_HELD_OUT)[0]
+    paths["vg_qa"] = write_vg_qa(a.out)  # Visual Genome QA's layout on the VG view's images
     for split, path in paths.items():
         print(f"{split}: {path}")
     report = world_report(paths["scenes"])

@@ -3,11 +3,11 @@
 # files (conf/experiment/*.yaml) with only the size/data overlay preset=tiny, and the same commands a user runs:
 #   stage 1 -> export -> COCO retrieval fine-tuning -> export -> retrieval evaluation
 #           -> stage 2 -> export -> COCO caption fine-tuning -> export -> captioning evaluation (+ image-blind)
-#                             -> zero-shot VQA -> instruction tuning -> export -> VQA evaluation (+ image-blind)
+#                             -> zero-shot VQA; instruction tuning -> export -> VQA evaluation (+ image-blind)
 #   -> captions from plain transformers -> summary table, metrics.json, report.md (PNG curves and grid)
 # Jobs that do not read each other's output run two at a time (logs in outputs/demo/logs/): the LLM stand-in's
-# training beside stage 1, the retrieval branch (steps 3-5) beside stage 2, zero-shot VQA and instruction tuning
-# beside caption fine-tuning.
+# training beside stage 1, the retrieval branch (steps 3-5) beside stage 2, instruction tuning (7b-d) beside caption
+# fine-tuning and the evaluations.
 # Extra arguments are Hydra overrides for every training run (e.g. trainer.max_steps=200 for a quicker look).
 set -euo pipefail
 export WANDB_MODE=${WANDB_MODE:-offline}
@@ -69,9 +69,7 @@ $BIN/blip2-train experiment=stage2_pretrain "${TINY[@]}" paths.stage1_checkpoint
   trainer.max_steps=800 callbacks.periodic_eval.every_n_steps=200 paths.output_dir="$OUT/stage2" "$@"
 step "7/10 export stage 2 (Blip2ForConditionalGeneration + Blip2Processor)"
 $BIN/blip2-export "$OUT/stage2/checkpoints/last.ckpt" --out "$OUT/export_stage2"
-instruct() {  # steps 7b-7d, beside caption fine-tuning
-  # zero-shot VQA of the stage-2 export, with the image-blind baseline
-  env PY="$PY" bash run_scripts/demo_vqa.sh "$OUT" "${ARCH[@]}"
+instruct() {  # steps 7b-7d, beside caption fine-tuning and the evaluations of steps 9-10
   step "7b/10 instruction tuning of the stage-2 export: captions + questions of four kinds, one kind held out  [experiment=instruct_tune]"
   # model=instruct_opt: the LLM stand-in is an OPT. Its Q-Former's text parts come from the stage-1 export (the
   # demo's BERT is random: a real run takes them from bert-base-uncased). The demo's instruction templates are its
@@ -79,14 +77,14 @@ instruct() {  # steps 7b-7d, beside caption fine-tuning
   # ten phrasings are for LLMs that read them all), and 20% of the batches are captions ("describe")
   $BIN/blip2-train experiment=instruct_tune model=instruct_opt "${TINY[@]}" paths.stage2_checkpoint="$OUT/export_stage2" \
     paths.llm_dir="$DATA/llm" model.stage1_checkpoint="$OUT/export_stage1" 'data.templates.vqa=["Question: {} Short answer:"]' \
-    data.train_sources.0.weight=20 trainer.max_steps=1200 eval.enabled=false paths.output_dir="$OUT/instruct" "$@"
+    data.train_sources.0.weight=20 trainer.max_steps=1800 eval.enabled=false paths.output_dir="$OUT/instruct" "$@"
   step "7c/10 export it (InstructBlipForConditionalGeneration + InstructBlipProcessor)"
   $BIN/blip2-export "$OUT/instruct/checkpoints/last.ckpt" --out "$OUT/export_instruct"
   step "7d/10 VQA evaluation of the instruction-tuned export, with the image-blind baseline  [experiment=vqa_vqav2_eval]"
   $BIN/blip2-eval experiment=vqa_vqav2_eval "${EVAL[@]}" paths.stage2_checkpoint="$OUT/export_instruct" \
     eval.image_blind_baseline=true paths.output_dir="$OUT/eval_instruct_vqa"
 }
-# zero-shot VQA of the stage-2 export, then instruction tuning from it and its VQA evaluation
+# instruction tuning from the stage-2 export, and its VQA evaluation
 background instruct instruct "$@"
 check retrieval
 step "8/10 COCO caption fine-tuning: prompt \"a photo of\", ViT unfrozen  [experiment=caption_coco_ft]"
@@ -97,6 +95,8 @@ check retrieval; check instruct
 step "9/10 captioning evaluation of the export, with the image-blind baseline  [experiment=caption_coco_eval]"
 $BIN/blip2-eval experiment=caption_coco_eval "${EVAL[@]}" paths.stage2_checkpoint="$OUT/export_caption" \
   eval.image_blind_baseline=true paths.output_dir="$OUT/eval_caption"
+step "9b/10 zero-shot VQA of the stage-2 export, with the image-blind baseline  [experiment=vqa_vqav2_eval]"
+env PY="$PY" bash run_scripts/demo_vqa.sh "$OUT" "${ARCH[@]}"
 step "10/10 captions from plain transformers, then the summary"
 $PY run_scripts/demo_transformers_caption.py "$OUT/export_caption" "$DATA" 4
 finish retrieval

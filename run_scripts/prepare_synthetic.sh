@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The synthetic world under ${BLIP2_DATA_DIR:-data}/synthetic, laid out as the real data (what preset=tiny reads):
 # coco/ vg/ flickr30k/ nocaps/ annotations and images (coco/annotations/scenes.json: every image's objects),
-# shards/coco_karpathy_train, shards/vg_caption and shards/vqav2_train (training questions on the train images,
-# one kind held out: world_vqa.DEMO_HELD_OUT), the VQA sets vqav2/ okvqa/ gqa/ on the test images, and the
+# shards/coco_karpathy_train, shards/vg_caption, shards/vqav2_train (training questions on the train images, one
+# kind held out: world_vqa.DEMO_HELD_OUT) and shards/vg_qa (Visual Genome QA's layout), the VQA sets vqav2/ okvqa/ gqa/ on the test images, and the
 # three demo stand-ins: bert/ (tokenizer + tiny random BERT), vit/ (the tiny ViT pretrained for seconds to name
 # each cell's colour and shape on the train images: the frozen image encoder) and llm/ (tiny OPT trained on the
 # captions' text, each after its scene's description (half also after caption fine-tuning's prompt), and on
@@ -40,6 +40,7 @@ vit_ready() {
 }
 data_ready() {
   [ -f "$DATA/shards/vg_caption/manifest.json" ] && [ -f "$DATA/shards/vqav2_train/manifest.json" ] \
+    && [ -f "$DATA/shards/vg_qa/manifest.json" ] \
     && [ -f "$DATA/bert/config.json" ] \
     && [ -f "$DATA/vqav2/annotations/v2_mscoco_val2014_annotations.json" ] && same_world
 }
@@ -65,6 +66,8 @@ if [ "$PART" != llm ]; then
     VQA_TRAIN+=",$DATA/vqav2/annotations/v2_mscoco_train2014_annotations.json"
     $PY data_scripts/build_shards.py --format vqa --annotations "$VQA_TRAIN" --images "$DATA/vqav2/images" \
       --out "$DATA/shards/vqav2_train" --shard-size 250 --workers 2
+    $PY data_scripts/build_shards.py --format vg_qa --annotations "$DATA/vg/annotations/question_answers.json" \
+      --images "$DATA/vg/qa_images" --out "$DATA/shards/vg_qa" --shard-size 250 --workers 2
   fi
   if vit_ready; then
     echo "ViT stand-in ready in $DATA/vit"

@@ -22,7 +22,7 @@ def synth(tmp_path_factory) -> dict:
     from blip2_train.data.annotations import read_annotations
     from blip2_train.data.shards import build_shards
     from blip2_train.demo.world import add_dataset_views, image_root, make_synthetic
-    from blip2_train.demo.world_vqa import write_vqa_sets, write_vqa_train
+    from blip2_train.demo.world_vqa import write_vg_qa, write_vqa_sets, write_vqa_train
     from blip2_train.demo.llm import make_tiny_bert
     from blip2_train.models.tokenizer import train_wordpiece_tokenizer
 
@@ -31,6 +31,7 @@ def synth(tmp_path_factory) -> dict:
     ann.update(add_dataset_views(root))
     write_vqa_sets(root)  # vqav2/, okvqa/, gqa/: the VQA experiments' files
     vqa_train = write_vqa_train(root)  # VQAv2-format training questions on the train images
+    vg_qa = write_vg_qa(root)  # Visual Genome QA's layout
     texts = [c for r in read_annotations(ann["train"], "karpathy") for c in r.captions]
     train_wordpiece_tokenizer(texts, root / "bert", 300)
     make_tiny_bert(root / "bert", root / "bert")
@@ -48,6 +49,8 @@ def synth(tmp_path_factory) -> dict:
                      shard_size=15, progress=False)
     build_shards(read_annotations(",".join(map(str, vqa_train)), "vqa"), root / "vqav2" / "images",
                  root / "shards" / "vqav2_train", shard_size=15, progress=False)
+    build_shards(read_annotations(vg_qa, "vg_qa"), root / "vg" / "qa_images", root / "shards" / "vg_qa",
+                 shard_size=15, progress=False)
     # "root": what an annotation's image paths are relative to; "dir": paths.data_dir for preset=tiny
     return {"root": image_root(root), "dir": root, "ann": ann, "tokenizer": root / "bert",
             "train_shards": root / "shards" / "coco_karpathy_train", "test_shards": root / "shards" / "test"}

@@ -134,13 +134,13 @@ def main(argv: list[str] | None = None) -> int:
                                 prompt=prompt or "", generate_kwargs=gen,
                                 dtype=parse_dtype(a.dtype) if a.dtype else None)
         elif "Instruct" in target:
-            from blip2_train.eval.vqa import VQA_GENERATION
+            from blip2_train.eval.generation import INSTRUCT_GENERATION
             from blip2_train.models.export import export_instruct
             from blip2_train.models.llm import load_llm_tokenizer
 
             text = cfg.model.get("text") or {}
-            gen = (cfg.get("eval") or {}).get("vqa_generate")
-            gen = {**VQA_GENERATION, **(OmegaConf.to_container(gen) if gen else {})}
+            gen = (cfg.get("eval") or {}).get("instruct_generate")
+            gen = {**INSTRUCT_GENERATION, **(OmegaConf.to_container(gen) if gen else {})}
             tok = load_llm_tokenizer(cfg.model.llm, special_tokens=text.get("special_tokens") or None)
             out = export_instruct(model, tok, model.qformer_tokenizer, a.out, int(cfg.data.image_size),
                                   generate_kwargs=gen, dtype=parse_dtype(a.dtype) if a.dtype else None,

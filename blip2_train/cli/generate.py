@@ -11,7 +11,8 @@ captioning evaluation's beam 5, 8-30 new tokens), so they are blip2-eval's capti
 of `--prompt` (default: the reference's "Question: {} Short answer:") and is decoded as the VQA evaluation decodes
 (beam 5, 1-10 new tokens). --num-beams, --max-new-tokens and --min-new-tokens override either.
 An instruction-tuned export reads the prompt (or the filled question template) as its instruction, in the Q-Former
-and the LLM; --instruction gives one for every image, decoded as the export records (the run's VQA decoding).
+and the LLM; --instruction gives one for every image, decoded as the export records (the reference's InstructBLIP
+decoding unless the run set eval.instruct_generate: beam 5, up to 256 new tokens, repetition penalty 1.5).
 The model is a stage-2 or InstructBLIP export, or an official (Instruct)BLIP-2 transformers directory
 (`blip2_train.api.load`).
 Folders are read recursively: every file with an extension PIL decodes; the other files are named on one line.
@@ -183,7 +184,8 @@ def generate(a) -> int:
     if a.instruction is not None and not model.instruct:
         raise ConfigError(f"{a.model} is a stage-2 export: --instruction needs an instruction-tuned one "
                           "(InstructBlipForConditionalGeneration); a stage-2 model continues --prompt")
-    decoding = dict(VQA_GENERATION if asks else model.caption_decoding)
+    decoding = dict(VQA_GENERATION if asks else model.instruct_decoding if a.instruction is not None
+                    else model.caption_decoding)
     for key in ("num_beams", "max_new_tokens", "min_new_tokens"):
         if getattr(a, key) is not None:
             decoding[key] = getattr(a, key)

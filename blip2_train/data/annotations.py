@@ -159,7 +159,7 @@ def read_coco_captions(path: Path) -> list[ImageRecord]:
 
 # Instruction formats: records with question/answer pairs (`qa`) instead of captions.
 
-PAIR_FORMATS = ("instruct", "llava", "vqa", "gqa")
+PAIR_FORMATS = ("instruct", "llava", "vqa", "gqa", "vg_qa")
 FORMATS = CAPTION_FORMATS + PAIR_FORMATS
 LLAVA_TURNS = ("first", "all")
 COCO_TRAIN2014 = "train2014/COCO_train2014_{image_id:012d}.jpg"  # VQAv2 and OK-VQA train on COCO train2014
@@ -314,11 +314,33 @@ def read_gqa_train(path: Path) -> list[ImageRecord]:
     return list(records.values())
 
 
+def read_vg_qa(path: Path) -> list[ImageRecord]:
+    """Visual Genome QA (`question_answers.json`: `[{id, qas: [{qa_id, image_id, question, answer}]}]`), images
+    `<image_id>.jpg` as the `vg` format's: one record per image, one pair per question. VG answers are sentences
+    ("White."): the final period goes, as in the answers of the VQA sets it is mixed with."""
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a VG QA file is a JSON list of {{id, qas}}, not a {type(data).__name__}")
+    records: "OrderedDict[str, ImageRecord]" = OrderedDict()
+    for i, item in enumerate(data):
+        _obj(item, f"{path}: entry {i}", "'id' and 'qas'")
+        for j, qa in enumerate(_need(item, "qas", f"{path}: entry {i}", list)):
+            where = f"{path}: entry {i}, qas[{j}]"
+            _obj(qa, where, "'question' and 'answer'")
+            image_id = str(qa["image_id"] if "image_id" in qa else _need(item, "id", f"{path}: entry {i}"))
+            answer = _text(qa, "answer", where).rstrip(".").strip()
+            if not answer:
+                raise DataError(f"{where}: field 'answer' holds no words")
+            pair = {"question": _text(qa, "question", where), "answers": [answer], "question_id": qa.get("qa_id", j)}
+            _record(records, f"{image_id}.jpg", image_id).qa.append(pair)
+    return list(records.values())
+
+
 def read_annotations(path: str | Path, fmt: str, *, llava_turns: str = "first",
                      image_template: str = COCO_TRAIN2014) -> list[ImageRecord]:
     """`llava_turns` is for `llava`, `image_template` (filled with `image_id`) for `vqa`."""
     readers = {"karpathy": read_karpathy, "vg": read_visual_genome, "jsonl": read_jsonl, "csv": read_csv,
-               "coco": read_coco_captions, "instruct": read_instruct, "gqa": read_gqa_train,
+               "coco": read_coco_captions, "instruct": read_instruct, "gqa": read_gqa_train, "vg_qa": read_vg_qa,
                "llava": lambda p: read_llava(p, llava_turns), "vqa": lambda p: read_vqa_train(p, image_template)}
     if fmt not in readers:
         raise DataError(f"unknown annotation format {fmt!r}; expected one of {FORMATS}")

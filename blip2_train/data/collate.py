@@ -208,7 +208,7 @@ class InstructCollator:
             batch["labels"], batch["decoder_attention_mask"] = Stage2Collator._pad([r[1] for r in rows], -100)
         else:
             batch["labels"], _ = Stage2Collator._pad([r[1] for r in rows], -100)
-        batch["instructions_truncated"] = torch.tensor(sum(r[2] or c for r, c in zip(rows, q_cut)))
+        batch["instructions_truncated"] = sum(bool(r[2] or c) for r, c in zip(rows, q_cut))  # an int: no device sync
         check_image_tokens(batch["input_ids"], self.image_id, self.nq)
         return batch
 

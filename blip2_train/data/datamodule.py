@@ -223,7 +223,7 @@ class Blip2DataModule(L.LightningDataModule):
             from blip2_train.data.collate import InstructCollator
 
             return InstructCollator(self.tokenizer, self.qformer_tokenizer, int(t["num_query_tokens"]),
-                                    image_token_id(self.tokenizer), self.max_txt_len,
+                                    image_token_id(self.tokenizer), int(t.get("max_txt_len") or self.max_txt_len),
                                     int(t.get("max_output_txt_len") or 256), self._llm_is_encoder_decoder(),
                                     end_token_id(self.tokenizer, t.get("end_text")),
                                     str(t.get("answer_separator") or ""))

@@ -152,6 +152,26 @@ def write_vqa_train(data_dir: str | Path, per_image: int = 3, noise: float = 0.1
     return q, q.parent / VQA_TRAIN_FILES[1]
 
 
+def write_vg_qa(data_dir: str | Path, per_image: int = 2, seed: int = 2) -> Path:
+    """Visual Genome QA's layout (`vg/annotations/question_answers.json`: `[{id, qas: [{qa_id, image_id, question,
+    answer}]}]`, one answer a question, written as VG writes them: "Top left.") over the VG view's images (the
+    train images of vg_caption.json), linked as `vg/qa_images/<image_id>.jpg`. -> the file."""
+    data_dir = Path(data_dir)
+    vg_images = {e["image"] for e in json.loads((data_dir / "vg" / "annotations" / "vg_caption.json").read_text())}
+    scenes = [s for s in read_scenes(data_dir, "train") if s["image"] in vg_images]
+    entries = []
+    for q in build_questions(scenes, per_image, noise=0.0, seed=seed):
+        n = q["image_index"]
+        if not entries or entries[-1]["id"] != n:
+            _link(data_dir / "vg" / "qa_images" / f"{n}.jpg", data_dir / "coco" / "images" / scenes[n]["image"])
+            entries.append({"id": n, "qas": []})
+        entries[-1]["qas"].append({"qa_id": q["question_id"], "image_id": n, "question": q["question"].capitalize(),
+                                   "answer": q["answers"][0].capitalize() + "."})
+    path = data_dir / "vg" / "annotations" / "question_answers.json"
+    path.write_text(json.dumps(entries))
+    return path
+
+
 def write_vqa_sets(data_dir: str | Path, split: str = "test", per_image: int = 3, noise: float = 0.1,
                    seed: int = 0) -> dict[str, Path]:
     """Write the VQAv2 / OK-VQA / GQA views of `split` under `data_dir`. Images are relative links to the

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 _MODULES = (
     "transformers.models.blip_2.modeling_blip_2",
+    "transformers.models.instructblip.modeling_instructblip",
     "transformers.models.opt.modeling_opt",
     "transformers.models.llama.modeling_llama",
     "transformers.models.t5.modeling_t5",

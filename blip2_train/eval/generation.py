@@ -12,6 +12,12 @@ import torch
 from blip2_train.distributed.collectives import is_dist
 
 
+# An instruction-tuned model's open-ended decoding where nothing else is given (conf/eval_protocol's
+# instruct_generate, which an export records): the reference's InstructBLIP generate defaults.
+INSTRUCT_GENERATION = {"num_beams": 5, "max_new_tokens": 256, "min_new_tokens": 1, "repetition_penalty": 1.5,
+                       "length_penalty": 1.0}
+
+
 def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)

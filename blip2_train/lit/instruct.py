@@ -19,7 +19,7 @@ class InstructModule(Blip2LitModule):
                          batch["input_ids"], batch["attention_mask"], batch["labels"],
                          batch.get("decoder_attention_mask"))
         n_tokens = (batch["labels"] != -100).sum()
-        cut = int(batch["instructions_truncated"])
+        cut = int(batch["instructions_truncated"])  # a Python int from the collator
         if cut and not self._told_truncation and self.global_rank == 0:
             self._told_truncation = True
             log.warning("instructions longer than data.max_txt_len tokens are cut from the left, as the reference "

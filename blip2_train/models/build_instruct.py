@@ -237,6 +237,11 @@ def build_instruct_model(
         model.hf.vision_model.post_layernorm.eps = float(ln_vision_eps)
     text_init = qformer_text_init or qtok_dir
     covered: set[str] = set()
+    if vision_checkpoint:  # first: a stage-1/2/instruct source's trained ln_vision then lands over its own
+        from blip2_train.models.build_stage1 import init_vision_from
+
+        init_vision_from(model, vision_checkpoint)
+        covered |= {k for k in model.hf.state_dict() if k.startswith("vision_model.")}
     if not (instruct_checkpoint or stage1_checkpoint):  # a stage-2 start: its Q-Former has no text parts
         sd = qformer_text_from_bert(text_init, model.hf.config.qformer_config.num_hidden_layers)
         load_weights(model, sd, f"the Q-Former's text parts from {text_init}")
@@ -246,11 +251,6 @@ def build_instruct_model(
             sd = read_blip2_source(sources[stage], stage, model)
             load_weights(model, sd, f"stage-{stage} weights from {sources[stage]}")
             covered |= set(sd)
-    if vision_checkpoint:
-        from blip2_train.models.build_stage1 import init_vision_from
-
-        init_vision_from(model, vision_checkpoint)
-        covered |= {k for k in model.hf.state_dict() if k.startswith("vision_model.")}
     if instruct_checkpoint:
         sd = read_instruct_source(instruct_checkpoint)
         load_weights(model, sd, f"InstructBLIP weights from {instruct_checkpoint}")

@@ -232,7 +232,8 @@ USES = {1: "pass it as paths.stage1_checkpoint, to start stage 2 (experiment=sta
            "fine-tune it (experiment=caption_coco_eval, vqa_vqav2_eval, caption_coco_ft), or as "
            "paths.stage2_checkpoint of instruction tuning (experiment=instruct_tune, vqa_vqav2_ft)",
         3: "pass it as model.instruct_checkpoint to continue instruction tuning (experiment=instruct_tune), or "
-           "evaluate its export (experiment=vqa_vqav2_eval model=instruct_vicuna ...)"}
+           "evaluate its export as paths.stage2_checkpoint=<export> of a caption or VQA evaluation "
+           "(experiment=vqa_vqav2_eval, caption_coco_eval): it is evaluated as an InstructBLIP model"}
 
 
 def wrong_stage(source, got: int, key: str, want: int | None = None) -> CheckpointError:

@@ -56,6 +56,12 @@ def set_special_tokens(tok, special_tokens: dict, where) -> None:
     """`tok.add_special_tokens(special_tokens)`, and a tokenizer whose template puts a BOS in front puts the new
     one there (a fast tokenizer keeps its template's old BOS otherwise, where the reference's slow tokenizer reads
     its bos id at call time)."""
+    vocab = tok.get_vocab()
+    unknown = {k: v for k, v in special_tokens.items() if k != "pad_token" and v not in vocab}
+    if unknown:  # a new bos / eos would be an untrained row of a frozen head: generation would never stop
+        raise ConfigError(f"{where}: model.text.special_tokens {unknown} are not in this tokenizer's vocabulary (they "
+                          "are the reference's Vicuna tokens): set model.text.special_tokens=null for this LLM's own, "
+                          "or ones it has")
     tok.add_special_tokens(dict(special_tokens))
     if "bos_token" in special_tokens and special_prefix(tok) and tok("a")["input_ids"][0] != tok.bos_token_id:
         from tokenizers import processors

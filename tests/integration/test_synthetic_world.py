@@ -223,7 +223,8 @@ def test_prepare_synthetic_keeps_a_data_dir_of_its_world_only(tmp_path):
     args, recipe = recipe_of("LLM")
     vit_args, vit_recipe = recipe_of("VIT")
     data = tmp_path / "synthetic"
-    complete = ("shards/vg_caption/manifest.json", "shards/vqav2_train/manifest.json", "bert/config.json",
+    complete = ("shards/vg_caption/manifest.json", "shards/vqav2_train/manifest.json", "shards/vg_qa/manifest.json",
+                "bert/config.json",
                 "llm/config.json",
                 "vqav2/annotations/v2_mscoco_val2014_annotations.json", "vit/model.safetensors")
     for f in complete:  # what the script checks for a complete data dir

@@ -69,3 +69,16 @@ def test_missing_required_path_names_the_key():
     r = run_cli(["arch=tiny", "trainer=cpu", "strategy=auto", "logger=none"])
     assert r.returncode == 2
     assert "paths.bert_dir" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_instruct_model_configs_give_each_llm_its_own_special_tokens():
+    """instruct_vicuna carries the reference's Vicuna tokens; instruct_flant5 and instruct_opt replace them with none
+    (each LLM's own), and paths.stage1_checkpoint reaches the model (its trained text parts)."""
+    want = {"instruct_vicuna": {"pad_token": "[PAD]", "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>"},
+            "instruct_flant5": None, "instruct_opt": None}
+    for model, tokens in want.items():
+        cfg = compose("train", ["experiment=instruct_tune", f"model={model}", "paths.stage1_checkpoint=/ckpt/s1"])
+        got = cfg.model.text.special_tokens
+        assert (None if got is None else dict(got)) == tokens, model
+        assert cfg.model.stage1_checkpoint == "/ckpt/s1" and cfg.data.text.special_tokens == cfg.model.text.special_tokens
+    assert compose("train", ["experiment=instruct_tune"]).model.stage1_checkpoint is None  # paths.stage1_checkpoint ???

@@ -165,6 +165,22 @@ def test_gqa_training_questions(tmp_path):
     assert drawn == {("yes", "vqa"), ("picture", "vqa")}
 
 
+def test_visual_genome_qa(tmp_path):
+    write_image(tmp_path / "1.jpg")
+    (tmp_path / "qa.json").write_text(json.dumps([
+        {"id": 1, "qas": [{"qa_id": 986768, "image_id": 1, "question": "What color is the clock?", "answer": "Green."},
+                          {"qa_id": 986769, "image_id": 1, "question": "Where are the people?", "answer": "Street"}]},
+        {"id": 2, "qas": []}]))
+    [rec] = read_annotations(tmp_path / "qa.json", "vg_qa")
+    assert (rec.image, rec.image_id) == ("1.jpg", "1")
+    assert rec.qa[0] == {"question": "What color is the clock?", "answers": ["Green"], "question_id": 986768}
+    [sample] = built([rec], tmp_path, tmp_path / "shards")
+    assert {decode(sample, s)["answer"] for s in range(30)} == {"Green", "Street"}
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": 3, "qas": [{"question": "Why?", "answer": "."}]}]))
+    with pytest.raises(DataError, match=r"bad.json: entry 0, qas\[0\]: field 'answer' holds no words"):
+        read_annotations(tmp_path / "bad.json", "vg_qa")
+
+
 def test_caption_samples_get_a_caption_template_and_the_crop_sample_decoder_gives(tmp_path):
     write_image(tmp_path / "a.jpg")
     records = [ImageRecord("a.jpg", "5", ["A Dog, running!", "the dog runs"])]

@@ -316,3 +316,51 @@ def test_export_generates_the_same_ids_in_plain_transformers(models, tiny_llms, 
     texts = api.generate(pil, INSTRUCTIONS, **kw)
     assert texts == [t.strip() for t in processor.batch_decode(ours.new_tokens(mine, gen["input_ids"]),
                                                                 skip_special_tokens=True)]
+
+
+def test_the_other_starts_land_their_weights(models, tiny_llms, stage1_export, tmp_path):
+    """A reference stage-2 .pth (opt_proj) as the stage-2 start, and a transformers InstructBLIP directory (an
+    export without blip2_train.json: what a saved Salesforce/instructblip-* is) as the instruct start."""
+    from blip2_train.models.build_stage1 import checkpoint_stage
+    from blip2_train.models.export import META, export_instruct
+    from helpers.tiny import tiny_stage2
+
+    src = tiny_stage2(tiny_llms["opt"], stage1_export, ln_vision_eps=1e-5, end_text="\n")
+    with torch.no_grad():
+        src.hf.language_projection.weight.add_(1.0)
+    from blip2_train.models.convert import ours_to_reference
+
+    torch.save({"model": ours_to_reference(src.state_dict(), projection="opt")}, tmp_path / "stage2_opt.pth")
+    m = tiny_instruct(tiny_llms["opt"], "llama", stage2_checkpoint=str(tmp_path / "stage2_opt.pth"),
+                      stage1_checkpoint=str(stage1_export), qformer_tokenizer=str(stage1_export))
+    for k in ("language_projection.weight", "query_tokens", "vision_model.post_layernorm.weight",
+              "qformer.encoder.layer.0.crossattention.attention.query.weight"):
+        torch.testing.assert_close(m.hf.state_dict()[k], src.hf.state_dict()[k], rtol=0, atol=0, msg=k)
+    # stage 1 brought the Q-Former's text parts (stage 2 has none): its word embeddings, not BERT's
+    s1 = tiny_instruct(tiny_llms["opt"], "llama", stage1_checkpoint=str(stage1_export),
+                       qformer_tokenizer=str(stage1_export))
+    torch.testing.assert_close(m.hf.qformer.embeddings.word_embeddings.weight,
+                               s1.hf.qformer.embeddings.word_embeddings.weight, rtol=0, atol=0)
+
+    ours = models["t5"]
+    col = collator(ours, tiny_llms["t5"], stage1_export, "t5")
+    out = export_instruct(ours, col.tok_in, col.qtok, tmp_path / "official", image_size=32)
+    (out / META).unlink()
+    assert checkpoint_stage(out) == 3
+    again = tiny_instruct(str(out), "t5", instruct_checkpoint=str(out),
+                          qformer_tokenizer=str(out / "qformer_tokenizer")).eval()
+    b = batch(col, images(4, seed=5))
+    args = [b[k] for k in ("image", "qformer_input_ids", "qformer_attention_mask", "input_ids", "attention_mask",
+                           "labels", "decoder_attention_mask")]
+    with torch.no_grad():
+        torch.testing.assert_close(again(*args).loss, ours(*args).loss, rtol=0, atol=1e-6)
+
+
+def test_vicuna_tokens_on_an_llm_without_them_are_one_line(tiny_llms):
+    """A new bos / eos would be an untrained row of the frozen head: refused, naming the setting."""
+    from blip2_train.models.build_instruct import load_instruct_tokenizer
+    from blip2_train.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"special_tokens .*bos_token.* not in this tokenizer's vocabulary"):
+        load_instruct_tokenizer(tiny_llms["gpt2"], REFERENCE_SPECIALS)
+    assert load_instruct_tokenizer(tiny_llms["gpt2"], None).eos_token == "<|endoftext|>"
