@@ -36,7 +36,11 @@ def run_cli(config_name: str, body: Callable[[DictConfig], dict], argv: list[str
     multirun = "-m" in argv or "--multirun" in argv
 
     def task(cfg: DictConfig):
-        results.append(_run_sweep_job(cfg, body) if multirun else run_job(cfg, body))
+        if multirun:
+            results.append(_run_sweep_job(cfg, body))
+        else:
+            results.append(run_job(cfg, body))
+            _end_gloo_group_together()
         stopped = results[-1] or {}
         if multirun and stopped.get("exit_code"):  # a signal stops the sweep, not only its current job
             print(stopped["message"], file=sys.stderr)
@@ -125,22 +129,49 @@ def _run_sweep_job(cfg: DictConfig, body: Callable[[DictConfig], dict]) -> dict:
 
     saved_argv, saved_env = sys.argv, dict(os.environ)
     sys.argv = [saved_argv[0], *_config_source_flags(saved_argv[1:]), *HydraConfig.get().overrides.task]
+    ended = False
     try:
-        return run_job(cfg, body)
+        result = run_job(cfg, body)
+        ended = True
+        return result
     finally:
         sys.argv = saved_argv
         release_run_locks()
         close_log_files()
-        _end_process_group()
+        _end_process_group(together=ended)
         os.environ.clear()
         os.environ.update(saved_env)
 
 
-def _end_process_group() -> None:
+def _end_process_group(together: bool = False) -> None:
+    """Destroy the process group; after a job that ended normally on every rank, gloo ranks first wait for each
+    other (`_end_gloo_group_together`). After an error no rank waits: the others may never come."""
     import torch.distributed as dist
 
+    if together:
+        _end_gloo_group_together()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _end_gloo_group_together() -> None:
+    """A gloo group's ranks wait for each other (a bounded barrier), then destroy it: a rank whose gloo group was
+    torn down at interpreter exit while its peer still used the connection was seen to abort there ("terminate
+    called without an active exception", exit -6 under torchrun). NCCL groups are left as they were."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "gloo":
+        return
+    if dist.get_world_size() > 1:
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=120), wait_all_ranks=True)
+        except RuntimeError as e:  # a peer that did not come: end anyway, saying so
+            import logging
+
+            logging.getLogger(__name__).warning("ranks did not all reach the end: %s", str(e).splitlines()[0])
+    dist.destroy_process_group()
 
 
 class _HydraJobErrorFilter:
