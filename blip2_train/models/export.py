@@ -81,16 +81,7 @@ def export_stage2(model, tokenizer, out_dir: str | Path, image_size: int, prompt
     """
     from transformers import Blip2Processor
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf = model.hf
-    if dtype is not None:
-        hf = copy.deepcopy(hf).to(dtype)
-    hf.save_pretrained(str(out))
-    record_dtypes(out / "config.json", hf)
-    tok = copy.deepcopy(tokenizer)
-    tok.padding_side = "right" if model.is_encoder_decoder else "left"
-    tok.init_kwargs["padding_side"] = tok.padding_side  # what save_pretrained writes
+    out, tok = save_generative(model, tokenizer, out_dir, dtype)
     Blip2Processor(image_processor(image_size), tok, num_query_tokens=model.num_query_tokens).save_pretrained(str(out))
     meta = {"stage": 2, "exporter": f"blip2-train {package_version()}", "image_size": image_size, "prompt": prompt,
             "image_token_id": model.image_token_id, "end_token_id": model.end_token_id,
@@ -111,16 +102,7 @@ def export_instruct(model, tokenizer, qformer_tokenizer, out_dir: str | Path, im
     decoder-only LLMs). `blip2_train.json` records the decoding settings and the evaluation template."""
     from transformers import InstructBlipProcessor
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf = model.hf
-    if dtype is not None:
-        hf = copy.deepcopy(hf).to(dtype)
-    hf.save_pretrained(str(out))
-    record_dtypes(out / "config.json", hf)
-    tok = copy.deepcopy(tokenizer)
-    tok.padding_side = "right" if model.is_encoder_decoder else "left"
-    tok.init_kwargs["padding_side"] = tok.padding_side
+    out, tok = save_generative(model, tokenizer, out_dir, dtype)
     qtok = copy.deepcopy(qformer_tokenizer)
     qtok.truncation_side = qtok.init_kwargs["truncation_side"] = "left"  # the reference cuts instructions there
     InstructBlipProcessor(image_processor(image_size), tok, qtok,
@@ -132,6 +114,23 @@ def export_instruct(model, tokenizer, qformer_tokenizer, out_dir: str | Path, im
             "template": template, "generate_kwargs": dict(generate_kwargs or {})}
     (out / META).write_text(json.dumps(meta, indent=1))
     return out
+
+
+def save_generative(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None):
+    """The weights of a stage-2 or instruction-tuned model (cast to `dtype` if given) and its config with each
+    part's dtype; -> (the directory, a copy of the LLM tokenizer padded as generation needs: on the left for
+    decoder-only LLMs, each row continuing from its last real token)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = model.hf
+    if dtype is not None:
+        hf = copy.deepcopy(hf).to(dtype)
+    hf.save_pretrained(str(out))
+    record_dtypes(out / "config.json", hf)
+    tok = copy.deepcopy(tokenizer)
+    tok.padding_side = "right" if model.is_encoder_decoder else "left"
+    tok.init_kwargs["padding_side"] = tok.padding_side  # what save_pretrained writes
+    return out, tok
 
 
 def record_dtypes(config_json: Path, hf) -> None:
