@@ -28,6 +28,9 @@ LLM_PRESETS = {
                      vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=4096),
     "llama-7b": dict(family="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=11008,
                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048),
+    # predicted by blip2-bench memory only (bench train builds decoder-only LLMs)
+    "flant5-xl": dict(family="t5", d_model=2048, d_ff=5120, d_kv=64, num_layers=24, num_decoder_layers=24,
+                      num_heads=32, vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
     "tiny": dict(family="opt", hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=2,
                  vocab_size=512, max_position_embeddings=256, word_embed_proj_dim=64),
     # the llama-7b code path at CPU size (the GPU check's dry run)

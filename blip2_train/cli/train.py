@@ -130,6 +130,30 @@ def check_evaluation_fits_strategy(cfg: DictConfig) -> None:
                           "checkpoint and run blip2-eval")
 
 
+def check_low_memory_fits(cfg: DictConfig) -> None:
+    """Adapters and quantised towers where they can work, refused before any work elsewhere: a stage-1 model has
+    no LLM to adapt; FSDP and DeepSpeed shard or cast the parameters they hold, and cannot hold bitsandbytes'
+    integer weights (DDP keeps the quantised tower whole on each GPU, which is its point). (fp16 with T5 is refused
+    where the LLM loads, quantised or not: models/llm.py.)"""
+    from blip2_train.utils.errors import ConfigError
+
+    model = cfg.get("model") or {}
+    kind = str((cfg.get("adapter") or {}).get("kind") or "none")
+    quant = {k: model.get(k) for k in ("llm_quant", "vision_quant") if model.get(k)}
+    if "llm_quant" not in model and (kind != "none" or quant):
+        raise ConfigError(f"adapter={kind} / quantisation: this model ({model.get('_target_', '?')}) has no LLM; "
+                          "they apply to stage 2, caption fine-tuning and instruction tuning")
+    if quant and (cfg.get("module") or {}).get("save_frozen_weights"):
+        raise ConfigError("module.save_frozen_weights=true with a quantised tower: its integer weights and their "
+                          "quantisation state do not load back; the frozen weights come from the model config")
+    target = str((cfg.get("strategy") or {}).get("_target_", ""))
+    if quant and ("FSDP" in target or "deepspeed" in target):
+        name = "fsdp" if "FSDP" in target else "deepspeed"
+        raise ConfigError(f"model.{next(iter(quant))}={next(iter(quant.values()))} under strategy={name}: a "
+                          "quantised tower cannot be sharded or cast by it; use strategy=ddp (each GPU holds the "
+                          "quantised tower, a 7B LLM in NF4 is ~3.9 GB)")
+
+
 def train(cfg: DictConfig) -> dict:
     import lightning as L
     import torch
@@ -137,6 +161,7 @@ def train(cfg: DictConfig) -> dict:
     adopt_library_logging()
     # Our data module restores the exact data position itself (state_dict / load_state_dict).
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+    check_low_memory_fits(cfg)
     check_evaluation_fits_strategy(cfg)
     run_dir = resolve_run_dir(cfg)
     ckpt_path = resolve_ckpt_path(cfg, run_dir)

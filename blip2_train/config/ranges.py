@@ -68,6 +68,7 @@ RANGES: dict[str, Range] = {
     # evaluation (both roots' eval)
     "eval.k_test": POSITIVE,
     "eval.pair_batch_size": POSITIVE,
+    "eval.classify.itm_topk": NON_NEGATIVE,
 }
 
 
@@ -75,17 +76,23 @@ RANGES: dict[str, Range] = {
 # training (config imports nothing from eval: tests/unit/test_retrieval.py keeps these equal to the tuples of the code
 # that reads them, eval.metrics.retrieval.RERANK_SCORES and eval.runner.EVAL_KINDS; tests/unit/test_vqa_scorers.py
 # keeps VQA_METRICS equal to eval.metrics.vqa.VQA_METRICS)
-EVAL_KINDS = ("retrieval", "caption", "vqa")
+EVAL_KINDS = ("retrieval", "caption", "vqa", "classify")
 RERANK_SCORES = ("reference", "product")
+CLASSIFY_ENSEMBLES = ("mean", "max")  # = eval.classify.ENSEMBLES (tests/unit/test_classify_scoring.py)
 VQA_METRICS = ("reference", "official")
 CHOICES: dict[str, tuple[str, ...]] = {
     "eval.kind": EVAL_KINDS,
     "eval.rerank_score": RERANK_SCORES,
     "eval.vqa_metric": VQA_METRICS,
+    "eval.classify.ensemble": CLASSIFY_ENSEMBLES,
     # the periodic evaluation follows eval.* unless set on its own
     "callbacks.periodic_eval.kind": EVAL_KINDS,
     "callbacks.periodic_eval.rerank_score": RERANK_SCORES,
     "callbacks.periodic_eval.vqa_metric": VQA_METRICS,
+    # models/adapters.py and models/quant.py read these
+    "adapter.kind": ("none", "lora"),
+    "model.llm_quant": ("int8", "nf4"),
+    "model.vision_quant": ("int8", "nf4"),
 }
 _UNSET = object()
 

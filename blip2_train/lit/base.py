@@ -198,7 +198,11 @@ class Blip2LitModule(L.LightningModule):
             raise Blip2TrainError(f"ckpt_path: this checkpoint is from a stage-{stage} run and this is a stage-"
                                   f"{self.stage} run: {hint}")
         if checkpoint.get("frozen_weights_omitted") and "state_dict" in checkpoint:  # FSDP2 loads its own
-            full = self.state_dict()
+            # the frozen weights as they are, keyed as load_state_dict takes them (a quantised layer's state_dict
+            # also lists its quantisation state, which it does not load back)
+            own = ({n for n, _ in self.named_parameters(remove_duplicate=False)}
+                   | {n for n, _ in self.named_buffers(remove_duplicate=False)})
+            full = {k: v for k, v in self.state_dict().items() if k in own}
             full.update(checkpoint["state_dict"])
             checkpoint["state_dict"] = full
 

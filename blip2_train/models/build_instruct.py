@@ -22,7 +22,8 @@ import torch
 
 from blip2_train.models import convert, llm as llm_lib, vision
 from blip2_train.models.build_stage1 import (checkpoint_stage, parse_dtype, refuse_other_query_count, wrong_stage)
-from blip2_train.models.build_stage2 import enable_activation_checkpointing, read_stage1_source
+from blip2_train.models.build_stage2 import (check_adapted_llm, check_low_memory, enable_activation_checkpointing,
+                                             finish_llm_side, read_stage1_source)
 from blip2_train.models.instruct import InstructBlip
 from blip2_train.utils.errors import CheckpointError, ConfigError
 
@@ -203,9 +204,19 @@ def build_instruct_model(
     seed: int | None = None,
     compile_qformer: bool = False,
     tokenizer: str | None = None,
+    adapter: dict | None = None,
+    freeze_llm: bool = True,
+    llm_quant: str | None = None,
+    vision_quant: str | None = None,
 ) -> InstructBlip:
     """The `_target_` of `conf/model/instruct_*.yaml`. `text` is the data side's node (data.text): its
-    `qformer_tokenizer` and `special_tokens` decide both vocabularies. `tokenizer` is read by the data side."""
+    `qformer_tokenizer` and `special_tokens` decide both vocabularies. `tokenizer` is read by the data side.
+    `adapter`, `freeze_llm`, `llm_quant`, `vision_quant`: as stage 2's (build_stage2.build_stage2_model)."""
+    llm_quant = check_low_memory(adapter, freeze_llm, llm_quant, vision_quant, freeze_vision, llm_dtype)
+    adapter_source = None
+    for src in (stage2_checkpoint, instruct_checkpoint):  # the later source's LLM is the one built on
+        if src:
+            adapter_source = check_adapted_llm(src, llm, adapter) or adapter_source
     text = dict(text)
     sources = {1: stage1_checkpoint, 2: stage2_checkpoint, 3: instruct_checkpoint}
     keys = {1: "paths.stage1_checkpoint", 2: "paths.stage2_checkpoint", 3: "model.instruct_checkpoint"}
@@ -215,14 +226,14 @@ def build_instruct_model(
     llm_lib.require_model_dir(llm, "LLM directory")
     if seed is not None:
         torch.manual_seed(seed)
-    tok = load_instruct_tokenizer(llm, text.get("special_tokens"))
+    tok = load_instruct_tokenizer(tokenizer or llm, text.get("special_tokens"))
     qtok_dir = text.get("qformer_tokenizer")
     if not qtok_dir:
         raise ConfigError("model.text.qformer_tokenizer is required: the Q-Former's BERT tokenizer directory "
                           "(paths.bert_dir)")
     qtok = load_qformer_text_tokenizer(qtok_dir)
     qtok.truncation_side = "left"  # the reference's init_tokenizer(truncation_side="left")
-    lm = llm_lib.load_llm(llm, parse_dtype(llm_dtype), llm_attn_implementation, llm_config)
+    lm = llm_lib.load_llm(llm, parse_dtype(llm_dtype), llm_attn_implementation, llm_config, llm_quant)
     if len(tok) > lm.get_input_embeddings().weight.shape[0]:
         # room for <image> and [PAD]: the reference's resize (new rows never read as inputs of a target)
         lm.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -230,7 +241,8 @@ def build_instruct_model(
     end_id = llm_lib.end_token_id(tok, text.get("end_text"))
     hf = build_instruct_hf(vision, qformer, lm, num_query_tokens, image_id, end_id, tok.pad_token_id, len(qtok),
                            attn_implementation)
-    model = InstructBlip(hf, image_id, end_id, tok.pad_token_id, freeze_vision=False, llm_dropout=llm_dropout)
+    model = InstructBlip(hf, image_id, end_id, tok.pad_token_id, freeze_vision=False, llm_dropout=llm_dropout,
+                         freeze_llm=freeze_llm)
     # generation builds its own inputs (evaluation, blip2-generate, the API): the Q-Former's tokenizer and limit
     model.qformer_tokenizer, model.max_txt_len = qtok, int(text.get("max_txt_len") or 128)
     if ln_vision_eps is not None:
@@ -262,7 +274,7 @@ def build_instruct_model(
         raise CheckpointError(f"none of {[s for s in sources.values() if s]} holds the ViT (the reference saves only "
                               "trained weights): give it as model.vision_checkpoint or paths.stage1_checkpoint")
     model.freeze_vision, model.vision_dtype = freeze_vision, parse_dtype(vision_dtype)
-    model.freeze()
+    finish_llm_side(model, adapter, vision_quant, adapter_source)
     enable_activation_checkpointing(model, activation_checkpointing)
     if compile_qformer:
         model.hf.qformer.compile()

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from blip2_train.models import convert, llm as llm_lib, vision
+from blip2_train.models.adapters import adapter_kind, apply_adapter
 from blip2_train.models.build_stage1 import (checkpoint_stage, parse_dtype, refuse_other_query_count,
                                              refuse_other_shapes, tower_shapes, wrong_stage)
 from blip2_train.models.stage2 import Blip2Stage2
@@ -265,13 +266,20 @@ def build_stage2_model(
     compile_qformer: bool = False,
     text: dict | None = None,
     tokenizer: str | None = None,
+    adapter: dict | None = None,
+    freeze_llm: bool = True,
+    llm_quant: str | None = None,
+    vision_quant: str | None = None,
 ) -> Blip2Stage2:
     """The `_target_` of `conf/model/stage2_*.yaml`. `text` (prompt, end_text, prefix_lm, label rules) is the data
     side's (data.text); the model takes its `end_text`, where generation stops. `tokenizer` is read by the data side.
     `ln_vision_eps`: eps of the ViT's final LayerNorm (the reference's ln_vision, 1e-5) where it differs from the
     blocks' (1e-6); None = the blocks'. `llm_dropout`: the frozen LLM's dropout on during training (the reference)
     or off. `llm_config`: attributes set on the LLM's config before it is built (FlanT5: dense_act_fn=gelu, as
-    the reference)."""
+    the reference). `adapter` (conf/adapter): LoRA on the LLM; `freeze_llm=False` trains the whole LLM;
+    `llm_quant` / `vision_quant` (int8 | nf4): the frozen LLM / ViT held quantised (models/quant.py)."""
+    llm_quant = check_low_memory(adapter, freeze_llm, llm_quant, vision_quant, freeze_vision, llm_dtype)
+    adapter_source = check_adapted_llm(stage2_checkpoint, llm, adapter) if stage2_checkpoint else None
     if text is not None:
         end_text = dict(text).get("end_text", end_text)
     # Before the LLM is read: an evaluation takes its LLM from the stage-2 checkpoint, so a stage-1 result given
@@ -287,15 +295,16 @@ def build_stage2_model(
             refuse_other_shapes(source, shapes, key)
     if seed is not None:
         torch.manual_seed(seed)
-    tok = llm_lib.load_llm_tokenizer(llm)
-    lm = llm_lib.load_llm(llm, parse_dtype(llm_dtype), llm_attn_implementation, llm_config)
+    tok = llm_lib.load_llm_tokenizer(tokenizer or llm)
+    lm = llm_lib.load_llm(llm, parse_dtype(llm_dtype), llm_attn_implementation, llm_config, llm_quant)
     if len(tok) > lm.get_input_embeddings().weight.shape[0]:
         lm.resize_token_embeddings(len(tok), mean_resizing=False)  # room for <image>; its row is never read
     image_id = llm_lib.image_token_id(tok)
     end_id = llm_lib.end_token_id(tok, end_text)
     hf = build_stage2_hf(vision, qformer, lm, num_query_tokens, image_id, end_id, tok.pad_token_id,
                          attn_implementation)
-    model = Blip2Stage2(hf, image_id, end_id, tok.pad_token_id, freeze_vision=False, llm_dropout=llm_dropout)
+    model = Blip2Stage2(hf, image_id, end_id, tok.pad_token_id, freeze_vision=False, llm_dropout=llm_dropout,
+                        freeze_llm=freeze_llm)
     if ln_vision_eps is not None:  # transformers' config has one eps for the blocks and post_layernorm
         model.hf.vision_model.post_layernorm.eps = float(ln_vision_eps)
     if stage1_checkpoint:
@@ -316,8 +325,91 @@ def build_stage2_model(
     if stage2_checkpoint:
         load_stage2_weights(model, stage2_checkpoint, vision_loaded=bool(stage1_checkpoint or vision_checkpoint))
     model.freeze_vision, model.vision_dtype = freeze_vision, parse_dtype(vision_dtype)
-    model.freeze()
+    finish_llm_side(model, adapter, vision_quant, adapter_source)
     enable_activation_checkpointing(model, activation_checkpointing)
     if compile_qformer:
         model.hf.qformer.compile()  # in place: parameter names (and checkpoints) unchanged
     return model
+
+
+def check_low_memory(adapter, freeze_llm: bool, llm_quant, vision_quant, freeze_vision: bool,
+                     llm_dtype: str = "float32") -> str | None:
+    """Refuse, before anything is read, the combinations that cannot train; -> the LLM's quantisation."""
+    from blip2_train.models import quant
+
+    llm_quant = quant.check_kind(llm_quant, "model.llm_quant")
+    vision_quant = quant.check_kind(vision_quant, "model.vision_quant")
+    kind = adapter_kind(adapter)
+    if kind not in ("none", "lora"):
+        raise ConfigError(f"adapter.kind: {kind!r} is not one of none, lora")
+    if kind != "none":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ConfigError("adapter=lora needs peft: pip install peft") from None
+    if not freeze_llm and kind != "none":
+        raise ConfigError("adapter=lora with model.freeze_llm=false: the LLM would train twice over; keep "
+                          "freeze_llm=true (adapters only) or use adapter=none (the whole LLM)")
+    if not freeze_llm and str(llm_dtype) != "float32":
+        raise ConfigError(f"model.freeze_llm=false with model.llm_dtype={llm_dtype}: the LLM would train without fp32 "
+                          "master weights (small updates rounded away); set model.llm_dtype=float32 (bf16 autocast "
+                          "computes), or train adapters (adapter=lora)")
+    if llm_quant and not freeze_llm:
+        raise ConfigError(f"model.llm_quant={llm_quant} with model.freeze_llm=false: quantised weights cannot "
+                          "train; train adapters on them (adapter=lora) or load the LLM unquantised")
+    if vision_quant and not freeze_vision:
+        raise ConfigError(f"model.vision_quant={vision_quant} with model.freeze_vision=false: quantised weights "
+                          "cannot train")
+    for key, q in (("model.llm_quant", llm_quant), ("model.vision_quant", vision_quant)):
+        if q:
+            quant.require_bitsandbytes(key)
+    return llm_quant
+
+
+def check_adapted_llm(source, llm: str, adapter) -> Path | None:
+    """A stage-2 result whose LLM trained (a LoRA adapter, or freeze_llm=false) carries that training in its LLM,
+    which the stage-2 source does not otherwise give (model.llm does): refuse what would drop it, silently scoring
+    or continuing the base LLM. -> an adapter-only export whose adapter the model is to load, else None."""
+    from blip2_train.models.export import export_meta
+    from blip2_train.utils.checkpoints import read_lightning_checkpoint
+
+    src = Path(str(source))
+    if src.is_dir() and src.suffix != ".ckpt":
+        meta = export_meta(src).get("adapter")
+        if not meta:
+            return None
+        if meta.get("merged") is False:
+            if adapter_kind(adapter) != "lora":
+                raise ConfigError(f"{src} is an adapter-only export (the base LLM {meta.get('base')} + the LoRA "
+                                  f"adapter in {meta.get('dir')}/): set adapter=lora (r={meta.get('r')}, "
+                                  f"alpha={meta.get('alpha')}) to read it, or give a merged export (blip2-export "
+                                  "without --adapter-only)")
+            return src
+        if Path(str(llm)).resolve() != src.resolve():
+            raise ConfigError(f"{src} holds its LoRA adapter merged into its LLM, but model.llm reads {llm}: leave "
+                              "paths.llm_dir unset, so the LLM comes from the export")
+        return None
+    if src.suffix == ".ckpt" or src.is_dir():
+        keys = read_lightning_checkpoint(src).get("state_dict", {})
+        trained = [k for k in keys if k.startswith("model.hf.language_model.")]
+        if trained:
+            raise ConfigError(f"{src} holds trained LLM weights ({len(trained)}, e.g. {trained[0]}: a LoRA adapter or "
+                              "model.freeze_llm=false), which a stage-2 checkpoint does not carry over: export it "
+                              "first (blip2-export merges the adapter) and give the export")
+    return None
+
+
+def finish_llm_side(model, adapter, vision_quant: str | None, adapter_source: Path | None = None) -> None:
+    """After every weight is loaded: the LLM's adapter injected (its weights from an adapter-only export
+    `adapter_source`), the frozen ViT quantised, and what trains set."""
+    from blip2_train.models import quant
+    from blip2_train.models.adapters import load_adapter_dir
+    from blip2_train.models.export import ADAPTER_DIR
+
+    quant.keep_cpu_inference_general(model.llm)
+    apply_adapter(model.llm, adapter)
+    if adapter_source is not None:
+        load_adapter_dir(model.llm, adapter_source / ADAPTER_DIR, str(adapter_source))
+    model.freeze()  # the adapter's weights train; the frozen ViT is cast to its dtype
+    if vision_quant:
+        quant.quantize_linears(model.hf.vision_model.encoder, vision_quant, model.vision_dtype)

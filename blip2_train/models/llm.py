@@ -119,32 +119,44 @@ def override_config(cfg, overrides: dict | None, where) -> None:
 
 
 def load_llm(path: str | os.PathLike, dtype: torch.dtype, attn_implementation: str | None = "sdpa",
-             config_overrides: dict | None = None):
+             config_overrides: dict | None = None, quant: str | None = None):
     """-> the pretrained LLM (decoder-only or encoder-decoder) in `dtype`, its config updated with
-    `config_overrides` first."""
+    `config_overrides` first; `quant` (int8 | nf4): its Linear layers quantised while loading, computing in
+    `dtype` (models/quant.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     p = require_model_dir(path, "LLM directory")
     cfg = AutoConfig.from_pretrained(str(p))
     if cfg.model_type in ("blip-2", "instructblip"):  # a whole (Instruct)BLIP checkpoint (a saved Salesforce/...)
         override_config(cfg.text_config, config_overrides, p)
-        return load_llm_from_blip2(p, cfg, dtype, attn_implementation)
+        return load_llm_from_blip2(p, cfg, dtype, attn_implementation, quant)
     override_config(cfg, config_overrides, p)
     if dtype == torch.float16 and cfg.model_type in NO_FP16:
         raise ConfigError(f"{p} is a {cfg.model_type} model: it overflows in float16; use model.llm_dtype=bfloat16")
     cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    qkw = quant_kwargs(quant, dtype)
     try:
-        model = cls.from_pretrained(str(p), config=cfg, dtype=dtype, **kw)
+        model = cls.from_pretrained(str(p), config=cfg, dtype=dtype, **kw, **qkw)
     except (ValueError, ImportError) as e:  # e.g. an attention implementation this model lacks
         if not kw:
             raise
         log.warning("%s: %s; falling back to the model's default attention", p, str(e).splitlines()[0])
-        model = cls.from_pretrained(str(p), config=cfg, dtype=dtype)
+        model = cls.from_pretrained(str(p), config=cfg, dtype=dtype, **qkw)
     return model
 
 
-def load_llm_from_blip2(path: Path, cfg, dtype: torch.dtype, attn_implementation: str | None):
+def quant_kwargs(quant: str | None, dtype: torch.dtype) -> dict:
+    """from_pretrained's arguments for an LLM quantised while it loads (none without `quant`)."""
+    if not quant:
+        return {}
+    from blip2_train.models import quant as q
+
+    return {"quantization_config": q.bnb_config(quant, dtype), "device_map": q.device_map()}
+
+
+def load_llm_from_blip2(path: Path, cfg, dtype: torch.dtype, attn_implementation: str | None,
+                        quant: str | None = None):
     """The `language_model.*` part of a BLIP-2 directory, so `model.llm` may point at a stage-2 export or an
     official BLIP-2 checkpoint directly (evaluation, fine-tuning) without a separate copy of the LLM."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -162,7 +174,8 @@ def load_llm_from_blip2(path: Path, cfg, dtype: torch.dtype, attn_implementation
     hf_logging.set_verbosity_error()  # the vision/Q-Former keys are "unexpected" here, by design
     try:
         model, info = cls.from_pretrained(str(path), config=text, dtype=dtype,
-                                          key_mapping={r"^language_model\.": ""}, output_loading_info=True)
+                                          key_mapping={r"^language_model\.": ""}, output_loading_info=True,
+                                          **quant_kwargs(quant, dtype))
     finally:
         hf_logging.set_verbosity(level)
     if info["missing_keys"]:

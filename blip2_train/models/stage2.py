@@ -47,8 +47,10 @@ def check_image_tokens(input_ids: torch.Tensor, image_token_id: int, num_query_t
 
 class Blip2Stage2(nn.Module):
     def __init__(self, hf, image_token_id: int, end_token_id: int, pad_token_id: int, freeze_vision: bool = True,
-                 vision_dtype: torch.dtype = torch.float32, llm_dropout: bool = False):
+                 vision_dtype: torch.dtype = torch.float32, llm_dropout: bool = False, freeze_llm: bool = True):
         super().__init__()
+        # freeze_llm=False trains the whole LLM; with a LoRA adapter (models/adapters.py) only the adapter trains
+        self.freeze_llm = freeze_llm
         # The reference trains with the frozen LLM in train mode (its dropout on: model.train() reaches it);
         # False keeps it in eval mode (no dropout) while the trainable parts train.
         self.llm_dropout = llm_dropout
@@ -82,9 +84,14 @@ class Blip2Stage2(nn.Module):
                                                    for k in LOGIT_TRANSFORMS)
 
     def freeze(self) -> None:
-        """LLM frozen always; the ViT frozen unless fine-tuning; Q-Former, queries and projection train."""
-        for p in self.llm.parameters():
-            p.requires_grad_(False)
+        """The LLM frozen (its LoRA adapter, if any, trains) unless freeze_llm=False; the ViT frozen unless
+        fine-tuning; Q-Former, queries and projection train."""
+        from blip2_train.models.adapters import is_adapter_param
+
+        for n, p in self.llm.named_parameters():
+            trainable = is_adapter_param(n) or not self.freeze_llm
+            if p.is_floating_point():  # a quantised weight is stored as integers and never trains
+                p.requires_grad_(trainable)
         if self.freeze_vision:
             vision.freeze_vision_tower(self.hf.vision_model, self.vision_dtype)
         else:
@@ -97,8 +104,11 @@ class Blip2Stage2(nn.Module):
         """Trainable parts follow `training`; a frozen ViT stays in eval mode, and so does the frozen LLM
         unless `llm_dropout` (the reference's behaviour: its dropout on during training)."""
         self.train(training)
-        if not (training and self.llm_dropout):
+        if not (training and (self.llm_dropout or not self.freeze_llm)):
             self.llm.eval()
+            for name, m in self.llm.named_modules():  # an adapter trains with its own dropout
+                if ".lora_dropout" in name or name.startswith("lora_dropout"):
+                    m.train(training)
         if self.freeze_vision:
             self.hf.vision_model.embeddings.eval()
             self.hf.vision_model.encoder.eval()
