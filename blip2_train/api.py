@@ -10,6 +10,8 @@
     i.generate("a.jpg", "And its colour?", context=[("What is on the bench?", "a dog")])  # earlier turns
     s = blip2_train.load("exports/retrieval")               # stage 1: score
     s.score(["a.jpg"], ["a dog on a bench"], head="itm")   # -> [match logit] per (image, text) pair
+    s.embed(images=["a.jpg"], texts=["a dog"])              # -> {"image_embeds": [1, 32, 768] numpy, ...}
+    s.classify("a.jpg", ["dog", "cat"])                    # zero-shot -> [{"label": "dog", "itc": 0.41}, ...]
 
 The same code path as `blip2-eval` (the image decoding and transform of evaluation, the prompt inputs and decoding
 of the captioning and VQA evaluations), so the same images give the same texts. Captions decode as the export
@@ -171,7 +173,11 @@ class Blip2Captioner(_Images):
         super().__init__(path, cfg, device)
         meta = export_meta(path)
         frozen = dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-        common = dict(llm=str(path), vision=cfg["vision_config"], qformer=cfg["qformer_config"],
+        # an adapter-only export: the LLM is the base it names, its LoRA adapter under llm_adapter/
+        apart = {k: v for k, v in (meta.get("adapter") or {}).items() if k not in ("merged", "base", "dir")}
+        apart = apart if (meta.get("adapter") or {}).get("merged") is False else None
+        common = dict(llm=str(meta["adapter"]["base"] if apart else path), tokenizer=str(path),
+                      vision=cfg["vision_config"], qformer=cfg["qformer_config"],
                       num_query_tokens=int(cfg["num_query_tokens"]), llm_dtype=frozen,
                       vision_dtype=dtype or cfg["vision_config"].get("dtype") or "float32",
                       ln_vision_eps=meta.get("ln_vision_eps"))
@@ -180,11 +186,15 @@ class Blip2Captioner(_Images):
             from blip2_train.models.build_instruct import build_instruct_model
 
             text = {"qformer_tokenizer": str(path / "qformer_tokenizer"), "max_txt_len": meta.get("max_txt_len")}
-            self.model = build_instruct_model(**common, instruct_checkpoint=str(path), text=text)
+            self.model = build_instruct_model(**common, instruct_checkpoint=str(path), text=text, adapter=apart)
         else:
             from blip2_train.models.build_stage2 import build_stage2_model
 
-            self.model = build_stage2_model(**common, stage2_checkpoint=str(path))
+            self.model = build_stage2_model(**common, stage2_checkpoint=str(path), adapter=apart)
+        if apart:  # the builder read the adapter from the export; merged, it is the LLM generation runs
+            from blip2_train.models.adapters import merge_adapter
+
+            merge_adapter(self.model.llm)
         # where generation stops: what the export recorded (OPT: "\n"), else the config's (official: "\n" too)
         end = meta.get("end_token_id", cfg.get("text_config", {}).get("eos_token_id"))
         if end is not None:
@@ -285,3 +295,51 @@ class Blip2Scorer(_Images):
         if head == "itc":
             scores = torch.diagonal(itc_similarity(feats.float(), text_feat)).tolist()
         return self._place(len(images), keep, scores, one)
+
+    def classify(self, images, labels, templates=None, topk: int = 5, itm_topk: int = 0, ensemble: str = "mean",
+                 on_error: str = "raise", batch_size: int = 64):
+        """Zero-shot classification among `labels` (as `blip2-eval experiment=classify_zeroshot_eval` scores):
+        each image's `topk` labels, best first, as {"label", "itc"} (+ "itm", the match probability, for the
+        `itm_topk` labels ITM re-ranked). Each label fills every template (default "a photo of a {}."); the
+        prompts' features are averaged (ensemble="mean", CLIP's) or the best prompt counts ("max")."""
+        from blip2_train.eval.classify import ZeroShotClassifier
+
+        if topk < 1 or itm_topk < 0:
+            raise ValueError(f"topk must be >= 1 and itm_topk >= 0 (got {topk}, {itm_topk})")
+        head = ZeroShotClassifier(self.model, self.tokenizer, labels, templates, ensemble)
+        images, one = _as_list(images)
+        keep, pixels = self._decode(images, on_error)
+        results = [] if pixels is None else [
+            r for s in range(0, pixels.shape[0], batch_size)
+            for r in head.results(head.rank(pixels[s : s + batch_size], topk, itm_topk))]
+        return self._place(len(images), keep, results, one)
+
+    def embed(self, images=None, texts=None, kinds=None, max_txt_len: int = 35, batch_size: int = 32,
+              on_error: str = "raise") -> dict:
+        """The reference's extract_features as numpy arrays, every one with its batch dimension (one image or
+        one string is a batch of one): {kind: float32 [N, ...]} for `kinds` (default: every kind the inputs
+        give; `blip2_train.eval.embedding.KINDS`), plus `text_mask` (int8 [N, L]) with the text kinds. Images and
+        texts given together are pairs (row i of every kind is pair i) and also give `multimodal_embeds`. Texts
+        are cleaned and cut to `max_txt_len` tokens as `score` reads them, padded to the longest of the call.
+        With on_error="skip" an unreadable image's row (and its text's) is left out and `index` (int64 [N])
+        gives the input position of each row."""
+        from blip2_train.eval.embedding import check_kinds, embed_all
+
+        _check_on_error(on_error)
+        imgs, one = _as_list(images) if images is not None else (None, False)
+        if texts is not None:
+            texts = _texts(texts, len(imgs), one, "text") if imgs is not None else \
+                [texts] if isinstance(texts, str) else list(texts)
+        kinds = check_kinds(kinds, imgs is not None, texts is not None)
+        index = list(range(len(imgs if imgs is not None else texts)))
+        pixels = None
+        if imgs is not None:
+            index, pixels = self._decode(imgs, on_error)
+            pixels = pixels if pixels is not None else torch.zeros(0, 3, 1, 1)
+        out = embed_all(self.model, self.tokenizer, kinds, pixels, None if texts is None else
+                        [texts[i] for i in index], max_txt_len, batch_size)
+        if on_error == "skip":
+            import numpy as np
+
+            out["index"] = np.asarray(index, dtype=np.int64)
+        return out

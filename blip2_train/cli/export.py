@@ -73,6 +73,28 @@ def reference_config(a):
     return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
 
 
+def export_llm_side(cfg, a) -> str | None:
+    """The LLM as an export needs it: unquantised (a quantised run's adapter merges into, or goes beside, the
+    original weights, so the export differs from the trained model by the quantisation's rounding only); -> the
+    base LLM an adapter-only export names, None for a merged export."""
+    import logging
+
+    from blip2_train.utils.errors import ConfigError
+
+    model = cfg.model
+    for key in ("llm_quant", "vision_quant"):
+        if model.get(key):
+            logging.getLogger(__name__).info("model.%s=%s: exported from the unquantised weights", key, model[key])
+            model[key] = None
+    kind = str((model.get("adapter") or {}).get("kind") or "none")
+    if not a.adapter_only:
+        return None
+    if kind == "none":
+        raise ConfigError(f"--adapter-only: {a.checkpoint} was trained without an adapter (adapter=none); export "
+                          "it without --adapter-only")
+    return str(model.llm)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="blip2-export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,8 +107,20 @@ def main(argv: list[str] | None = None) -> int:
                    "model config's)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--config", help="the run's config.yaml (default: found beside the checkpoint)")
+    p.add_argument("--adapter-only", action="store_true",
+                   help="a LoRA run: keep the adapter apart (llm_adapter/, a peft adapter on the unchanged base LLM) "
+                   "instead of merging it into the LLM's weights")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast the export (default: stage 1 float32; stage 2 as trained: frozen LLM in its dtype)")
+    from blip2_train.models.card import hub_repo_id
+
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", type=hub_repo_id,
+                   help="then upload the export (model card included) to this Hugging Face Hub repo")
+    p.add_argument("--private", action="store_true", help="--push-to-hub: create the repo private")
+    p.add_argument("--revision", help="--push-to-hub: the branch to upload to (created if missing)")
+    p.add_argument("--base-model", metavar="ORG/NAME", type=hub_repo_id, action="append", default=[],
+                   help="the hub id of a base this was built from (repeatable), for the model card's base_model: "
+                   "local paths cannot say which hub model they hold")
     a = p.parse_intermixed_args(argv)
     setup_logging()
     try:
@@ -109,14 +143,21 @@ def main(argv: list[str] | None = None) -> int:
             # precision (rebuilt from the stage-1 result), so fine-tuning that unfreezes it starts from the
             # original weights rather than bf16-rounded ones. The LLM stays as trained (config.json says so).
             cfg.model.vision_dtype = "float32"
+        adapter_base = export_llm_side(cfg, a)
         try:
             model = instantiate(cfg.model)
         except Exception as e:  # noqa: BLE001 - our own error, wrapped by hydra's instantiate
             from blip2_train.cli.errors import causes
 
             raise next((c for c in causes(e) if isinstance(c, Blip2TrainError)), e) from None
+        step = None  # the checkpoint's training step, for the model card
         if not reference:  # a reference .pth was read by the model's builder (model.stage2_checkpoint)
-            load_lightning_checkpoint(model, a.checkpoint)
+            step = load_lightning_checkpoint(model, a.checkpoint).get("global_step")
+        if adapter_base is None and hasattr(model, "llm"):
+            from blip2_train.models.adapters import has_adapter, merge_adapter
+
+            if has_adapter(model.llm):
+                merge_adapter(model.llm)
         if "Stage1" in target:
             from blip2_train.models.build_stage1 import qformer_tokenizer_source
 
@@ -132,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             prompt = (cfg.model.get("text") or {}).get("prompt", cfg.model.get("prompt"))
             out = export_stage2(model, load_llm_tokenizer(cfg.model.llm), a.out, int(cfg.data.image_size),
                                 prompt=prompt or "", generate_kwargs=gen,
-                                dtype=parse_dtype(a.dtype) if a.dtype else None)
+                                dtype=parse_dtype(a.dtype) if a.dtype else None, adapter_base=adapter_base)
         elif "Instruct" in target:
             from blip2_train.eval.generation import INSTRUCT_GENERATION
             from blip2_train.models.export import export_instruct
@@ -144,13 +185,19 @@ def main(argv: list[str] | None = None) -> int:
             tok = load_llm_tokenizer(cfg.model.llm, special_tokens=text.get("special_tokens") or None)
             out = export_instruct(model, tok, model.qformer_tokenizer, a.out, int(cfg.data.image_size),
                                   generate_kwargs=gen, dtype=parse_dtype(a.dtype) if a.dtype else None,
-                                  template=text.get("prompt"))
+                                  template=text.get("prompt"), adapter_base=adapter_base)
         else:
             raise Blip2TrainError(f"{a.checkpoint}: unknown module {target!r} in the run's config")
+        from blip2_train.models.card import finish_export
+
+        rows = finish_export(out, checkpoint=a.checkpoint, config_file=a.config, composed=cfg if reference else None,
+                             step=step, base_models=a.base_model, push_to_hub=a.push_to_hub, private=a.private,
+                             revision=a.revision)
     except Blip2TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported to {out}")
+    print("\n".join(f"  {k + ':':<11} {v}" for k, v in rows))
     return 0
 
 

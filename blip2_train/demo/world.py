@@ -244,3 +244,24 @@ def add_dataset_views(out: str | Path, vg_fraction: float = 1 / 3) -> dict[str, 
     nocaps.write_text(json.dumps({"images": images, "annotations": annotations}))
     views["nocaps"] = nocaps
     return views
+
+
+def write_classify_folder(out: str | Path, by: str = "color", per_class: int = 10, seed: int = 0,
+                          image_size: int = 32, num_colors: int = 6) -> Path:
+    """A zero-shot classification set in the image-folder layout, `out/<class>/<i>.jpg`: single-shape scenes of
+    the world, classed by the shape's colour (`by="color"`: the palette's first `num_colors`) or its kind
+    (`by="shape"`), the other attributes and the quadrant drawn at random. Returns `out`."""
+    if by not in ("color", "shape"):
+        raise ValueError(f"by={by!r}: 'color' or 'shape'")
+    out = Path(out)
+    rng = random.Random(seed)
+    colors = list(COLORS)[:num_colors]
+    classes = colors if by == "color" else list(SHAPES)
+    for name in classes:
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            color = name if by == "color" else rng.choice(colors)
+            shape = name if by == "shape" else rng.choice(SHAPES)
+            objects = [(color, shape, rng.choice(list(POSITIONS)))]
+            make_image(objects, image_size, rng).save(out / name / f"{i:04d}.jpg", quality=95)
+    return out

@@ -1,5 +1,5 @@
-"""Run an evaluation of `eval.kind` (retrieval for stage-1 models, caption or vqa for stage 2) on one process or
-sharded over N ranks."""
+"""Run an evaluation of `eval.kind` (retrieval or classify for stage-1 models, caption or vqa for stage 2) on one
+process or sharded over N ranks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from blip2_train.distributed.collectives import rank, shard_range, world_size
 from blip2_train.eval.retrieval import evaluate_retrieval
 
 log = logging.getLogger(__name__)
-EVAL_KINDS = ("retrieval", "caption", "vqa")
+EVAL_KINDS = ("retrieval", "caption", "vqa", "classify")
+STAGE1_KINDS = ("retrieval", "classify")  # scored with ITC / ITM; the others generate with a stage-2 model
 
 
 def check_kind_fits(model, kind: str) -> None:
@@ -17,20 +18,26 @@ def check_kind_fits(model, kind: str) -> None:
     from blip2_train.models.stage2 import Blip2Stage2
     from blip2_train.utils.errors import ConfigError
 
-    if kind in EVAL_KINDS and (kind != "retrieval") != isinstance(model, Blip2Stage2):
-        needs = "a stage-2 model (an LLM to generate with)" if kind != "retrieval" else "a stage-1 model (ITC / ITM)"
+    if kind in EVAL_KINDS and (kind not in STAGE1_KINDS) != isinstance(model, Blip2Stage2):
+        needs = ("a stage-2 model (an LLM to generate with)" if kind not in STAGE1_KINDS
+                 else "a stage-1 model (ITC / ITM)")
         raise ConfigError(f"eval.kind={kind} needs {needs}, and the model here is stage "
                           f"{2 if isinstance(model, Blip2Stage2) else 1}: choose the evaluation experiment of its "
-                          "stage (retrieval_*_eval for stage 1; caption_*_eval or vqa_*_eval for stage 2)")
+                          "stage (retrieval_*_eval or classify_zeroshot_eval for stage 1; caption_*_eval or "
+                          "vqa_*_eval for stage 2)")
 
 
 def run_evaluation(model, datamodule, cfg, out_dir=None) -> dict[str, float]:
-    """`cfg.kind`: retrieval (stage 1), caption or vqa (stage 2). Every rank calls this; metrics are complete on
+    """`cfg.kind`: retrieval or classify (stage 1), caption or vqa (stage 2). Every rank calls this; metrics are complete on
     rank 0 (retrieval: on every rank)."""
     from blip2_train.utils.errors import ConfigError
 
     kind = cfg.get("kind", "retrieval")
     check_kind_fits(model, kind)
+    if kind == "classify":  # an image folder or CSV of labelled images, not a captioned set
+        from blip2_train.eval.classify import evaluate_classify_set
+
+        return evaluate_classify_set(model, datamodule, cfg, out_dir)
     r, w = rank(), world_size()
     data = datamodule.eval_data()
     loader = datamodule.eval_image_loader(r, w)
