@@ -29,15 +29,19 @@ STEPS = {
     "bench_stage1": "blip2-bench train, stage 1: ViT-g frozen + BERT-base Q-Former, 224 px, batch 100, bf16",
     "bench_stage2_opt": "blip2-bench train, stage 2 with an OPT-2.7B-shaped LLM, batch 64, bf16",
     "bench_stage2_llama7b": "blip2-bench train, stage 2 with a LLaMA-7B-shaped LLM, batch 16: peak memory, step time",
+    "qlora_7b": "blip2-bench memory --measure: QLoRA stage 2 (NF4 LLaMA-7B-shaped LLM + LoRA), batch 8: peak memory "
+                "against the prediction, step time",
     "gpu_tests": "pytest -m gpu tests/gpu: bf16 steps, DeepSpeed ZeRO-2/3 and FSDP2 fit + resume, eval = CPU",
     "eval_bench": "blip2-bench eval at COCO-5k shape (364 px, k_test 128) beside the one-image-at-a-time baseline",
+    "levers": "blip2-bench levers: eager vs SDPA vs SDPA + compiled Q-Former, same result checked",
 }
 # every distribution the check imports (directly or through the package), for the environment step
 PACKAGES = ["torch", "lightning", "pytorch-lightning", "lightning-utilities", "transformers", "tokenizers",
             "safetensors", "huggingface-hub", "torchmetrics", "hydra-core", "omegaconf", "antlr4-python3-runtime",
             "webdataset", "braceexpand", "deepspeed", "pydantic", "pydantic-core", "hjson", "msgpack", "ninja",
             "py-cpuinfo", "einops", "numpy", "pillow", "pyyaml", "packaging", "psutil", "tqdm", "typing-extensions",
-            "pytest", "pytest-timeout", "pytest-xdist", "pluggy", "triton", "blip2-train", "wandb", "pycocoevalcap"]
+            "pytest", "pytest-timeout", "pytest-xdist", "pluggy", "triton", "blip2-train", "wandb", "pycocoevalcap",
+            "peft", "bitsandbytes", "accelerate"]
 COCO_5K = 5000
 
 

@@ -7,7 +7,7 @@
 #
 # Steps, each under its own `timeout`, its figures kept whatever a later step does (the report is rewritten
 # after every step), the most valuable figures first (run_scripts/gpu_check.py STEPS):
-#   install  env  bench_stage1  bench_stage2_opt  bench_stage2_llama7b  gpu_tests  eval_bench
+#   install  env  bench_stage1  bench_stage2_opt  bench_stage2_llama7b  qlora_7b  gpu_tests  eval_bench  levers
 #
 # Environment:
 #   GPU_CHECK_DEVICE=cuda|cpu   cpu: the dry run (tiny sizes, on the CPU; `make test` runs it, under 2 minutes)
@@ -99,6 +99,15 @@ step bench_stage2_opt 100 "${BENCH[@]}" --stage 2 --llm "$OPT" "${SIZE[@]}" --ba
   --json "$WORK/bench_stage2_opt.json"
 step bench_stage2_llama7b 120 "${BENCH[@]}" --stage 2 --llm "$LLAMA" "${SIZE[@]}" --batch-size "$B7" \
   --json "$WORK/bench_stage2_llama7b.json"
+# QLoRA: the 7B-shaped LLM in NF4 + LoRA through the real builder (weights made and saved here first), its measured
+# peak beside blip2-bench memory's prediction
+if [[ $DEVICE == cpu ]]; then
+  QLORA=(--llm tiny-llama --arch tiny --image-size 32 --batch-size 2 --steps 1)
+else
+  QLORA=(--llm llama-7b --arch vitg --image-size 224 --batch-size 8 --steps 3)
+fi
+step qlora_7b 200 "$PY" -m blip2_train.cli.bench memory "${QLORA[@]}" --adapter lora --quant nf4 --measure \
+  --doc "$WORK/bench.md" --json "$WORK/qlora_7b.json"
 
 # 4. the gpu-marked tests (they fail without CUDA unless GPU_CHECK_DEVICE=cpu)
 WORKERS=${GPU_CHECK_TEST_WORKERS:-$([[ $DEVICE == cpu ]] && echo 0 || echo 4)}
@@ -119,6 +128,15 @@ else
   EVAL=(--device cuda --arch vitg --image-size 364 --k-test 128 --images "$EVAL_IMAGES")
 fi
 step eval_bench 300 "$PY" run_scripts/gpu_check.py eval-bench --work "$WORK" --json "$WORK/eval_bench.json" "${EVAL[@]}"
+
+# 6. the Q-Former's speed levers at the paper's stage-1 size: eager vs SDPA vs SDPA + torch.compile, each checked to
+#    give eager's losses and gradients; last, as compiling alone takes a minute or two
+if [[ $DEVICE == cpu ]]; then
+  LEVERS=(--size tiny --rounds 1 --steps 1 --device cpu)
+else
+  LEVERS=(--size real --rounds 2 --steps 3 --device cuda)
+fi
+step levers 180 "$PY" -m blip2_train.cli.bench levers "${LEVERS[@]}" --doc "$WORK/bench.md" --json "$WORK/levers.json"
 
 echo "=== done in $((SECONDS - START)) s: $OUT/gpu_check.md" | tee -a "$LOG"
 cat "$OUT/gpu_check.md"

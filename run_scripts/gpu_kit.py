@@ -2,7 +2,7 @@
 (CPython 3.12, manylinux x86_64), plus a wheel of blip2-train itself. Standard library only: `install` runs on
 the GPU machine before anything else is there.
 
-    python run_scripts/gpu_kit.py build [--out .gpu-kit]     # here, with a package registry (`make gpu-kit`)
+    python run_scripts/gpu_kit.py build [--out .gpu-kit] [--python 3.12]   # here, with a package registry (`make gpu-kit`)
     python run_scripts/gpu_kit.py check [--kit .gpu-kit]     # does the kit + the machine's packages resolve?
     python3 run_scripts/gpu_kit.py install --kit .gpu-kit --work DIR   # there, offline (run_scripts/gpu_check.sh)
 
@@ -30,10 +30,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LIST = REPO / "run_scripts" / "gpu_kit.txt"
 MAX_BYTES = 40 * 2**20
-# pip's target for the GPU machine's interpreter
-TARGET = ["--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--only-binary=:all:",
-          *[a for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-                        "manylinux_2_5_x86_64", "manylinux1_x86_64") for a in ("--platform", p)]]
+# the GPU machine's interpreter
+PYTHON = "3.12"
+
+
+def target(python: str = PYTHON) -> list[str]:
+    """pip's options that pick wheels for CPython `python` on x86_64 Linux (not this interpreter)."""
+    return ["--python-version", python, "--implementation", "cp", "--abi", "cp" + python.replace(".", ""),
+            "--only-binary=:all:", *[a for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64",
+                                                 "manylinux2014_x86_64", "manylinux_2_5_x86_64", "manylinux1_x86_64")
+                                     for a in ("--platform", p)]]
+
+
 # the dev extra's packages the check runs (pytest-xdist is used where the machine has it)
 CHECK_DEV = ("pytest", "pytest-timeout")
 
@@ -56,7 +64,7 @@ def read_list(path: Path = LIST) -> dict[str, dict]:
             continue
         pin, *flags = rest.split()
         name = norm(pin.split("==")[0])
-        out[kind][name] = {"pin": pin, "build": "build" in flags}
+        out[kind][name] = {"pin": pin, "build": "build" in flags, "slim": "slim" in flags}
     return out
 
 
@@ -105,8 +113,31 @@ def pip(*args: str, env: dict | None = None) -> None:
     subprocess.run(cmd, check=True, env={**os.environ, **(env or {})})
 
 
-def build(out: Path) -> dict:
-    """Download / build every wheel into a fresh folder, then put it in place of `out`."""
+# `slim` wheels: the native libraries the GPU machine cannot load (other CUDA majors, ROCm, XPU) left out, so the
+# kit stays under MAX_BYTES; bitsandbytes picks its library by torch.version.cuda (12.6 - 13.x kept)
+SLIM_DROP = {"bitsandbytes": re.compile(r"libbitsandbytes_(cuda11\d|cuda12[0-5]|rocm\d+|xpu\d+)\.so$")}
+
+
+def slim_wheel(whl: Path, drop: re.Pattern) -> int:
+    """Rewrite `whl` without the members `drop` matches (their RECORD lines too); -> bytes saved."""
+    before = whl.stat().st_size
+    tmp = whl.with_suffix(".slim")
+    with zipfile.ZipFile(whl) as src, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            if drop.search(info.filename):
+                continue
+            data = src.read(info)
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = b"".join(line for line in data.splitlines(keepends=True)
+                                if not drop.search(line.split(b",", 1)[0].decode()))
+            dst.writestr(info, data)
+    tmp.replace(whl)
+    return before - whl.stat().st_size
+
+
+def build(out: Path, python: str = PYTHON) -> dict:
+    """Download / build every wheel into a fresh folder, then put it in place of `out`. `python`: the CPython
+    version the kit is for (another than the GPU machine's only to install it into this machine's Python)."""
     lists = read_list()
     unknown = classify()["unknown"]
     if unknown:
@@ -116,16 +147,22 @@ def build(out: Path) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=".gpu-kit-", dir=out.resolve().parent))
     try:
         binary = [v["pin"] for v in lists["kit"].values() if not v["build"]]
-        pip("download", "--no-deps", *TARGET, "-d", str(tmp), *binary)
+        pip("download", "--no-deps", *target(python), "-d", str(tmp), *binary)
+        for name, v in lists["kit"].items():
+            if v.get("slim"):
+                for whl in tmp.glob(f"{name.replace('-', '_')}-*.whl"):
+                    print(f"  {whl.name}: {slim_wheel(whl, SLIM_DROP[name]) / 2**20:.1f} MiB of other "
+                          "platforms' libraries left out", flush=True)
         sdists = [v["pin"] for v in lists["kit"].values() if v["build"]]
         names = ",".join(req_name(p) for p in sdists)
         # DS_BUILD_OPS=0: no DeepSpeed op compiled here (none is used; any other JIT-compiles there, with nvcc)
         pip("wheel", "--no-deps", "--no-cache-dir", "--no-binary", names, "-w", str(tmp), *sdists,
             env={"DS_BUILD_OPS": "0"})
         for whl in tmp.glob("*.whl"):
-            if not whl.name.endswith(("-py3-none-any.whl", "-py2.py3-none-any.whl")) and "-cp312-" not in whl.name \
+            cp = "-cp" + python.replace(".", "") + "-"
+            if not whl.name.endswith(("-py3-none-any.whl", "-py2.py3-none-any.whl")) and cp not in whl.name \
                     and "-py3-none-manylinux" not in whl.name:
-                raise SystemExit(f"{whl.name} is not for CPython 3.12 on x86_64 Linux")
+                raise SystemExit(f"{whl.name} is not for CPython {python} on x86_64 Linux")
         # blip2-train from a copy of the tree (no build/ or egg-info left in the working tree)
         with tempfile.TemporaryDirectory() as src:
             for name in ("pyproject.toml", "README.md", "blip2_train", "conf"):
@@ -142,7 +179,7 @@ def build(out: Path) -> dict:
             "# blip2-train itself is installed with --no-deps (its wandb / pycocoevalcap / matplotlib are not needed)\n"
             + "".join(f"{r}\n" for r in c["kit"]))
         files = sorted(tmp.glob("*.whl"))
-        manifest = {"built": time.strftime("%Y-%m-%d %H:%M:%S %z"), "for": "CPython 3.12, manylinux x86_64",
+        manifest = {"built": time.strftime("%Y-%m-%d %H:%M:%S %z"), "for": f"CPython {python}, manylinux x86_64",
                     "source_hash": source_hash(), "requirements": c["kit"],
                     "left_out": {k: v["why"] for k, v in lists["skip"].items()},
                     "files": {f.name: {"bytes": f.stat().st_size, "sha256": sha256(f)} for f in files},
@@ -178,7 +215,7 @@ def stub_wheel(folder: Path, pin: str) -> Path:
     return path
 
 
-def check(kit: Path) -> dict:
+def check(kit: Path, python: str = PYTHON) -> dict:
     """pip resolves requirements.txt for CPython 3.12 from the kit alone plus empty stand-ins of the machine's
     packages (no index, no config, --dry-run, --target: installed packages here play no part), every kit line has
     exactly one wheel, blip2-train's wheel is there, the kit is under 40 MiB. -> {"install": {name: version}, ...}"""
@@ -205,7 +242,7 @@ def check(kit: Path) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
         env["PIP_CONFIG_FILE"] = os.devnull  # this machine's mirrors and find-links play no part
         cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-index",
-               "--find-links", str(kit), "--find-links", str(stubs), *TARGET, "--target", str(Path(d) / "t"),
+               "--find-links", str(kit), "--find-links", str(stubs), *target(python), "--target", str(Path(d) / "t"),
                "--report", str(Path(d) / "report.json"), "--disable-pip-version-check", "-r", str(kit / "requirements.txt")]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
@@ -269,8 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--out", default=str(REPO / ".gpu-kit"))
+    b.add_argument("--python", default=PYTHON, help="the CPython version the kit is for (the GPU machine's: 3.12)")
     c = sub.add_parser("check")
     c.add_argument("--kit", default=str(REPO / ".gpu-kit"))
+    c.add_argument("--python", default=PYTHON)
     i = sub.add_parser("install")
     i.add_argument("--kit", default=str(REPO / ".gpu-kit"))
     i.add_argument("--work", required=True)
@@ -279,12 +318,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="target: skip the resolved install, go straight to the --target folder")
     a = p.parse_args(argv)
     if a.cmd == "build":
-        build(Path(a.out))
-        r = check(Path(a.out))
+        build(Path(a.out), a.python)
+        r = check(Path(a.out), a.python)
         print(json.dumps(r, indent=1))
         return 0 if r["ok"] else 1
     if a.cmd == "check":
-        r = check(Path(a.kit))
+        r = check(Path(a.kit), a.python)
         print(json.dumps(r, indent=1))
         return 0 if r["ok"] else 1
     r = install(Path(a.kit), Path(a.work), a.method)

@@ -7,6 +7,10 @@
     blip2-bench train --stage 2 --arch vitg --llm llama-7b --batch-size 16    (GPU; --json out.json keeps the figures)
     blip2-bench train --stage 2 --arch tiny --llm tiny --batch-size 8 (CPU, CI-sized)
     blip2-bench memory lm-loss | itc                                        (peak memory of two hot paths)
+    blip2-bench memory --llm /ckpt/vicuna-7b --adapter lora --quant nf4 --batch-size 4   (a run's predicted peak)
+    blip2-bench memory --llm llama-7b --adapter lora --quant nf4 --batch-size 2 --measure (+ two real steps)
+    blip2-bench memory --table                                              (docs: which LLM fits where)
+    blip2-bench levers --size cpu | --size real --device cuda              (eager vs SDPA vs compiled Q-Former)
 """
 
 
@@ -64,8 +68,33 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--peak-tflops", type=float, default=None)
     t.add_argument("--doc", default=str(BENCH_DOC), help="markdown file to update")
     t.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
-    m = sub.add_parser("memory", help="peak memory of the stage-2 LM loss / retrieval ITC against the naive way")
-    m.add_argument("what", choices=["lm-loss", "itc"])
+    lv = sub.add_parser("levers", help="stage-1 step: eager vs SDPA vs SDPA + compiled Q-Former, same result checked")
+    lv.add_argument("--size", choices=["cpu", "real", "tiny"], default="cpu",
+                    help="cpu: BERT-base Q-Former, small ViT, 2 images; real: the paper's stage 1 (GPU); tiny: CI")
+    lv.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best step of each variant is kept")
+    lv.add_argument("--steps", type=int, default=1, help="timed steps per variant and round")
+    lv.add_argument("--device", default="auto")
+    lv.add_argument("--image-size", type=int, default=None)
+    lv.add_argument("--doc", default=str(BENCH_DOC), help="markdown file to update")
+    lv.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
+    m = sub.add_parser("memory", help="a stage-2 run's predicted peak memory (--llm, --table); the peak of the "
+                       "stage-2 LM loss / retrieval ITC against the naive way (lm-loss, itc)")
+    m.add_argument("what", nargs="?", choices=["lm-loss", "itc"])
+    m.add_argument("--llm", help="a local LLM directory or a shape preset (opt-2.7b, opt-6.7b, llama-7b, flant5-xl)")
+    m.add_argument("--arch", default="vitg", help="conf/arch: the ViT and Q-Former (vitg: the paper's)")
+    m.add_argument("--adapter", default="none", choices=["none", "lora"])
+    m.add_argument("--quant", default=None, choices=["int8", "nf4"], help="the frozen LLM quantised")
+    m.add_argument("--vision-quant", default=None, choices=["int8", "nf4"], help="the frozen ViT quantised")
+    m.add_argument("--batch-size", type=int, default=4, help="per GPU")
+    m.add_argument("--text-len", type=int, default=32)
+    m.add_argument("--image-size", type=int, default=224)
+    m.add_argument("--llm-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    m.add_argument("--llm-checkpointing", action="store_true", help="model.activation_checkpointing.llm=true")
+    m.add_argument("--measure", action="store_true", help="also run --steps real steps and report their peak")
+    m.add_argument("--steps", type=int, default=2)
+    m.add_argument("--table", action="store_true", help="the docs' table for OPT-2.7B/6.7B, Vicuna-7B, FlanT5-XL")
+    m.add_argument("--json", metavar="PATH", help="also write the prediction (and measurement) to this JSON file")
+    m.add_argument("--doc", default=str(BENCH_DOC), help="markdown file to update")
     m.add_argument("--variant", help="run one variant in this process (internal)")
     m.add_argument("--batch", type=int, default=16)
     m.add_argument("--seq", type=int, default=64, help="Q + T positions")
@@ -80,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--dim", type=int, default=256)
     m.add_argument("--block-mib", type=int, default=32, help="stands for 256 at the real size")
     a = p.parse_args(argv)
+    if a.command == "memory" and (a.llm or a.table):
+        return plan_memory(a, "blip2-bench " + " ".join(sys.argv[1:] if argv is None else argv))
+    if a.command == "memory" and not a.what:
+        p.error("memory: give lm-loss, itc, --llm or --table")
     if a.command == "memory":
         import json
 
@@ -122,7 +155,46 @@ def main(argv: list[str] | None = None) -> int:
         write_section(f"train-stage{a.stage}-{model}-{r['device'].split(':')[0]}" + (f"-{a.llm}" if a.stage == 2 else ""),
                       text, Path(a.doc))
         return 0
+    if a.command == "levers":
+        from blip2_train.bench import levers
+
+        return levers.main(a, "blip2-bench " + " ".join(sys.argv[1:] if argv is None else argv))
     return 2
+
+
+def plan_memory(a, command: str) -> int:
+    from blip2_train.bench import plan
+
+    if a.table:
+        text = "\n".join(["## Memory plan: which LLM fits which GPU", "", f"Command: `{command}`  ",
+                          "Predicted peak of a stage-2 / instruction-tuning step (ViT-g frozen in bf16, BERT-base "
+                          "Q-Former, 32 queries + 32 text tokens, AdamW); a batch fits a card when the prediction + 15% + "
+                          "1.5 GiB of CUDA context and allocator slack stays within 93% of it (bench/plan.py fits).", "", plan.table()])
+        print(text)
+        write_section("memory-plan", text, Path(a.doc))
+        return 0
+    try:
+        kw = dict(arch=a.arch, adapter=a.adapter, quant=a.quant, vision_quant=a.vision_quant, batch_size=a.batch_size,
+                  text_len=a.text_len, llm_dtype=a.llm_dtype, image_size=a.image_size)
+        pred = plan.predict(a.llm, llm_checkpointing=a.llm_checkpointing, **kw)
+        measured = plan.measure(a.llm, vision_dtype="bfloat16", steps=a.steps, **kw) if a.measure else None
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = plan.markdown(pred, command, measured)
+    print(text)
+    if a.json:
+        import json
+
+        Path(a.json).write_text(json.dumps({"command": command, "predicted": pred, "measured": measured}, indent=1))
+    if measured:
+        what = f"{Path(a.llm).name} {a.adapter} {a.quant or a.llm_dtype} batch {a.batch_size}"
+        write_section("memory-measured-" + what.replace(" ", "-"),
+                      f"## Memory: predicted and measured, {what} ({measured['device']})\n\n" + text, Path(a.doc))
+    print(f"\npredicted peak {pred['total'] / plan.GIB:.2f} GiB" +
+          (f", measured {measured['peak_bytes'] / plan.GIB:.2f} GiB" if measured else "") +
+          "; next: blip2-train ... adapter=lora model.llm_quant=nf4 (docs/scaling.md)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -131,6 +131,14 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float =
     return token_ce(logits[:, :-1], labels[:, 1:], label_smoothing)
 
 
+def padding_attention_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] of 1 (token) / 0 (padding) -> additive [B, 1, 1, T] (0 / finfo.min) over the keys, as a Q-Former's
+    bidirectional pass needs. transformers takes a 4D mask as it is; a 2D one it first checks for padding
+    (`mask.all()`, to drop a mask that masks nothing), a host sync in every Q-Former call of the step."""
+    return torch.zeros(mask.shape[0], 1, 1, mask.shape[1], dtype=dtype, device=mask.device).masked_fill_(
+        ~mask.bool()[:, None, None, :], torch.finfo(dtype).min)
+
+
 def lm_attention_mask(num_queries: int, text_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive [B, 1, Q+T, Q+T] mask for the image-grounded generation pass.
 
@@ -168,9 +176,12 @@ def lm_loss_from_hidden(hidden: torch.Tensor, labels: torch.Tensor, head, vocab_
     Stage 2 puts Q image positions and the prompt before the caption: the full logits (2 GB at B=64 with a
     128k vocabulary, plus their fp32 copy) are mostly positions that carry no label.
     """
-    targets = labels[:, 1:]
-    keep = targets != -100
-    rows, targets = hidden[:, :-1][keep], targets[keep]  # [M, H], [M]
+    # the labelled positions, read once (the host must know how many); index_select's backward is a scatter-add,
+    # where a boolean mask's would read the mask again
+    b, t = (labels[:, 1:] != -100).nonzero().unbind(1)
+    at = b * labels.shape[1] + t  # row of the flattened [B * L] positions whose label is at t + 1
+    rows = hidden.flatten(0, 1).index_select(0, at)  # [M, H]
+    targets = labels.flatten().index_select(0, at + 1)  # [M]
     if rows.shape[0] == 0:  # no label at all: NaN, as F.cross_entropy's mean (the step is then skipped)
         return hidden.sum() * float("nan")
     step = max(1, chunk_bytes // (4 * vocab_size))

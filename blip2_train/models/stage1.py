@@ -130,7 +130,8 @@ class Blip2Stage1(nn.Module):
     def text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text-only pass (bidirectional, no image): [B, T, H]; its [CLS] row feeds ITC."""
         emb = self.hf.embeddings(input_ids=input_ids)
-        return self.qformer(query_embeds=emb, query_length=0, attention_mask=attention_mask).last_hidden_state
+        mask = losses.padding_attention_mask(attention_mask, emb.dtype)
+        return self.qformer(query_embeds=emb, query_length=0, attention_mask=mask).last_hidden_state
 
     def joint_lm_forward(self, image_embeds: torch.Tensor, dec_input_ids: torch.Tensor,
                          attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,8 +153,9 @@ class Blip2Stage1(nn.Module):
         """Bidirectional [queries; text] pass over the image -> match logits [N, 2], averaged over queries."""
         q = self.query_tokens(image_embeds.shape[0])
         emb = self.hf.embeddings(input_ids=input_ids, query_embeds=q)
-        mask = torch.cat([torch.ones(q.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device),
-                          attention_mask], dim=1)
+        mask = losses.padding_attention_mask(torch.cat([torch.ones(q.shape[:2], dtype=attention_mask.dtype,
+                                                                   device=attention_mask.device), attention_mask],
+                                                        dim=1), emb.dtype)
         hidden = self.qformer(query_embeds=emb, query_length=q.shape[1], attention_mask=mask,
                               encoder_hidden_states=image_embeds).last_hidden_state
         return self.hf.itm_head(hidden[:, : q.shape[1]]).mean(dim=1)

@@ -106,6 +106,13 @@ def test_gpu_check_dry_run_on_cpu_brings_every_step_back(python_without, tmp_pat
     assert ev["metrics_identical"] and ev["batched"]["seconds"] > 0 and ev["baseline"]["seconds"] > 0, ev
     assert "extrapolation" in ev and ev["batched"]["seconds_at_5k_extrapolated"] > 0
 
+    # the speed levers, last: every variant timed and giving eager's losses and gradients
+    work = tmp_path / "work"
+    assert "=== levers: exit 0" in (out / "gpu_check.log").read_text(), (work / "levers.log").read_text()[-3000:]
+    lv = json.loads((work / "levers.json").read_text())
+    assert lv["same_result"] and list(lv["variants"]) == ["eager", "sdpa", "sdpa+compile"], lv["mismatches"]
+    assert all(v["best_step_s"] > 0 and v["loss_rel_diff"] <= 1e-5 for v in lv["variants"].values()), lv
+
     table = (out / "gpu_check.md").read_text()
     assert "| step | status | seconds | figures |" in table
     for name in gpu_check.STEPS:
@@ -249,3 +256,66 @@ def test_gpu_kit_builds_resolves_for_python312_and_installs_offline(tmp_path):
     assert json.loads(r.stdout) == {"hydra-core": "1.3.8", "omegaconf": "2.3.1", "webdataset": "1.0.2",
                                     "deepspeed": "0.19.8", "blip2-train": "0.1.0", "torch": machine["torch"],
                                     "packaging": machine["packaging"]}
+
+
+# What the fresh environment of the offline install holds before the kit: torch, lightning and transformers (with
+# their own dependencies), and three packages of the GPU machine (gpu_kit.txt's `machine` lines) that the check
+# needs and those three do not bring: psutil (deepspeed requires it: without it pip cannot resolve the kit, the
+# install falls back to --target and deepspeed does not import), pillow (image decoding; the machine has it
+# through scikit-image) and rich (the training progress bar).
+FRESH = ("torch", "lightning", "transformers")
+MACHINE_EXTRAS = ("psutil", "pillow", "rich")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_kit_installs_offline_into_a_fresh_environment_and_the_dry_run_passes(tmp_path):
+    """The real offline install, end to end: a fresh virtual environment of THIS interpreter (CPython 3.11 here;
+    the GPU machine's is 3.12, whose resolution the test above checks) holding only torch, lightning and
+    transformers at this environment's versions, plus MACHINE_EXTRAS; the kit built for that Python; then
+    run_scripts/gpu_check.sh as on the GPU machine but on the CPU: its install step puts the kit in with pip
+    --no-index (nothing fetched), blip2_train imports, and every step of the dry run passes."""
+    import importlib.metadata as md
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    kit = tmp_path / ".gpu-kit"
+    r = subprocess.run([sys.executable, str(REPO / "run_scripts" / "gpu_kit.py"), "build", "--out", str(kit),
+                        "--python", version], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((kit / "manifest.json").read_text())["for"].startswith(f"CPython {version}")
+
+    venv = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    vpy = str(venv / "bin" / "python")
+    pins = [f"{name}=={md.version(name).split('+')[0]}" for name in FRESH + MACHINE_EXTRAS]
+    # this machine's own pip configuration (its wheel folders / index): creating the environment may fetch
+    r = subprocess.run([vpy, "-m", "pip", "install", "-q", "-c", str(REPO / "constraints.txt"), *pins],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    before = json.loads(subprocess.run([vpy, "-c", "import json, importlib.metadata as m; print(json.dumps("
+                                        "{d.metadata['Name'].lower(): d.version for d in m.distributions()}))"],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert "blip2-train" not in before and "hydra-core" not in before and "webdataset" not in before
+
+    out = tmp_path / "out"
+    offline = {k: v for k, v in env_for().items() if not k.startswith("PIP_")}
+    offline["PIP_CONFIG_FILE"] = os.devnull  # no wheel folder, no index: the kit alone
+    r = subprocess.run(["bash", str(REPO / "run_scripts" / "gpu_check.sh")], cwd=REPO, capture_output=True, text=True,
+                       timeout=900, env={**offline, "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_PYTHON": vpy,
+                                         "GPU_CHECK_KIT": str(kit), "OUT": str(out),
+                                         "GPU_CHECK_WORK": str(tmp_path / "work")})
+    doc = json.loads((out / "gpu_check.json").read_text())
+    steps = doc["steps"]
+    assert r.returncode == 0 and doc["overall"] == "passed", (doc.get("not_passed"), r.stdout[-4000:])
+    assert steps["install"]["status"] == "passed", steps["install"]
+    installed = json.loads((tmp_path / "work" / "install.json").read_text())
+    assert installed["method"] == "into this python" and installed["python"] == vpy, installed
+    after = json.loads(subprocess.run([vpy, "-c", "import json, importlib.metadata as m, blip2_train; print(json.dumps("
+                                       "{d.metadata['Name'].lower(): d.version for d in m.distributions()}))"],
+                                      capture_output=True, text=True, check=True, cwd=tmp_path).stdout)
+    assert after["blip2-train"] and after["hydra-core"] == "1.3.8" and after["webdataset"] == "1.0.2"
+    # what was there stays as it was: the kit adds, it never replaces torch, lightning or transformers
+    for name in ("torch", "lightning", "transformers"):
+        assert after[name] == before[name], name
+    print(json.dumps({"python": version, "before": len(before), "added": sorted(set(after) - set(before)),
+                      "steps": {n: s["status"] for n, s in steps.items()}}))

@@ -22,20 +22,21 @@ FACE = {"__init__.py", "api.py", "train.py", "evaluate.py"}
 
 # Every module and its layer: a new module is placed here on purpose, not by accident.
 MODULES = {
-    "utils": ["checkpoints", "errors", "hashing", "io", "loggers"],
+    "utils": ["checkpoints", "errors", "hashing", "io", "loggers", "syncs"],
     "distributed": ["collectives", "deepspeed", "fsdp", "launch"],
     "config": ["compose", "ranges", "run_dir", "schemas"],
-    "models": ["build_instruct", "build_stage1", "build_stage2", "convert", "export", "instruct", "llm", "losses",
-               "stage1", "stage2", "tokenizer", "vision"],
-    "data": ["annotations", "captions", "collate", "datamodule", "decode", "eval_sets", "instruct", "replay", "shards",
-             "stream", "transforms", "vqa"],
+    "models": ["adapters", "build_instruct", "build_stage1", "build_stage2", "card", "convert", "export", "instruct",
+               "llm", "losses", "quant", "stage1", "stage2", "tokenizer", "vision"],
+    "data": ["annotations", "captions", "collate", "datamodule", "decode", "eval_sets", "image_folder", "instruct",
+             "replay", "shards", "stream", "transforms", "vqa"],
     "lit": ["base", "checkpoint_io", "instruct", "optim", "periodic", "progress", "signal_stop", "snapshot", "stage1",
             "stage2"],
-    "eval": ["callback", "captioning", "generation", "retrieval", "runner", "vqa", "metrics.captioning",
-             "metrics.retrieval", "metrics.vqa"],
+    "eval": ["callback", "captioning", "classify", "embedding", "generation", "retrieval", "runner", "vqa",
+             "metrics.captioning", "metrics.retrieval", "metrics.vqa"],
     "demo": ["llm", "report", "vit", "world", "world_vqa"],
-    "bench": ["data", "doc", "eval", "memory", "retrieval_baseline", "train"],
-    "cli": ["app", "bench", "errors", "evaluate", "export", "generate", "log", "run_lock", "train"],
+    "bench": ["data", "doc", "eval", "levers", "memory", "plan", "retrieval_baseline", "train"],
+    "cli": ["app", "bench", "classify", "embed", "errors", "evaluate", "export", "generate", "log", "run_lock",
+            "train"],
 }
 
 
