@@ -182,7 +182,7 @@ def test_eval_k_test_out_of_range_is_one_line(synth, tmp_path, capsys):
 
 @pytest.mark.parametrize("override,line", [
     ("eval.rerank_score=products", "eval.rerank_score='products' must be one of ['reference', 'product']"),
-    ("eval.kind=retreival", "eval.kind='retreival' must be one of ['retrieval', 'caption', 'vqa']")])
+    ("eval.kind=retreival", "eval.kind='retreival' must be one of ['retrieval', 'caption', 'vqa', 'classify']")])
 def test_eval_setting_outside_its_choices_is_one_line(synth, tmp_path, capsys, override, line):
     """A misspelt score rule or kind is refused before any work, by blip2-eval and by blip2-train (whose
     periodic and final evaluations would otherwise fail after training)."""
