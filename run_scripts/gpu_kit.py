@@ -37,8 +37,9 @@ PYTHON = "3.12"
 def target(python: str = PYTHON) -> list[str]:
     """pip's options that pick wheels for CPython `python` on x86_64 Linux (not this interpreter)."""
     return ["--python-version", python, "--implementation", "cp", "--abi", "cp" + python.replace(".", ""),
-            "--only-binary=:all:", *[a for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64",
-                                                 "manylinux2014_x86_64", "manylinux_2_5_x86_64", "manylinux1_x86_64")
+            "--only-binary=:all:", *[a for p in ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64",
+                                                 "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+                                                 "manylinux_2_5_x86_64", "manylinux1_x86_64")
                                      for a in ("--platform", p)]]
 
 
