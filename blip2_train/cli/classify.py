@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from blip2_train.utils.errors import Blip2TrainError, ConfigError, DataError
+from blip2_train.utils.errors import ConfigError, DataError
 
 EXIT_SKIPPED = 3  # some images could not be read (each named on stderr); the others were done
 
@@ -159,18 +158,12 @@ def classify(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from blip2_train.cli.errors import first_line
+    from blip2_train.cli.errors import run_with_one_line_errors
     from blip2_train.cli.log import setup_logging
 
     a = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
-    try:
-        return classify(a)
-    except (Blip2TrainError, OSError) as e:
-        if os.environ.get("BLIP2_FULL_ERROR"):
-            raise
-        print(f"error: {first_line(e)}", file=sys.stderr)
-        return 2
+    return run_with_one_line_errors(classify, a)
 
 
 if __name__ == "__main__":

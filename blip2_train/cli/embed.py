@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blip2_train.utils.errors import Blip2TrainError, ConfigError, DataError
+from blip2_train.utils.errors import ConfigError, DataError
 
 EXIT_SKIPPED = 3
 ARGS_RECORD = "embed_args.json"  # the arguments the folder's parts were made with: a resume must match them
@@ -71,7 +71,8 @@ def parse_args(argv):
 
 def list_images(spec: str, note) -> list[tuple[str, str]]:
     """-> [(id, path)]: a folder's image files, sorted (id: the path inside it), or a list file's lines."""
-    from blip2_train.cli.generate import image_extensions, named
+    from blip2_train.cli.generate import named
+    from blip2_train.data.image_folder import image_extensions
 
     p = Path(spec)
     if p.is_dir():
@@ -362,18 +363,12 @@ def embed(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from blip2_train.cli.errors import first_line
+    from blip2_train.cli.errors import run_with_one_line_errors
     from blip2_train.cli.log import setup_logging
 
     a = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
-    try:
-        return embed(a)
-    except (Blip2TrainError, OSError) as e:
-        if os.environ.get("BLIP2_FULL_ERROR"):
-            raise
-        print(f"error: {first_line(e)}", file=sys.stderr)
-        return 2
+    return run_with_one_line_errors(embed, a)
 
 
 if __name__ == "__main__":

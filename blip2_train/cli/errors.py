@@ -115,3 +115,19 @@ def causes(e: BaseException):
         yield cur
         cur, n = cur.__cause__ or cur.__context__, n + 1
 
+
+def run_with_one_line_errors(work, a) -> int:
+    """`work(a)` for the file-processing commands (blip2-generate, blip2-embed, blip2-classify): a user's mistake
+    (a Blip2TrainError or an OSError) is one `error:` line and exit 2; BLIP2_FULL_ERROR=1 shows its traceback."""
+    import os
+    import sys
+
+    from blip2_train.utils.errors import Blip2TrainError
+
+    try:
+        return work(a)
+    except (Blip2TrainError, OSError) as e:
+        if os.environ.get("BLIP2_FULL_ERROR"):
+            raise
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2

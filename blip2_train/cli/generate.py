@@ -26,34 +26,17 @@ input, no image readable): nothing done.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import os
 import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
 
-from blip2_train.utils.errors import Blip2TrainError, ConfigError, DataError
+from blip2_train.utils.errors import ConfigError, DataError
 
 EXIT_SKIPPED = 3  # some images could not be read (each named on stderr); the others were done
 MAX_NAMED = 20  # names listed in one line before "+N more"
 
-
-@functools.lru_cache(maxsize=1)
-def image_extensions() -> frozenset[str]:
-    """Every extension PIL has a decoder for (.jpg .png .gif .tiff .webp .bmp ...): what PIL opens when a
-    file is named on its own, it opens in a folder too. Left out: formats PIL only identifies (its stubs for
-    HDF5, GRIB, BUFR, WMF need a handler installed; MPEG has no decoder), which would fail on every file."""
-    from PIL import Image, ImageFile
-
-    def decodes(fmt: str) -> bool:
-        factory = Image.OPEN.get(fmt, (None,))[0]
-        if factory is None or fmt == "MPEG":
-            return False
-        return not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))
-
-    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if decodes(fmt))
 
 
 def named(items: list[str], limit: int = MAX_NAMED) -> str:
@@ -65,6 +48,8 @@ def iter_images(inputs: list[str], note=lambda line: print(line, file=sys.stderr
     """-> (name, path or encoded bytes) for each image: files as given, folders sorted (recursively), shards by
     member name. What a folder or shard holds besides images is left out and said in one line (`note`); an input
     that does not exist is an error naming it."""
+    from blip2_train.data.image_folder import image_extensions  # (torch: imported when a folder is read)
+
     exts = image_extensions()
     for spec in inputs:
         p = Path(spec)
@@ -237,18 +222,12 @@ def generate(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from blip2_train.cli.errors import first_line
+    from blip2_train.cli.errors import run_with_one_line_errors
     from blip2_train.cli.log import setup_logging
 
     a = parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
-    try:
-        return generate(a)
-    except (Blip2TrainError, OSError) as e:
-        if os.environ.get("BLIP2_FULL_ERROR"):
-            raise
-        print(f"error: {first_line(e)}", file=sys.stderr)
-        return 2
+    return run_with_one_line_errors(generate, a)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,12 @@ class LabelledImages:
 
 
 @functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def image_extensions() -> frozenset[str]:
-    """Extensions PIL can decode (not only identify): what counts as an image in a class folder."""
+    """Every extension PIL has a decoder for (.jpg .png .gif .tiff .webp .bmp ...): what PIL opens when a
+    file is named on its own, it opens in a folder too (blip2-generate, blip2-embed, class folders). Left out:
+    formats PIL only identifies (its stubs for HDF5, GRIB, BUFR, WMF need a handler installed; MPEG has no
+    decoder), which would fail on every file."""
     from PIL import Image, ImageFile
 
     def decodes(fmt: str) -> bool:
